@@ -1,0 +1,347 @@
+"""Plain PyTorch networks used by the experiments (no noise layers).
+
+Noise is added afterwards by ``bayesprune.add_noise``, which places a noise layer after each
+Linear/Conv layer's activation module when that module directly consumes the layer output and is
+called once per forward pass (or after its BatchNorm).  The networks here are therefore built from
+``nn.Sequential`` containers with a *separate* activation module instance for every use.
+
+Networks
+--------
+* :class:`MLP` -- ``Flatten, [Linear -> act] x (extra_layers + 1), Linear`` (BMRS paper, MATH.md 4).
+* :class:`LeNet5` -- ``Conv(c,6c,5) ReLU Pool, Conv(6c,16c,5) ReLU Pool, FC 120c, FC 84c, FC k``.
+* :func:`cifar_resnet18` -- torchvision ResNet-18 with a 3x3 stride-1 stem and no max-pool.
+* :func:`torchvision_model` -- any torchvision classification model by name.
+* :class:`FCN`, :class:`CNN` -- the networks of the Bayes-factor pruning paper (MATH.md 5).
+* :func:`build_model` -- one entry point by name (``MODELS`` plus ``tv:<torchvision name>``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MLP",
+    "LeNet5",
+    "FCN",
+    "CNN",
+    "cifar_resnet18",
+    "torchvision_model",
+    "torchvision_model_names",
+    "build_model",
+    "MODELS",
+    "TORCHVISION_PREFIX",
+]
+
+#: Names accepted by :func:`build_model` (besides ``"tv:<name>"`` for torchvision models).
+MODELS: tuple[str, ...] = ("mlp", "lenet5", "resnet18-cifar", "fcn", "cnn")
+#: Prefix selecting a torchvision model in :func:`build_model`, e.g. ``"tv:mobilenet_v3_small"``.
+TORCHVISION_PREFIX = "tv:"
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class MLP(nn.Sequential):
+    """Multi-layer perceptron ``Flatten, [Linear -> activation] x (extra_layers + 1), Linear``.
+
+    ``extra_layers`` is L in the BMRS paper: the number of hidden layers beyond the first, so the
+    network has ``extra_layers + 1`` hidden layers of ``width`` units and ``extra_layers + 2``
+    Linear layers in total.  ``activation`` is a module class (or factory) instantiated once per
+    hidden layer, so every activation module is used exactly once per forward pass.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        width: int = 100,
+        extra_layers: int = 7,
+        activation: Callable[[], nn.Module] = nn.Tanh,
+    ) -> None:
+        _check_positive_int("in_features", in_features)
+        _check_positive_int("num_classes", num_classes)
+        _check_positive_int("width", width)
+        if isinstance(extra_layers, bool) or not isinstance(extra_layers, int) or extra_layers < 0:
+            raise ValueError(f"extra_layers must be an integer >= 0, got {extra_layers!r}")
+        layers: list[nn.Module] = [nn.Flatten()]
+        fan_in = in_features
+        for _ in range(extra_layers + 1):
+            layers += [nn.Linear(fan_in, width), activation()]
+            fan_in = width
+        layers.append(nn.Linear(fan_in, num_classes))
+        super().__init__(*layers)
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.width = width
+        self.extra_layers = extra_layers
+
+
+def _lenet_padding(image_size: int) -> int:
+    # Without padding, 5x5 convs need image_size >= 16 (16 -> 12 -> 6 -> 2 -> 1).
+    return 2 if image_size < 16 else 0
+
+
+class LeNet5(nn.Sequential):
+    """LeNet-5 as in the BMRS paper, widened by the number of input channels ``c``.
+
+    ``Conv(c,6c,5) ReLU MaxPool2, Conv(6c,16c,5) ReLU MaxPool2, Flatten, Linear(16c*s*s,120c) ReLU,
+    Linear(120c,84c) ReLU, Linear(84c,num_classes)``.
+
+    For the standard 32x32 input, ``s = 5`` (32 -> 28 -> 14 -> 10 -> 5).  For other sizes the flatten
+    size is computed; for ``image_size < 16`` both convolutions use ``padding=2`` ("same" padding)
+    so small inputs such as the 8x8 digits still work (8 -> 8 -> 4 -> 4 -> 2, i.e. ``s = 2``).  The
+    attribute ``padding`` records which padding was used.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 32) -> None:
+        c = _check_positive_int("in_channels", in_channels)
+        _check_positive_int("num_classes", num_classes)
+        _check_positive_int("image_size", image_size)
+        pad = _lenet_padding(image_size)
+        s = image_size
+        s = (s + 2 * pad - 4) // 2  # conv 5x5, then max-pool 2
+        s = (s + 2 * pad - 4) // 2
+        if s < 1:
+            raise ValueError(f"image_size={image_size} is too small for LeNet5 (need >= 4)")
+        super().__init__(
+            nn.Conv2d(c, 6 * c, 5, padding=pad),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6 * c, 16 * c, 5, padding=pad),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16 * c * s * s, 120 * c),
+            nn.ReLU(),
+            nn.Linear(120 * c, 84 * c),
+            nn.ReLU(),
+            nn.Linear(84 * c, num_classes),
+        )
+        self.in_channels = c
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.padding = pad
+        self.feature_size = s
+
+
+class FCN(nn.Sequential):
+    """Fully connected network of the Bayes-factor pruning paper: two hidden ReLU layers.
+
+    The paper gives no hidden sizes; we use ``(256, 128)`` by default: a common funnel for
+    MNIST-sized inputs that is large enough to over-fit (the paper's curves show over-fitting) and
+    small enough to train on a CPU.  Any tuple of hidden sizes is accepted.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (256, 128)) -> None:
+        _check_positive_int("in_features", in_features)
+        _check_positive_int("num_classes", num_classes)
+        hidden = tuple(hidden)
+        if not hidden:
+            raise ValueError("hidden must name at least one hidden layer size")
+        layers: list[nn.Module] = [nn.Flatten()]
+        fan_in = in_features
+        for h in hidden:
+            _check_positive_int("hidden size", h)
+            layers += [nn.Linear(fan_in, h), nn.ReLU()]
+            fan_in = h
+        layers.append(nn.Linear(fan_in, num_classes))
+        super().__init__(*layers)
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.hidden = hidden
+
+
+class CNN(nn.Sequential):
+    """CNN of the Bayes-factor pruning paper.
+
+    ``Conv(c,32,3,pad 1) ReLU MaxPool2, Conv(32,64,3,pad 1) ReLU MaxPool2, Flatten,
+    Linear(64*(s//4)^2, 128) ReLU, Linear(128, num_classes)`` with ``s = image_size``.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int = 32) -> None:
+        _check_positive_int("in_channels", in_channels)
+        _check_positive_int("num_classes", num_classes)
+        _check_positive_int("image_size", image_size)
+        s = image_size // 2 // 2
+        if s < 1:
+            raise ValueError(f"image_size={image_size} is too small for CNN (need >= 4)")
+        super().__init__(
+            nn.Conv2d(in_channels, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * s * s, 128),
+            nn.ReLU(),
+            nn.Linear(128, num_classes),
+        )
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.image_size = image_size
+
+
+def cifar_resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """torchvision ResNet-18 adapted to 32x32 inputs (the usual CIFAR variant).
+
+    The 7x7 stride-2 stem is replaced by a 3x3 stride-1 convolution (no bias, followed by the
+    existing BatchNorm) and the stem max-pool is removed, so 32x32 inputs reach the last stage at
+    4x4 instead of 1x1.  Note that torchvision's ``BasicBlock`` reuses one ReLU module twice per
+    block; noise for ResNets goes after the BatchNorms (MATH.md 4), which are all distinct.
+    """
+    import torchvision
+
+    _check_positive_int("num_classes", num_classes)
+    _check_positive_int("in_channels", in_channels)
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def torchvision_model_names() -> list[str]:
+    """Names of torchvision's image-classification models (``torchvision.models`` namespace)."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> bool:
+    """Replace the last classifier layer (Linear, or SqueezeNet's 1x1 Conv) for ``num_classes``."""
+    last_name, last = None, None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or (
+            isinstance(module, nn.Conv2d) and name.startswith("classifier") and module.kernel_size == (1, 1)
+        ):
+            # Skip auxiliary heads (GoogLeNet/Inception) -- they are not the main output.
+            if not name.startswith(("aux", "AuxLogits")):
+                last_name, last = name, module
+    if last is None:
+        return False
+    if isinstance(last, nn.Linear):
+        if last.out_features == num_classes:
+            return True
+        new = nn.Linear(last.in_features, num_classes, bias=last.bias is not None)
+    else:
+        if last.out_channels == num_classes:
+            return True
+        new = nn.Conv2d(last.in_channels, num_classes, kernel_size=1, bias=last.bias is not None)
+    new = new.to(device=last.weight.device, dtype=last.weight.dtype)
+    _set_submodule(model, last_name, new)
+    for attr in ("num_classes",):
+        if hasattr(model, attr):
+            setattr(model, attr, num_classes)
+    return True
+
+
+def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
+    """Replace the first 3-channel Conv2d by one taking ``in_channels``.
+
+    Pretrained weights are carried over by averaging the RGB filters and repeating the average
+    (scaled by 3 / in_channels so that activations keep their scale).
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3 and module.groups == 1:
+            new = nn.Conv2d(
+                in_channels,
+                module.out_channels,
+                kernel_size=module.kernel_size,
+                stride=module.stride,
+                padding=module.padding,
+                dilation=module.dilation,
+                bias=module.bias is not None,
+                padding_mode=module.padding_mode,
+            ).to(device=module.weight.device, dtype=module.weight.dtype)
+            with torch.no_grad():
+                mean = module.weight.mean(dim=1, keepdim=True)
+                new.weight.copy_(mean.expand_as(new.weight) * (3.0 / in_channels))
+                if module.bias is not None:
+                    new.bias.copy_(module.bias)
+            _set_submodule(model, name, new)
+            return
+    raise ValueError(
+        f"cannot adapt {type(model).__name__} to in_channels={in_channels}: no 3-channel Conv2d "
+        "stem found; convert the inputs to 3 channels instead"
+    )
+
+
+def torchvision_model(
+    name: str, num_classes: int, in_channels: int = 3, weights: Any = None, **kwargs: Any
+) -> nn.Module:
+    """Any torchvision classification model by name (``torchvision.models.get_model``).
+
+    Random initialisation by default; pretrained weights only when ``weights`` is given (e.g.
+    ``"DEFAULT"`` or a ``Weights`` enum) -- this may download.  With ``weights=None`` the model is
+    built directly with ``num_classes`` outputs; with weights the 1000-class head is replaced.  When
+    ``in_channels != 3`` the first 3-channel convolution is replaced (pretrained filters averaged
+    over RGB).  Extra ``kwargs`` go to ``get_model`` (e.g. ``image_size=32`` for ViTs).
+    """
+    _check_positive_int("num_classes", num_classes)
+    _check_positive_int("in_channels", in_channels)
+    import torchvision
+
+    names = torchvision_model_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ValueError(
+            f"unknown torchvision model {name!r}; {hint}"
+            f"available: {', '.join(names)}"
+        )
+    if weights is None:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    else:
+        model = torchvision.models.get_model(name, weights=weights, **kwargs)
+        if not _replace_head(model, num_classes):
+            raise ValueError(f"cannot find the classifier head of {name!r} to replace")
+    if in_channels != 3:
+        _replace_first_conv(model, in_channels)
+    return model
+
+
+def build_model(
+    name: str, in_channels: int, image_size: int, num_classes: int, **kwargs: Any
+) -> nn.Module:
+    """Build a network by name.
+
+    ``name`` is one of :data:`MODELS` (``mlp``, ``lenet5``, ``resnet18-cifar``, ``fcn``, ``cnn``) or
+    ``"tv:<torchvision name>"``.  Fully connected networks get
+    ``in_features = in_channels * image_size ** 2``.  ``kwargs`` go to the constructor (e.g.
+    ``width``/``extra_layers`` for ``mlp``, ``hidden`` for ``fcn``, ``weights`` for ``tv:``).
+    """
+    key = name.strip().lower() if isinstance(name, str) else name
+    if isinstance(key, str) and key.startswith(TORCHVISION_PREFIX):
+        return torchvision_model(
+            name.strip()[len(TORCHVISION_PREFIX):], num_classes, in_channels=in_channels, **kwargs
+        )
+    in_features = in_channels * image_size * image_size
+    if key == "mlp":
+        return MLP(in_features, num_classes, **kwargs)
+    if key == "lenet5":
+        return LeNet5(in_channels, num_classes, image_size=image_size, **kwargs)
+    if key == "resnet18-cifar":
+        return cifar_resnet18(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if key == "fcn":
+        return FCN(in_features, num_classes, **kwargs)
+    if key == "cnn":
+        return CNN(in_channels, num_classes, image_size=image_size, **kwargs)
+    close = difflib.get_close_matches(str(key), MODELS, n=3, cutoff=0.5)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ValueError(
+        f"unknown model {name!r}{hint}; valid names: {', '.join(MODELS)}, "
+        f"or {TORCHVISION_PREFIX}<torchvision model name> (e.g. tv:resnet18)"
+    )
