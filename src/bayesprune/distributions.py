@@ -1,0 +1,368 @@
+"""Distributions over the multiplicative noise theta (MATH.md section 1).
+
+Everything lives in log space, ``x = log(theta)``, truncated to ``[a, b]`` (defaults -20, 0):
+
+* posterior ``q(x) = N(x; mu, sigma^2) / Z`` on ``[a, b]`` with ``alpha = (a - mu)/sigma``,
+  ``beta = (b - mu)/sigma`` and ``Z = Phi(beta) - Phi(alpha)``;
+* prior ``p(x) = 1 / (b - a)`` (log-uniform in theta).
+
+Pruned structures live where ``Z`` and every difference of ``Phi`` underflow (``mu`` near or below
+``a``, tiny ``sigma``).  All moments are therefore computed from a split of the log-mass,
+``log Z = -d^2/2 + r`` (``d`` the distance of ``mu`` to the interval in units of sigma, ``r``
+moderate, from Mills ratios via ``erfcx``), so that the ``d^2``-sized terms cancel algebraically
+instead of numerically.  Moment formulas run in float64 internally (they are per structure, so
+this is cheap) and are cast back to the parameters' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.distributions import Distribution, constraints, register_kl
+from torch.special import erfcx, log_ndtr, ndtri
+
+__all__ = [
+    "TruncatedLogNormal",
+    "LogUniform",
+    "log_mass",
+    "log_mass_parts",
+    "DEFAULT_A",
+    "DEFAULT_B",
+]
+
+DEFAULT_A = -20.0
+DEFAULT_B = 0.0
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+_LOG_SQRT_PI_2 = 0.5 * math.log(math.pi / 2)
+_SQRT_HALF = math.sqrt(0.5)
+_LN2 = math.log(2.0)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0 (Maechler 2012), with NaN-free gradients in both branches."""
+    near = x > -_LN2
+    x_near = torch.where(near, x, torch.full_like(x, -_LN2))
+    x_far = torch.where(near, torch.full_like(x, -1.0), x)
+    return torch.where(near, torch.log(-torch.expm1(x_near)), torch.log1p(-torch.exp(x_far)))
+
+
+def _log_mills(t: torch.Tensor) -> torch.Tensor:
+    """log R(t), the Mills ratio R(t) = Q(t)/phi(t) = sqrt(pi/2) erfcx(t/sqrt 2); for t >= 0."""
+    return _LOG_SQRT_PI_2 + torch.log(erfcx(t * _SQRT_HALF))
+
+
+def _one_minus_t_mills(t: torch.Tensor) -> torch.Tensor:
+    """1 - t R(t) for t >= 0 without cancellation: direct below 1e3, asymptotic series above."""
+    small = t < 1e3
+    ts = torch.where(small, t, torch.ones_like(t))
+    tl = torch.where(small, torch.full_like(t, 1e3), t)
+    direct = 1.0 - ts * torch.exp(_log_mills(ts))
+    inv2 = 1.0 / (tl * tl)
+    series = inv2 * (1.0 - inv2 * (3.0 - 15.0 * inv2))
+    return torch.where(small, direct, series)
+
+
+def log_mass_parts(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``log(Phi(beta) - Phi(alpha)) = -d^2/2 + r`` for ``alpha < beta``.
+
+    ``d = max(alpha, -beta, 0)`` is the distance of 0 to ``[alpha, beta]``; ``r`` stays moderate
+    however far the interval lies in a tail, so callers can cancel the ``d^2`` terms exactly.
+    Upper tail (``alpha > 0``): ``Q(alpha) - Q(beta)`` with ``log Q(t) = -t^2/2 - log sqrt(2 pi)
+    + log R(t)``; the lower tail is its mirror image; an interval around 0 uses ``erf``.
+    """
+    hi = alpha > 0
+    lo = beta < 0
+    mid = ~(hi | lo)
+    one = torch.ones_like(alpha)
+    # tail case, oriented so that the interval is [l, h] with 0 < l < h
+    l = torch.where(hi, alpha, torch.where(lo, -beta, one))
+    h = torch.where(hi, beta, torch.where(lo, -alpha, 2 * one))
+    log_rl = _log_mills(l)
+    log_ratio = -(h - l) * (h + l) / 2 + _log_mills(h) - log_rl  # log Q(h) - log Q(l)
+    r_tail = -_HALF_LOG_2PI + log_rl + _log1mexp(log_ratio)
+    # interval containing 0: no cancellation, the two erf values have opposite signs
+    am = torch.where(mid, alpha, -one)
+    bm = torch.where(mid, beta, one)
+    r_mid = torch.log(0.5 * (torch.erf(bm * _SQRT_HALF) - torch.erf(am * _SQRT_HALF)))
+    d = torch.where(mid, torch.zeros_like(alpha), l)
+    r = torch.where(mid, r_mid, r_tail)
+    return d, r
+
+
+def log_mass(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """log(Phi(beta) - Phi(alpha)), stable in both tails."""
+    d, r = log_mass_parts(alpha, beta)
+    return r - d * d / 2
+
+
+def _shifted_log_mgf(alpha, beta, d0, r0, t):
+    """K(t) = t^2/2 + log Z(alpha - t, beta - t) - log Z(alpha, beta): the cumulant generating
+    function of the standardised truncated normal, with the quadratic terms cancelled exactly."""
+    dt, rt = log_mass_parts(alpha - t, beta - t)
+    new_hi = alpha - t > 0
+    new_lo = beta - t < 0
+    # t^2/2 - dt^2/2 + d0^2/2 written case by case (see module docstring)
+    quad = torch.where(
+        new_hi,
+        t * alpha,
+        torch.where(new_lo, t * beta + (d0 - beta) * (d0 + beta) / 2, t * t / 2 + d0 * d0 / 2),
+    )
+    return quad + rt - r0
+
+
+def _one_sided_cumulants(alpha: torch.Tensor):
+    """Cumulants kappa_2..kappa_5 of N(0,1) truncated to [alpha, inf).
+
+    alpha <= -20: untruncated.  -20 < alpha <= 30: moments of y = z - alpha from
+    E[y^(k+1)] = k E[y^(k-1)] - alpha E[y^k], E[y] = lambda - alpha (lambda = 1/R(alpha)).
+    alpha > 30: asymptotic series of v = alpha*y, density ~ exp(-v - v^2/(2 alpha^2)).
+    """
+    # recursion branch
+    ar = alpha.clamp(-20.0, 30.0)
+    pos = ar > 0
+    a_pos = torch.where(pos, ar, torch.ones_like(ar))
+    a_neg = torch.where(pos, -torch.ones_like(ar), ar)
+    log_r_neg = log_mass(a_neg, torch.full_like(ar, math.inf)) + a_neg * a_neg / 2 + _HALF_LOG_2PI
+    m1_pos = _one_minus_t_mills(a_pos) / torch.exp(_log_mills(a_pos))
+    m1_neg = torch.exp(-log_r_neg) - a_neg
+    m = [torch.ones_like(ar), torch.where(pos, m1_pos, m1_neg)]
+    for k in range(1, 5):
+        m.append(k * m[k - 1] - ar * m[k])
+    # asymptotic branch
+    big = alpha > 30
+    ab = torch.where(big, alpha, torch.full_like(alpha, 31.0))
+    eps = 1.0 / (2 * ab * ab)
+
+    def s(k):
+        return sum((-eps) ** j * (math.factorial(k + 2 * j) / math.factorial(j)) for j in range(9))
+
+    s0 = s(0)
+    mb = [torch.ones_like(ab)] + [s(k) / s0 / ab**k for k in range(1, 6)]
+    m = [torch.where(big, mb[k], m[k]) for k in range(6)]
+    m1, m2, m3, m4, m5 = m[1:]
+    c2 = m2 - m1 * m1
+    c3 = m3 - 3 * m1 * m2 + 2 * m1**3
+    c4 = m4 - 4 * m1 * m3 + 6 * m1**2 * m2 - 3 * m1**4
+    c5 = m5 - 5 * m1 * m4 + 10 * m1**2 * m3 - 10 * m1**3 * m2 + 4 * m1**5
+    k2, k3, k4, k5 = c2, c3, c4 - 3 * c2 * c2, c5 - 10 * c3 * c2
+    untrunc = alpha <= -20
+    zero = torch.zeros_like(alpha)
+    return (
+        torch.where(untrunc, torch.ones_like(alpha), k2),
+        torch.where(untrunc, zero, k3),
+        torch.where(untrunc, zero, k4),
+        torch.where(untrunc, zero, k5),
+    )
+
+
+class TruncatedLogNormal(Distribution):
+    """theta = exp(x), x ~ N(mu, sigma^2) truncated to [a, b]: the BMRS variational posterior.
+
+    ``mean`` is E[theta], ``variance`` Var[theta], ``snr`` E[theta]/sd[theta] (MATH.md sec. 1).
+    """
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+    has_rsample = True
+
+    def __init__(self, loc, scale, a: float = DEFAULT_A, b: float = DEFAULT_B, validate_args=None):
+        if not a < b:
+            raise ValueError(f"TruncatedLogNormal needs bounds a < b, got a={a}, b={b}")
+        self.loc, self.scale = torch.broadcast_tensors(torch.as_tensor(loc), torch.as_tensor(scale))
+        self.a, self.b = float(a), float(b)
+        super().__init__(self.loc.shape, validate_args=validate_args)
+
+    @constraints.dependent_property(is_discrete=False, event_dim=0)
+    def support(self):
+        return constraints.interval(math.exp(self.a), math.exp(self.b))
+
+    def expand(self, batch_shape, _instance=None):
+        return TruncatedLogNormal(
+            self.loc.expand(batch_shape), self.scale.expand(batch_shape), self.a, self.b
+        )
+
+    # ---- float64 helpers -------------------------------------------------------------------
+    def _std64(self):
+        mu = self.loc.double()
+        sigma = self.scale.double()
+        alpha = (self.a - mu) / sigma
+        beta = (self.b - mu) / sigma
+        return mu, sigma, alpha, beta
+
+    def _out(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.loc.dtype)
+
+    def log_normalizer(self) -> torch.Tensor:
+        """log Z = log(Phi(beta) - Phi(alpha))."""
+        _, _, alpha, beta = self._std64()
+        return self._out(log_mass(alpha, beta))
+
+    def _log_moments(self):
+        """(log E[theta], v) with v = log(E[theta^2] / E[theta]^2), both float64."""
+        mu, sigma, alpha, beta = self._std64()
+        d0, r0 = log_mass_parts(alpha, beta)
+        k1 = _shifted_log_mgf(alpha, beta, d0, r0, sigma)
+        k2 = _shifted_log_mgf(alpha, beta, d0, r0, 2 * sigma)
+        v_direct = k2 - 2 * k1
+        # small sigma: v = K(2s) - 2K(s) = sum_n kappa_n s^n (2^n - 2)/n!, from the near bound
+        near_low = alpha.abs() <= beta.abs()
+        edge = torch.where(near_low, alpha, -beta)
+        c2, c3, c4, c5 = _one_sided_cumulants(edge)
+        sgn = torch.where(near_low, torch.ones_like(alpha), -torch.ones_like(alpha))
+        v_series = sigma**2 * (c2 + sgn * c3 * sigma + (7 / 12) * c4 * sigma**2 + 0.25 * sgn * c5 * sigma**3)
+        use_series = sigma * torch.sqrt(c2.clamp_min(0)) < 3e-3
+        v = torch.where(use_series, v_series, v_direct)
+        return mu + k1, v
+
+    # ---- moments ---------------------------------------------------------------------------
+    @property
+    def mean(self) -> torch.Tensor:
+        """E[theta] = exp(mu + sigma^2/2) (Phi(beta - sigma) - Phi(alpha - sigma)) / Z."""
+        log_m, _ = self._log_moments()
+        return self._out(torch.exp(log_m))
+
+    @property
+    def log_mean(self) -> torch.Tensor:
+        return self._out(self._log_moments()[0])
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Var[theta] = E[theta]^2 (E[theta^2]/E[theta]^2 - 1), the bracket as expm1."""
+        log_m, v = self._log_moments()
+        return self._out(torch.exp(2 * log_m + torch.log(torch.expm1(v))))
+
+    @property
+    def snr(self) -> torch.Tensor:
+        """SNR = E[theta] / sd[theta] = (E[theta^2]/E[theta]^2 - 1)^(-1/2)."""
+        _, v = self._log_moments()
+        return self._out(torch.expm1(v).rsqrt())
+
+    def log_space_entropy(self) -> torch.Tensor:
+        """H[q(x)] = log sigma + log sqrt(2 pi e) + log Z + (alpha phi(alpha) - beta phi(beta))/(2Z).
+
+        Written as ``log sigma + 1/2 + log sqrt(2 pi) - r + d^2/2 - T`` with the ``d^2`` terms
+        cancelled against ``T`` through ``1 - t R(t)`` in the tails.
+        """
+        _, sigma, alpha, beta = self._std64()
+        lo = beta < 0
+        # the entropy is invariant under the mirror x -> -x: orient so the tail case is alpha > 0
+        al = torch.where(lo, -beta, alpha)
+        be = torch.where(lo, -alpha, beta)
+        d, r = log_mass_parts(al, be)
+        tail = al > 0
+        # T_b = beta phi(beta)/(2Z), T_a = alpha phi(alpha)/(2Z) relative to the shared -d^2/2
+        log_phi_over_z = lambda t: -(t - d) * (t + d) / 2 - _HALF_LOG_2PI - r  # noqa: E731
+        t_b = be / 2 * torch.exp(log_phi_over_z(be))
+        t_a_mid = al / 2 * torch.exp(log_phi_over_z(al))
+        # tail: d^2/2 - T_a = (al/2)(al - lambda~), lambda~ = 1/(R(al)(1 - rho))
+        al_t = torch.where(tail, al, torch.ones_like(al))
+        be_t = torch.where(tail, be, 2 * torch.ones_like(be))
+        log_r = _log_mills(al_t)
+        rho = torch.exp(-(be_t - al_t) * (be_t + al_t) / 2 + _log_mills(be_t) - log_r)
+        num = _one_minus_t_mills(al_t) + al_t * torch.exp(log_r) * rho
+        quad_tail = -(al_t / 2) * num / (torch.exp(log_r) * (1 - rho))
+        quad = torch.where(tail, quad_tail, -t_a_mid)
+        # entropy = log sigma + 1/2 + log sqrt(2pi) + log Z + T_a - T_b
+        #         = log sigma + 1/2 + log sqrt(2pi) + r - (d^2/2 - T_a) - T_b
+        return torch.log(sigma) + 0.5 + _HALF_LOG_2PI + r - quad - t_b
+
+    # ---- sampling and density --------------------------------------------------------------
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)
+        u = torch.rand(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return torch.exp(sample_log_theta(self.loc, self.scale, u, self.a, self.b))
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """log q(theta) = log phi((x - mu)/sigma) - log sigma - log Z - x, x = log theta in [a, b]."""
+        if self._validate_args:
+            self._validate_sample(value)
+        x = torch.log(value)
+        z = (x - self.loc) / self.scale
+        lp = -z * z / 2 - _HALF_LOG_2PI - torch.log(self.scale) - self.log_normalizer() - x
+        inside = (x >= self.a) & (x <= self.b)
+        return torch.where(inside, lp, torch.full_like(lp, -math.inf))
+
+
+def sample_log_theta(mu, sigma, u, a: float = DEFAULT_A, b: float = DEFAULT_B) -> torch.Tensor:
+    """Reparameterised draw of x = log theta ~ N(mu, sigma^2) on [a, b] from uniforms ``u``.
+
+    Inverse CDF in log space: the interval is mirrored to the side of the mean where its CDF
+    values are representable, ``log P = logaddexp(log Phi(l), log u + log Z)``, and
+    ``z = Phi^-1(P)``; where ``P`` underflows (< e^-80) Newton steps on ``log_ndtr`` replace
+    ``ndtri``.  Differentiable in ``mu`` and ``sigma``; the result is clipped to [a, b].
+    """
+    alpha = (a - mu) / sigma
+    beta = (b - mu) / sigma
+    flip = alpha > 0
+    l = torch.where(flip, -beta, alpha)
+    h = torch.where(flip, -alpha, beta)
+    log_pl = log_ndtr(l)
+    log_ph = log_ndtr(h)
+    log_z = log_ph + _log1mexp((log_pl - log_ph).clamp_max(0))
+    tiny = torch.finfo(u.dtype).tiny
+    logp = torch.logaddexp(log_pl, torch.log(u.clamp_min(tiny)) + log_z)
+    logp = torch.minimum(logp, log_ph)
+    one_minus = 1.0 - torch.finfo(u.dtype).eps
+    z = ndtri(torch.exp(logp.clamp_min(-80.0)).clamp_max(one_minus))
+    deep = logp < -80.0
+    if bool(deep.any()):
+        lp = torch.where(deep, logp, torch.full_like(logp, -100.0))
+        t = -2 * lp
+        zn = -torch.sqrt(t - torch.log(t) - math.log(2 * math.pi))
+        for _ in range(3):
+            # Newton on log Phi(z) = lp; Phi(z)/phi(z) = R(-z), the Mills ratio
+            zn = zn - (log_ndtr(zn) - lp) * torch.exp(_log_mills(-zn))
+        z = torch.where(deep, zn, z)
+    z = torch.minimum(torch.maximum(z, l), h)
+    z = torch.where(flip, -z, z)
+    return (mu + sigma * z).clamp(a, b)
+
+
+class LogUniform(Distribution):
+    """Log-uniform prior: log theta ~ U(a, b), p(theta) = 1 / ((b - a) theta)."""
+
+    arg_constraints = {}
+    has_rsample = True
+
+    def __init__(self, a: float = DEFAULT_A, b: float = DEFAULT_B, batch_shape=torch.Size(), validate_args=None):
+        if not a < b:
+            raise ValueError(f"LogUniform needs bounds a < b, got a={a}, b={b}")
+        self.a, self.b = float(a), float(b)
+        super().__init__(torch.Size(batch_shape), validate_args=validate_args)
+
+    @constraints.dependent_property(is_discrete=False, event_dim=0)
+    def support(self):
+        return constraints.interval(math.exp(self.a), math.exp(self.b))
+
+    @property
+    def mean(self):
+        return torch.full(self.batch_shape, (math.exp(self.b) - math.exp(self.a)) / (self.b - self.a))
+
+    @property
+    def variance(self):
+        w = self.b - self.a
+        m = (math.exp(self.b) - math.exp(self.a)) / w
+        return torch.full(self.batch_shape, (math.exp(2 * self.b) - math.exp(2 * self.a)) / (2 * w) - m * m)
+
+    def rsample(self, sample_shape=torch.Size()):
+        u = torch.rand(self._extended_shape(sample_shape))
+        return torch.exp(self.a + (self.b - self.a) * u)
+
+    def log_prob(self, value):
+        x = torch.log(value)
+        lp = -math.log(self.b - self.a) - x
+        inside = (x >= self.a) & (x <= self.b)
+        return torch.where(inside, lp, torch.full_like(lp, -math.inf))
+
+
+@register_kl(TruncatedLogNormal, LogUniform)
+def kl_truncated_lognormal_loguniform(q: TruncatedLogNormal, p: LogUniform) -> torch.Tensor:
+    """KL(q || p) = log(b - a) - H[q(x)] (MATH.md sec. 1; invariant under theta = e^x).
+
+    Finite only when q's bounds lie within p's; otherwise +inf.
+    """
+    if q.a < p.a or q.b > p.b:
+        return torch.full_like(q.loc, math.inf)
+    kl = math.log(p.b - p.a) - q.log_space_entropy()
+    return kl.to(q.loc.dtype)
