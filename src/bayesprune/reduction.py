@@ -26,6 +26,14 @@ def _check_bounds(a: float, b: float) -> None:
         raise ValueError(f"the log-space bounds need a < b, got a={a}, b={b}")
 
 
+def _as_f64(x, device=None) -> torch.Tensor:
+    """float64 tensor of ``x`` without a detour through the default dtype (a Python float given
+    to ``torch.as_tensor`` would be rounded to float32 first, costing ~1e-6 absolute in mu)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device if device is not None else x.device, dtype=torch.float64)
+    return torch.as_tensor(x, dtype=torch.float64, device=device)
+
+
 def _dist(x: torch.Tensor, a: float, b: float) -> torch.Tensor:
     return torch.where(x < a, a - x, torch.where(x > b, x - b, torch.zeros_like(x)))
 
@@ -41,8 +49,8 @@ def delta_f_normal(mu, sigma, a: float = DEFAULT_A, b: float = DEFAULT_B, m: flo
     if not s > 0:
         raise ValueError(f"the spike width s must be > 0, got {s}")
     m = a if m is None else float(m)
-    mu = torch.as_tensor(mu).double()
-    sigma = torch.as_tensor(sigma, device=mu.device).double()
+    mu = _as_f64(mu)
+    sigma = _as_f64(sigma, mu.device)
     var, s2 = sigma * sigma, s * s
     tot = var + s2
     sq = sigma * s / torch.sqrt(tot)
@@ -51,14 +59,22 @@ def delta_f_normal(mu, sigma, a: float = DEFAULT_A, b: float = DEFAULT_B, m: flo
     dq, rq = log_mass_parts((a - mq) / sq, (b - mq) / sq)
     dp, rp = log_mass_parts(torch.tensor((a - m) / s, dtype=torch.float64), torch.tensor((b - m) / s, dtype=torch.float64))
     # 2E = d0^2 - dq^2 - (mu - m)^2/(sigma^2 + s^2).  For mu outside [a, b] with nearest bound x*,
-    # (x-mu)^2/sigma^2 + (x-m)^2/s^2 = (x-mq)^2/sq^2 + (mu-m)^2/(sigma^2+s^2) at x = x* gives
-    # 2E = ((x*-mq)^2 - Dq^2)/sq^2 - (x*-m)^2/s^2, whose first term vanishes when mq is past x* too.
+    # write u = x* - mu (so d0 = |u|/sigma) and v = x* - m, mu - m = v - u:
+    #   d0^2 - (mu - m)^2/tot = (u^2 s^2/sigma^2 + 2uv - v^2)/tot            (exact).
+    # If mq lies past x* on mu's side as well, dq = |x* - mq|/sq and the identity
+    # (x-mu)^2/sigma^2 + (x-m)^2/s^2 = (x-mq)^2/sq^2 + (mu-m)^2/tot at x = x* collapses 2E to
+    # -v^2/s^2.  Otherwise (mq inside, the usual case mu > b, m = a) the form above has no
+    # catastrophic cancellation: mq <= x* means |u| s^2 <= |v| sigma^2, so the positive term is
+    # at most half of the negative ones (the old ((x*-mq)^2 - Dq^2)/sq^2 - v^2/s^2 cancelled
+    # two ~1e14 terms for mu > b, s = 1e-6).
     below, above = mu < a, mu > b
     x_star = torch.where(below, torch.full_like(mu, a), torch.full_like(mu, b))
-    dq_x = _dist(mq, a, b)
     same_side = torch.where(below, mq < a, mq > b)
-    first = torch.where(same_side, torch.zeros_like(mu), ((x_star - mq) ** 2 - dq_x**2) / sq**2)
-    two_e_out = first - (x_star - m) ** 2 / s2
+    u = x_star - mu
+    v = x_star - m
+    two_e_same = -(v * v) / s2
+    two_e_other = ((u * s) ** 2 / var + u * (2 * v) - v * v) / tot - dq * dq
+    two_e_out = torch.where(same_side, two_e_same, two_e_other)
     two_e_in = -(dq * dq) - (mu - m) ** 2 / tot
     two_e = torch.where(below | above, two_e_out, two_e_in)
     return (
@@ -85,8 +101,8 @@ def delta_f_uniform(mu, sigma, precision: float, a: float = DEFAULT_A, b: float 
             f"BMRS_U needs a <= a' < b' <= b; got a={a}, a'={a_reduced:.4g}, "
             f"b'=log 2^-{precision}={b_red:.4g}, b={b}"
         )
-    mu = torch.as_tensor(mu).double()
-    sigma = torch.as_tensor(sigma, device=mu.device).double()
+    mu = _as_f64(mu)
+    sigma = _as_f64(sigma, mu.device)
     d0, r0 = log_mass_parts((a - mu) / sigma, (b - mu) / sigma)
     d1, r1 = log_mass_parts((a_reduced - mu) / sigma, (b_red - mu) / sigma)
     big_d0, big_d1 = _dist(mu, a, b), _dist(mu, a_reduced, b_red)

@@ -1,0 +1,372 @@
+"""Multiplicative noise on structures, for any PyTorch model (MATH.md section 1).
+
+Each prunable layer (Linear, Conv1d/2d/3d) gets a :class:`MultiplicativeNoise` with one noise
+variable theta_i per output structure (neuron, channel, feature): ``h_i = theta_i * f_i(x)``.
+The module is stored as the child ``layer.bayes_noise`` and applied by a forward hook on its
+*target*: the layer itself, its BatchNorm, or its activation.
+
+Default placement (``placement="auto"``), following the layer's output through module calls:
+layer -> BatchNorm (if its only consumer) -> activation module (if its only consumer and called
+once per forward).  Noise goes after the last module of that chain.  So an MLP or LeNet5 gets
+noise after its activations, a conv-BN-ReLU net after the ReLU, and a torchvision ResNet (whose
+ReLU module is shared) after every BatchNorm, as MATH.md section 4 prescribes.  With
+``placement="layer"`` noise follows the layer directly.  Pass ``example_inputs`` so that the
+chain is read from a real forward pass; without it, siblings in ``nn.Sequential`` are used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributions import kl_divergence
+
+from .distributions import DEFAULT_A, DEFAULT_B, LogUniform, TruncatedLogNormal, sample_log_theta
+
+__all__ = [
+    "MultiplicativeNoise",
+    "add_noise",
+    "noise_layers",
+    "kl",
+    "remove_noise",
+    "PRUNABLE_TYPES",
+]
+
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_ACTIVATION_TYPES = (
+    nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.PReLU,
+)
+SHARING = ("element", "channel")
+KL_WEIGHTINGS = ("mean", "elbo", "sum")
+
+
+class MultiplicativeNoise(nn.Module):
+    """theta ~ TruncatedLogNormal(mu, sigma) per structure, multiplying its output along ``dim``.
+
+    Training: ``h * theta * mask`` with theta drawn by reparameterisation, one draw per
+    activation element (``sharing="element"``, the BMRS reference) or per (example, structure)
+    (``sharing="channel"``, Neklyudov et al.).  Eval: ``h * E[theta] * mask``.
+    Parameters ``mu`` (init 0) and ``log_sigma`` (init -5, clamped to [-20, 5] when used).
+    """
+
+    def __init__(
+        self,
+        num_structures: int,
+        dim: int = 1,
+        a: float = DEFAULT_A,
+        b: float = DEFAULT_B,
+        mu_init: float = 0.0,
+        log_sigma_init: float = -5.0,
+        log_sigma_bounds: tuple[float, float] = (-20.0, 5.0),
+        sharing: str = "element",
+    ):
+        super().__init__()
+        if not a < b:
+            raise ValueError(f"noise bounds need a < b, got a={a}, b={b}")
+        if sharing not in SHARING:
+            raise ValueError(f"unknown sharing {sharing!r}; valid: {', '.join(SHARING)}")
+        if num_structures < 1:
+            raise ValueError(f"num_structures must be >= 1, got {num_structures}")
+        self.num_structures, self.dim, self.a, self.b = int(num_structures), int(dim), float(a), float(b)
+        self.log_sigma_bounds = tuple(float(v) for v in log_sigma_bounds)
+        self.sharing = sharing
+        self.mu = nn.Parameter(torch.full((num_structures,), float(mu_init)))
+        self.log_sigma = nn.Parameter(torch.full((num_structures,), float(log_sigma_init)))
+        self.register_buffer("mask", torch.ones(num_structures))
+        self.layer_name = ""
+        self.target_name = ""
+        self.chain: list[str] = []  # layer [-> BatchNorm] [-> activation]; noise follows the last
+        self.order = 0
+        self._cache_key = None
+        self._cache = None
+
+    def extra_repr(self) -> str:
+        return f"{self.num_structures}, dim={self.dim}, a={self.a}, b={self.b}, sharing={self.sharing!r}, layer={self.layer_name!r}"
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        return self.log_sigma.clamp(*self.log_sigma_bounds).exp()
+
+    def check_finite(self) -> None:
+        for name in ("mu", "log_sigma"):
+            p = getattr(self, name)
+            if not bool(torch.isfinite(p).all()):
+                bad = int((~torch.isfinite(p)).sum())
+                raise FloatingPointError(
+                    f"noise layer for {self.layer_name or '<unnamed>'!r}: {bad} non-finite value(s) in {name}; "
+                    "training diverged (lower the learning rate or resume from the last good checkpoint)"
+                )
+
+    def posterior(self) -> TruncatedLogNormal:
+        return TruncatedLogNormal(self.mu, self.sigma, self.a, self.b)
+
+    def prior(self) -> LogUniform:
+        return LogUniform(self.a, self.b, batch_shape=self.mu.shape)
+
+    def expected_theta(self) -> torch.Tensor:
+        """E[theta] per structure (without the mask)."""
+        return self.posterior().mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || p) per structure."""
+        return kl_divergence(self.posterior(), self.prior())
+
+    def _eval_scale(self) -> torch.Tensor:
+        key = (self.mu._version, self.log_sigma._version, self.mask._version, self.mu.data_ptr(), self.mask.data_ptr())
+        if torch.is_grad_enabled() or self._cache is None or self._cache_key != key:
+            self.check_finite()
+            scale = self.expected_theta() * self.mask
+            if torch.is_grad_enabled():
+                return scale
+            self._cache, self._cache_key = scale, key
+        return self._cache
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.ndim < 1:
+            raise ValueError(f"noise layer for {self.layer_name!r} got a scalar; it needs a tensor with a structure dimension")
+        dim = self.dim % h.ndim
+        if h.shape[dim] != self.num_structures:
+            raise ValueError(
+                f"noise layer for {self.layer_name!r} expects {self.num_structures} structures along dim {self.dim}, "
+                f"got input of shape {tuple(h.shape)}"
+            )
+        shape = [1] * h.ndim
+        shape[dim] = self.num_structures
+        if not self.training:
+            return h * self._eval_scale().to(h.dtype).view(shape)
+        self.check_finite()
+        if self.sharing == "element":
+            u_shape = h.shape
+        else:
+            u_shape = [1] * h.ndim
+            u_shape[dim] = self.num_structures
+            if dim != 0:
+                u_shape[0] = h.shape[0]
+        u = torch.rand(u_shape, dtype=h.dtype, device=h.device)
+        x = sample_log_theta(self.mu.view(shape).to(h.dtype), self.sigma.view(shape).to(h.dtype), u, self.a, self.b)
+        return h * (torch.exp(x) * self.mask.view(shape).to(h.dtype))
+
+    def _hook(self, module, args, output):
+        return self(output)
+
+
+@dataclass
+class _Call:
+    name: str
+    module: nn.Module
+    inputs: tuple
+    output: object
+
+
+def _trace(model: nn.Module, example_inputs) -> list[_Call]:
+    """Record leaf-module calls of one eval-mode forward pass (keeping tensors alive so ids stay unique)."""
+    calls: list[_Call] = []
+    names = {m: n for n, m in model.named_modules()}
+    handles = []
+
+    def hook(module, args, output):
+        calls.append(_Call(names[module], module, tuple(a for a in args if torch.is_tensor(a)), output))
+
+    for m in model.modules():
+        if len(list(m.children())) == 0 or isinstance(m, PRUNABLE_TYPES):
+            handles.append(m.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(example_inputs, (tuple, list)):
+                model(*example_inputs)
+            elif isinstance(example_inputs, dict):
+                model(**example_inputs)
+            else:
+                model(example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return calls
+
+
+def _num_structures(layer: nn.Module) -> tuple[int, int]:
+    if isinstance(layer, nn.Linear):
+        return layer.out_features, -1
+    return layer.out_channels, 1
+
+
+def _chain_from_trace(calls: list[_Call], layer_call: _Call, placement: str) -> list[str]:
+    if placement == "layer":
+        return [layer_call.name]
+    counts: dict[int, int] = {}
+    for c in calls:
+        counts[id(c.module)] = counts.get(id(c.module), 0) + 1
+    n, _ = _num_structures(layer_call.module)
+    cur = layer_call
+    chain = [cur.name]
+    for kinds in (_BN_TYPES, _ACTIVATION_TYPES):
+        consumers = [c for c in calls if any(x is cur.output for x in c.inputs)]
+        if len(consumers) != 1 or not isinstance(consumers[0].module, kinds):
+            continue
+        nxt = consumers[0]
+        if counts[id(nxt.module)] != 1:
+            break
+        if isinstance(nxt.module, _BN_TYPES) and nxt.module.num_features != n:
+            break
+        cur = nxt
+        chain.append(cur.name)
+    return chain
+
+
+def _chain_from_sequential(model: nn.Module, layer_name: str, placement: str) -> list[str]:
+    if placement == "layer" or "." not in layer_name and not isinstance(model, nn.Sequential):
+        return [layer_name]
+    parent_name, _, child = layer_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not isinstance(parent, nn.Sequential):
+        return [layer_name]
+    keys = list(parent._modules.keys())
+    idx = keys.index(child)
+    uses: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):  # an instance registered twice is shared
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    chain = [layer_name]
+    n, _ = _num_structures(parent._modules[child])
+    for kinds in (_BN_TYPES, _ACTIVATION_TYPES):
+        if idx + 1 >= len(keys):
+            break
+        nxt = parent._modules[keys[idx + 1]]
+        if not isinstance(nxt, kinds):
+            continue
+        if isinstance(nxt, _BN_TYPES) and nxt.num_features != n:
+            break
+        if uses[id(nxt)] != 1:
+            break
+        idx += 1
+        chain.append(f"{parent_name}.{keys[idx]}" if parent_name else keys[idx])
+    return chain
+
+
+def add_noise(
+    model: nn.Module,
+    example_inputs=None,
+    layers=None,
+    placement: str = "auto",
+    exclude_output_layer: bool = True,
+    **noise_kwargs,
+) -> nn.Module:
+    """Insert a :class:`MultiplicativeNoise` after every prunable layer of ``model`` (in place).
+
+    ``layers``: optional names (or modules) of the layers to make prunable; by default every
+    Linear/Conv layer that runs in the forward pass except the output layer.  ``placement``:
+    ``"auto"`` (see module docstring) or ``"layer"``.  ``noise_kwargs`` go to
+    :class:`MultiplicativeNoise` (``a``, ``b``, ``mu_init``, ``log_sigma_init``, ``sharing``).
+    Returns the model.
+    """
+    if placement not in ("auto", "layer"):
+        raise ValueError(f"unknown placement {placement!r}; valid: auto, layer")
+    if noise_layers(model):
+        raise ValueError("model already has noise layers; call remove_noise(model) first")
+    named = dict(model.named_modules())
+    mha_children = {
+        id(c) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for c in m.modules() if c is not m
+    }
+    calls = _trace(model, example_inputs) if example_inputs is not None else None
+    if calls is not None:
+        called = []
+        for c in calls:
+            if isinstance(c.module, PRUNABLE_TYPES) and c.name not in [x.name for x in called]:
+                called.append(c)
+        candidates = [c.name for c in called]
+    else:
+        candidates = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES) and id(m) not in mha_children]
+    if layers is None:
+        chosen = list(candidates)
+        if exclude_output_layer and chosen:
+            chosen = chosen[:-1]
+    else:
+        wanted = []
+        for item in layers:
+            if isinstance(item, str):
+                if item not in named:
+                    raise ValueError(f"no module named {item!r} in the model")
+                wanted.append(item)
+            else:
+                matches = [n for n, m in named.items() if m is item]
+                if not matches:
+                    raise ValueError(f"module {type(item).__name__} is not part of the model")
+                wanted.append(matches[0])
+        for name in wanted:
+            if not isinstance(named[name], PRUNABLE_TYPES):
+                raise ValueError(
+                    f"layer {name!r} is a {type(named[name]).__name__}; prunable layers are "
+                    + ", ".join(t.__name__ for t in PRUNABLE_TYPES)
+                )
+        chosen = [n for n in candidates if n in wanted] + [n for n in wanted if n not in candidates]
+    if not chosen:
+        raise ValueError("no prunable layer (Linear/Conv) found to add noise to")
+    for order, name in enumerate(chosen):
+        layer = named[name]
+        n, dim = _num_structures(layer)
+        if calls is not None and name in [c.name for c in calls]:
+            layer_call = next(c for c in calls if c.name == name)
+            chain = _chain_from_trace(calls, layer_call, placement)
+        else:
+            chain = _chain_from_sequential(model, name, placement)
+        target_name = chain[-1]
+        noise = MultiplicativeNoise(n, dim=dim, **noise_kwargs)
+        noise.layer_name, noise.target_name, noise.order = name, target_name, order
+        noise.chain = chain
+        p = next(layer.parameters())
+        noise.to(device=p.device)
+        layer.add_module("bayes_noise", noise)
+        noise._handle = named[target_name].register_forward_hook(noise._hook)
+    model.bayes_example_inputs = example_inputs
+    return model
+
+
+def noise_layers(model: nn.Module) -> list[MultiplicativeNoise]:
+    """The model's noise modules, in forward order."""
+    found = [m for m in model.modules() if isinstance(m, MultiplicativeNoise)]
+    return sorted(found, key=lambda m: m.order)
+
+
+def remove_noise(model: nn.Module) -> nn.Module:
+    """Detach every noise module and its hook (in place); masks are *not* applied."""
+    for name, m in list(model.named_modules()):
+        noise = getattr(m, "bayes_noise", None)
+        if isinstance(noise, MultiplicativeNoise):
+            handle = getattr(noise, "_handle", None)
+            if handle is not None:
+                handle.remove()
+            # a deep copy carries the hook with the copied bound method: drop it by identity
+            target = model.get_submodule(noise.target_name)
+            for key, fn in list(target._forward_hooks.items()):
+                if getattr(fn, "__self__", None) is noise:
+                    del target._forward_hooks[key]
+            del m._modules["bayes_noise"]
+    if hasattr(model, "bayes_example_inputs"):
+        del model.bayes_example_inputs
+    return model
+
+
+def kl(model: nn.Module, weighting: str = "mean", num_train: int | None = None) -> torch.Tensor:
+    """KL term of the loss.
+
+    ``"mean"``: the reference's weighting, mean KL of each layer summed and divided by the
+    number of layers (no data-set scaling).  ``"elbo"``: summed KL / ``num_train`` (the ELBO per
+    example, matching a batch-mean cross-entropy).  ``"sum"``: the plain summed KL.
+    """
+    layers = noise_layers(model)
+    if not layers:
+        raise ValueError("model has no noise layers; call bayesprune.add_noise(model, ...) first")
+    if weighting == "mean":
+        return torch.stack([m.kl().mean() for m in layers]).sum() / len(layers)
+    if weighting == "elbo":
+        if not num_train or num_train < 1:
+            raise ValueError("weighting='elbo' needs num_train, the number of training examples")
+        return torch.stack([m.kl().sum() for m in layers]).sum() / num_train
+    if weighting == "sum":
+        return torch.stack([m.kl().sum() for m in layers]).sum()
+    raise ValueError(f"unknown KL weighting {weighting!r}; valid: {', '.join(KL_WEIGHTINGS)}")
