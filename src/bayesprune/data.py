@@ -371,8 +371,7 @@ def _find_idx_folder(name: str, root: Path, download: bool) -> Path:
                 warnings.warn(f"loading 'mnist' from {folder}, whose name says Fashion-MNIST")
             return folder
     if download:
-        if root.is_dir() and (_canonical(root.name) in {_canonical(s) for s in _SUBDIRS[name]}
-                              or _canonical(root.name) == _canonical(name)):
+        if _canonical(root.name) in {_canonical(s) for s in _SUBDIRS[name] + (name,)}:
             target = root
         else:
             target = root / name
