@@ -1,0 +1,301 @@
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from bayesprune.bayes_factor import (
+    BayesFactorPruner,
+    WeightMasks,
+    count_dead_structures,
+    fixed_batches,
+    log_posterior,
+    magnitude_prune,
+    prunable_weights,
+    random_prune,
+    train_bayes_factor,
+)
+
+
+def conv_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 16),
+        nn.ReLU(),
+        nn.Linear(16, 3),
+    )
+
+
+def data(n=96, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 1).long()
+    return x, y
+
+
+def batches(n=96, bs=32):
+    x, y = data(n)
+    return [(x[i : i + bs], y[i : i + bs]) for i in range(0, n, bs)]
+
+
+def direct_log_posterior(model, bs, m0, s0):
+    """Independent computation with plain loops (float64, per example)."""
+    model.eval()
+    ll = 0.0
+    with torch.no_grad():
+        for x, y in bs:
+            logits = model(x).double()
+            for i in range(x.shape[0]):
+                z = logits[i]
+                ll += float(z[y[i]] - torch.log(torch.exp(z - z.max()).sum()) - z.max())
+        lp = 0.0
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                w = m.weight.double().flatten()
+                lp += float(
+                    (-0.5 * math.log(2 * math.pi) - math.log(s0) - 0.5 * ((w - m0) / s0) ** 2).sum()
+                )
+    return ll + lp
+
+
+@pytest.mark.parametrize("mode", ["random", "magnitude"])
+def test_log_bf_matches_direct_computation(mode):
+    model = conv_net()
+    bs = batches()
+    m0, s0 = 0.1, 0.5
+    before_direct = direct_log_posterior(model, bs, m0, s0)
+    assert log_posterior(model, bs, m0, s0) == pytest.approx(before_direct, rel=1e-9, abs=1e-6)
+    pruner = BayesFactorPruner(model, mode=mode, sparsity=0.6, prior_mean=m0, prior_std=s0, likelihood_data=bs)
+    rec = pruner.end_of_epoch(1)
+    after_direct = direct_log_posterior(model, bs, m0, s0)
+    assert rec["pruned"]
+    assert rec["log_posterior_before"] == pytest.approx(before_direct, rel=1e-9, abs=1e-6)
+    assert rec["log_posterior_after"] == pytest.approx(after_direct, rel=1e-9, abs=1e-6)
+    assert rec["log_bf"] == pytest.approx(after_direct - before_direct, rel=1e-7, abs=1e-6)
+    assert pruner.log_bf == rec["log_bf"]
+
+
+def test_log_posterior_accepts_dataset_and_restores_mode():
+    model = conv_net()
+    x, y = data()
+    model.train()
+    a = log_posterior(model, TensorDataset(x, y))
+    assert model.training
+    assert a == pytest.approx(log_posterior(model, (x, y)), rel=1e-12)
+
+
+@pytest.mark.parametrize("prune_fn", ["random", "magnitude"])
+@pytest.mark.parametrize("r", [0.0, 0.25, 0.5, 0.9, 0.99])
+def test_per_layer_sparsity_is_r(prune_fn, r):
+    model = conv_net()
+    masks = WeightMasks(model)
+    g = torch.Generator().manual_seed(0)
+    fn = (lambda m, r: random_prune(m, r, g)) if prune_fn == "random" else magnitude_prune
+    fn(masks, r)
+    for name, w in masks.weights.items():
+        zeros = int((w == 0).sum())
+        assert abs(zeros - r * w.numel()) <= 1, name
+        assert int((~masks.masks[name]).sum()) == zeros
+    # pruning again to a higher target only adds zeros, never revives
+    old = {n: m.clone() for n, m in masks.masks.items()}
+    fn(masks, min(0.95, r + 0.3))
+    for n in old:
+        assert not (masks.masks[n] & ~old[n]).any()
+
+
+def test_magnitude_prunes_smallest_and_random_samples_remaining():
+    lin = nn.Linear(10, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[5.0, -0.1, 3.0, 0.2, -4.0, 0.3, 1.0, -2.0, 0.05, 6.0]]))
+    masks = WeightMasks(nn.Sequential(lin))
+    magnitude_prune(masks, 0.4)
+    assert lin.weight[0].tolist() == [5.0, 0.0, 3.0, 0.0, -4.0, 0.0, 1.0, -2.0, 0.0, 6.0]
+    # random: a zero weight counts as pruned, new picks come from the non-zero ones
+    conv = nn.Conv2d(2, 3, 3)
+    with torch.no_grad():
+        conv.weight[0].zero_()  # 18 of 54 already zero
+    masks = WeightMasks(nn.Sequential(conv))
+    counts = random_prune(masks, 0.5, torch.Generator().manual_seed(3))
+    assert counts["0"] == 27 - 18
+    assert int((conv.weight == 0).sum()) == 27
+    assert (conv.weight[0] == 0).all()
+
+
+def test_pruned_weights_stay_zero_under_adam():
+    model = conv_net()
+    bs = batches()
+    pruner = BayesFactorPruner(model, mode="magnitude", sparsity=0.7, likelihood_data=bs)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pruner.attach(opt)
+    # build up Adam moments before pruning, so they would resurrect weights if not handled
+    for x, y in bs:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    pruner.end_of_epoch(1)
+    masks = {n: m.clone() for n, m in pruner.masks.masks.items()}
+    for _ in range(5):
+        for x, y in bs:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            for n, w in pruner.masks.weights.items():
+                assert (w.grad[~masks[n]] == 0).all()  # gradient hook
+            opt.step()
+    for n, w in pruner.masks.weights.items():
+        assert (w[~masks[n]] == 0).all()
+        assert (w[masks[n]] != 0).all()  # the kept weights did train
+    # the WeightMasks.apply route without attach() works too
+    m2 = conv_net(1)
+    wm = WeightMasks(m2)
+    magnitude_prune(wm, 0.5)
+    opt2 = torch.optim.Adam(m2.parameters(), lr=1e-2)
+    x, y = bs[0]
+    for _ in range(3):
+        opt2.zero_grad()
+        nn.functional.cross_entropy(m2(x), y).backward()
+        opt2.step()
+        wm.apply(opt2)
+    assert abs(wm.global_weight_sparsity() - 0.5) < 0.01
+
+
+def test_beta_inf_never_prunes_and_zero_always_prunes():
+    bs = batches()
+    never = BayesFactorPruner(conv_net(), sparsity=0.5, beta=math.inf, likelihood_data=bs)
+    for e in range(3):
+        rec = never.end_of_epoch(e)
+        assert not rec["pruned"] and rec["sparsity"] == 0.0
+    always = BayesFactorPruner(
+        conv_net(), sparsity=0.5, beta=0.0, likelihood_data=bs, first_log_bf=-math.inf, persistent=False
+    )
+    for e in range(3):
+        assert always.end_of_epoch(e)["pruned"]
+
+
+def test_gate_follows_last_log_bf():
+    bs = batches()
+    pruner = BayesFactorPruner(conv_net(), sparsity=0.5, beta=1.0, likelihood_data=bs, first_log_bf=-1.0)
+    rec = pruner.end_of_epoch(1)
+    assert not rec["pruned"] and rec["log_bf"] == 0.0  # Algorithm 1: nothing pruned -> BF = 1
+    pruner = BayesFactorPruner(conv_net(), sparsity=0.5, beta=0.5, likelihood_data=bs, first_log_bf=0.0)
+    assert pruner.end_of_epoch(1)["pruned"]  # 0 > log(0.5)
+    # log BF of a huge positive value opens the gate, -inf closes it
+    pruner.log_bf = -math.inf
+    assert not pruner.should_prune()
+
+
+def test_ungated_baseline_prunes_every_epoch_without_data():
+    pruner = BayesFactorPruner(conv_net(), mode="random", sparsity=0.3, gated=False, persistent=False)
+    for e in range(2):
+        rec = pruner.end_of_epoch(e)
+        assert rec["pruned"] and math.isnan(rec["log_bf"])
+        assert abs(rec["sparsity"] - 0.3) < 0.02
+
+
+def test_steps_ramp_the_target():
+    bs = batches()
+    pruner = BayesFactorPruner(conv_net(), mode="magnitude", sparsity=0.8, beta=0.0, steps=4, likelihood_data=bs)
+    got = [pruner.end_of_epoch(e)["sparsity"] for e in range(5)]
+    assert got == pytest.approx([0.2, 0.4, 0.6, 0.8, 0.8], abs=0.01)
+
+
+def test_errors():
+    model = conv_net()
+    for r in (-0.1, 1.0, 1.5, 50, float("nan")):
+        with pytest.raises(ValueError):
+            BayesFactorPruner(model, sparsity=r)
+        with pytest.raises(ValueError):
+            magnitude_prune(WeightMasks(conv_net()), r)
+        with pytest.raises(ValueError):
+            random_prune(WeightMasks(conv_net()), r)
+    with pytest.raises(ValueError, match="beta"):
+        BayesFactorPruner(model, beta=-1.0)
+    with pytest.raises(ValueError, match="mode"):
+        BayesFactorPruner(model, mode="l1")
+    no_weights = nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3))
+    with pytest.raises(ValueError, match="no prunable weights"):
+        prunable_weights(no_weights)
+    with pytest.raises(ValueError, match="no prunable weights"):
+        BayesFactorPruner(no_weights)
+    with pytest.raises(ValueError, match="ReLU"):
+        prunable_weights(model, ["1"])
+    with pytest.raises(ValueError, match="likelihood"):
+        BayesFactorPruner(conv_net()).end_of_epoch(1)
+
+
+def test_prunable_weights_selection_and_dead_structures():
+    model = conv_net()
+    ws = prunable_weights(model)
+    assert list(ws) == ["0", "4", "6"]
+    assert list(prunable_weights(model, ["4", model[6]])) == ["4", "6"]
+    assert count_dead_structures(model)["dead"] == 0
+    with torch.no_grad():
+        model[0].weight[1].zero_()  # one conv filter
+        model[4].weight[3].zero_()  # one neuron
+        model[4].weight[5, :10].zero_()  # partially zero: not dead
+    dead = count_dead_structures(model)
+    assert dead["per_layer"]["0"] == {"dead": 1, "total": 4}
+    assert dead["per_layer"]["4"] == {"dead": 1, "total": 16}
+    assert dead["dead"] == 2 and dead["total"] == 4 + 16 + 3
+
+
+def test_fixed_batches_are_fixed():
+    x, y = data(100)
+    ds = TensorDataset(x, y)
+    a = fixed_batches(ds, 2, batch_size=16, seed=5)
+    b = fixed_batches(ds, 2, batch_size=16, seed=5)
+    assert len(a) == 2 and all(torch.equal(p[0], q[0]) for p, q in zip(a, b))
+    pruner = BayesFactorPruner(conv_net(), likelihood_batches=2, likelihood_batch_size=16, likelihood_data=ds)
+    assert len(pruner.likelihood_data) == 2
+
+
+def test_train_bayes_factor_smoke_on_digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(y), generator=g)
+    tr, va, te = perm[:1000], perm[1000:1400], perm[1400:]
+    splits = SimpleNamespace(
+        train=TensorDataset(x[tr], y[tr]), val=TensorDataset(x[va], y[va]), test=TensorDataset(x[te], y[te])
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    pruner = BayesFactorPruner(model, mode="magnitude", sparsity=0.75, likelihood_batches=2)
+    hist = train_bayes_factor(model, splits, epochs=3, lr=1e-2, batch_size=64, pruner=pruner, progress=False)
+    assert hist["pruned"][0] is True
+    assert math.isfinite(hist["log_bf"][0])
+    assert hist["sparsity"] == pytest.approx([0.75] * 3, abs=0.01)
+    assert len(hist["val_acc"]) == 3 and hist["test_acc"] > 0.5
+    for name, w in pruner.masks.weights.items():
+        assert abs(float((w == 0).float().mean()) - 0.75) < 0.01
+    base = train_bayes_factor(
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), splits, epochs=1, pruner=None, progress=False
+    )
+    assert base["sparsity"][0] == 0.0 and math.isnan(base["log_bf"][0])
+
+
+def test_skip_policies():
+    bs = batches()
+    keep = BayesFactorPruner(conv_net(), sparsity=0.5, beta=1.0, likelihood_data=bs, first_log_bf=-2.0, on_skip="keep")
+    rec = keep.end_of_epoch(1)
+    assert not rec["pruned"] and rec["log_bf"] == -2.0
+    model = conv_net()
+    snapshot = [p.detach().clone() for p in model.parameters()]
+    trial = BayesFactorPruner(model, mode="magnitude", sparsity=0.5, likelihood_data=bs, first_log_bf=-2.0, on_skip="trial")
+    rec = trial.end_of_epoch(1)
+    assert not rec["pruned"] and rec["sparsity"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, model.parameters()))  # restored
+    assert trial.masks.global_sparsity() == 0.0
+    # the trial log BF is the one a real pruning gives
+    real = BayesFactorPruner(conv_net(), mode="magnitude", sparsity=0.5, likelihood_data=bs)
+    assert real.end_of_epoch(1)["log_bf"] == pytest.approx(rec["log_bf"], rel=1e-9)
+    with pytest.raises(ValueError, match="on_skip"):
+        BayesFactorPruner(conv_net(), on_skip="never")
