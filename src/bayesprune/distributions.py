@@ -85,7 +85,15 @@ def log_mass_parts(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tenso
     # interval containing 0: no cancellation, the two erf values have opposite signs
     am = torch.where(mid, alpha, -one)
     bm = torch.where(mid, beta, one)
-    r_mid = torch.log(0.5 * (torch.erf(bm * _SQRT_HALF) - torch.erf(am * _SQRT_HALF)))
+    # when Z is close to 1, log Z = log1p(-(Q(beta) + Phi(alpha))) keeps its relative accuracy
+    # (log of the erf difference would round log Z ~ -1e-20 to 0)
+    tails = 0.5 * (torch.erfc(bm * _SQRT_HALF) + torch.erfc(-am * _SQRT_HALF))
+    small_tails = tails < 0.5
+    r_mid = torch.where(
+        small_tails,
+        torch.log1p(-torch.where(small_tails, tails, torch.zeros_like(tails))),
+        torch.log(0.5 * (torch.erf(bm * _SQRT_HALF) - torch.erf(am * _SQRT_HALF))),
+    )
     d = torch.where(mid, torch.zeros_like(alpha), l)
     r = torch.where(mid, r_mid, r_tail)
     return d, r
@@ -300,13 +308,17 @@ def sample_log_theta(mu, sigma, u, a: float = DEFAULT_A, b: float = DEFAULT_B) -
     log_pl = log_ndtr(l)
     log_ph = log_ndtr(h)
     log_z = log_ph + _log1mexp((log_pl - log_ph).clamp_max(0))
-    tiny = torch.finfo(u.dtype).tiny
-    logp = torch.logaddexp(log_pl, torch.log(u.clamp_min(tiny)) + log_z)
-    logp = torch.minimum(logp, log_ph)
     one_minus = 1.0 - torch.finfo(u.dtype).eps
-    z = ndtri(torch.exp(logp.clamp_min(-80.0)).clamp_max(one_minus))
-    deep = logp < -80.0
-    if bool(deep.any()):
+    if bool((log_z > -80.0).all()):
+        # fast path, every interval has representable mass: P = Phi(l) + u Z
+        p = torch.addcmul(torch.exp(log_pl), u, torch.exp(log_z))
+        z = ndtri(p.clamp(torch.finfo(u.dtype).tiny, one_minus))
+    else:
+        tiny = torch.finfo(u.dtype).tiny
+        logp = torch.logaddexp(log_pl, torch.log(u.clamp_min(tiny)) + log_z)
+        logp = torch.minimum(logp, log_ph)
+        z = ndtri(torch.exp(logp.clamp_min(-80.0)).clamp_max(one_minus))
+        deep = logp < -80.0
         lp = torch.where(deep, logp, torch.full_like(logp, -100.0))
         t = -2 * lp
         zn = -torch.sqrt(t - torch.log(t) - math.log(2 * math.pi))
@@ -315,8 +327,67 @@ def sample_log_theta(mu, sigma, u, a: float = DEFAULT_A, b: float = DEFAULT_B) -
             zn = zn - (log_ndtr(zn) - lp) * torch.exp(_log_mills(-zn))
         z = torch.where(deep, zn, z)
     z = torch.minimum(torch.maximum(z, l), h)
-    z = torch.where(flip, -z, z)
-    return (mu + sigma * z).clamp(a, b)
+    sign = 1.0 - 2.0 * flip.to(z.dtype)
+    return torch.addcmul(mu, sigma * sign, z).clamp(a, b)
+
+
+class _NoiseMultiply(torch.autograd.Function):
+    """out = h * exp(x) * mask with x ~ N(mu, sigma^2) on [a, b] drawn from uniforms ``u``.
+
+    Fused for speed: the forward stores only ``z`` and ``u``; the backward uses the implicit
+    reparameterisation gradient of the truncated normal (u fixed, F = CDF):
+    ``dx/dmu = 1 - (phi(alpha)(1-F) + phi(beta) F)/phi(z)``,
+    ``dx/dsigma = z - (alpha phi(alpha)(1-F) + beta phi(beta) F)/phi(z)``,
+    with the ratios phi(t)/phi(z) = exp((z - t)(z + t)/2) (finite for t outside (-|z|, |z|)).
+    """
+
+    @staticmethod
+    def forward(ctx, h, mu, sigma, mask, u, a, b):
+        with torch.no_grad():
+            x = sample_log_theta(mu, sigma, u, a, b)
+            theta = torch.exp(x) * mask
+            out = h * theta
+        ctx.save_for_backward(h, mu, sigma, theta, x, u)
+        ctx.bounds = (a, b)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, mu, sigma, theta, x, u = ctx.saved_tensors
+        a, b = ctx.bounds
+        grad_h = (grad_out * theta).sum_to_size(h.shape) if ctx.needs_input_grad[0] else None
+        grad_mu = grad_sigma = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            alpha = (a - mu) / sigma
+            beta = (b - mu) / sigma
+            z = (x - mu) / sigma
+            # F: the CDF value of this draw in the original orientation
+            flip = (alpha > 0).to(u.dtype)
+            cdf = u + flip * (1 - 2 * u)
+            ea = torch.exp(((z - alpha) * (z + alpha) / 2).clamp_max(80.0))
+            eb = torch.exp(((z - beta) * (z + beta) / 2).clamp_max(80.0))
+            wa = ea * (1 - cdf)
+            wb = eb * cdf
+            # d out / d x = h * theta, summed down to the shape of the draws first
+            g = (grad_out * h).sum_to_size(x.shape) * theta
+            inside = (x > a) & (x < b)
+            g = torch.where(inside, g, torch.zeros_like(g))
+            if ctx.needs_input_grad[1]:
+                grad_mu = (g * (1 - wa - wb)).sum_to_size(mu.shape)
+            if ctx.needs_input_grad[2]:
+                ga = torch.where(torch.isfinite(alpha), alpha, torch.zeros_like(alpha))
+                gb = torch.where(torch.isfinite(beta), beta, torch.zeros_like(beta))
+                grad_sigma = (g * (z - ga * wa - gb * wb)).sum_to_size(sigma.shape)
+        return grad_h, grad_mu, grad_sigma, None, None, None, None
+
+
+def noisy_multiply(h, mu, sigma, mask, u, a: float = DEFAULT_A, b: float = DEFAULT_B) -> torch.Tensor:
+    """``h * theta * mask`` with theta = exp(x) drawn by :func:`sample_log_theta` from ``u``.
+
+    ``mu``, ``sigma``, ``mask`` are shaped to broadcast against ``h`` (one entry per structure);
+    ``u`` against ``h`` too (per element, or shared over some dimensions).
+    """
+    return _NoiseMultiply.apply(h, mu, sigma, mask, u, a, b)
 
 
 class LogUniform(Distribution):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.distributions import kl_divergence
 
-from .distributions import DEFAULT_A, DEFAULT_B, LogUniform, TruncatedLogNormal, sample_log_theta
+from .distributions import DEFAULT_A, DEFAULT_B, LogUniform, TruncatedLogNormal, noisy_multiply
 
 __all__ = [
     "MultiplicativeNoise",
@@ -137,7 +137,6 @@ class MultiplicativeNoise(nn.Module):
         shape[dim] = self.num_structures
         if not self.training:
             return h * self._eval_scale().to(h.dtype).view(shape)
-        self.check_finite()
         if self.sharing == "element":
             u_shape = h.shape
         else:
@@ -146,8 +145,9 @@ class MultiplicativeNoise(nn.Module):
             if dim != 0:
                 u_shape[0] = h.shape[0]
         u = torch.rand(u_shape, dtype=h.dtype, device=h.device)
-        x = sample_log_theta(self.mu.view(shape).to(h.dtype), self.sigma.view(shape).to(h.dtype), u, self.a, self.b)
-        return h * (torch.exp(x) * self.mask.view(shape).to(h.dtype))
+        mu = self.mu.view(shape).to(h.dtype)
+        sigma = self.sigma.view(shape).to(h.dtype)
+        return noisy_multiply(h, mu, sigma, self.mask.view(shape).to(h.dtype), u, self.a, self.b)
 
     def _hook(self, module, args, output):
         return self(output)
@@ -361,12 +361,23 @@ def kl(model: nn.Module, weighting: str = "mean", num_train: int | None = None) 
     layers = noise_layers(model)
     if not layers:
         raise ValueError("model has no noise layers; call bayesprune.add_noise(model, ...) first")
+    if weighting not in KL_WEIGHTINGS:
+        raise ValueError(f"unknown KL weighting {weighting!r}; valid: {', '.join(KL_WEIGHTINGS)}")
+    if weighting == "elbo" and (not num_train or num_train < 1):
+        raise ValueError("weighting='elbo' needs num_train, the number of training examples")
+    per_layer = _kl_per_layer(layers)
     if weighting == "mean":
-        return torch.stack([m.kl().mean() for m in layers]).sum() / len(layers)
-    if weighting == "elbo":
-        if not num_train or num_train < 1:
-            raise ValueError("weighting='elbo' needs num_train, the number of training examples")
-        return torch.stack([m.kl().sum() for m in layers]).sum() / num_train
-    if weighting == "sum":
-        return torch.stack([m.kl().sum() for m in layers]).sum()
-    raise ValueError(f"unknown KL weighting {weighting!r}; valid: {', '.join(KL_WEIGHTINGS)}")
+        return torch.stack([k.mean() for k in per_layer]).sum() / len(layers)
+    total = torch.stack([k.sum() for k in per_layer]).sum()
+    return total / num_train if weighting == "elbo" else total
+
+
+def _kl_per_layer(layers: list[MultiplicativeNoise]) -> list[torch.Tensor]:
+    """Per-structure KL of every layer, computed in one batched call where the bounds agree."""
+    bounds = {(m.a, m.b) for m in layers}
+    if len(bounds) != 1:
+        return [m.kl() for m in layers]
+    a, b = bounds.pop()
+    q = TruncatedLogNormal(torch.cat([m.mu for m in layers]), torch.cat([m.sigma for m in layers]), a, b)
+    kl_all = kl_divergence(q, LogUniform(a, b, batch_shape=q.batch_shape))
+    return list(torch.split(kl_all, [m.num_structures for m in layers]))
