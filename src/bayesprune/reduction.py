@@ -54,9 +54,13 @@ def delta_f_normal(mu, sigma, a: float = DEFAULT_A, b: float = DEFAULT_B, m: flo
     var, s2 = sigma * sigma, s * s
     tot = var + s2
     sq = sigma * s / torch.sqrt(tot)
-    mq = (mu * s2 + m * var) / tot
+    # a - mq and b - mq with mq = (mu s^2 + m sigma^2)/tot, formed from the differences so that
+    # an offset of mq from a bound far below the ulp of the bound itself (mu - a tiny relative
+    # to sigma^2/s^2) is not rounded away
+    a_mq = ((a - mu) * s2 + (a - m) * var) / tot
+    b_mq = ((b - mu) * s2 + (b - m) * var) / tot
     d0, r0 = log_mass_parts((a - mu) / sigma, (b - mu) / sigma)
-    dq, rq = log_mass_parts((a - mq) / sq, (b - mq) / sq)
+    dq, rq = log_mass_parts(a_mq / sq, b_mq / sq)
     dp, rp = log_mass_parts(torch.tensor((a - m) / s, dtype=torch.float64), torch.tensor((b - m) / s, dtype=torch.float64))
     # 2E = d0^2 - dq^2 - (mu - m)^2/(sigma^2 + s^2).  For mu outside [a, b] with nearest bound x*,
     # write u = x* - mu (so d0 = |u|/sigma) and v = x* - m, mu - m = v - u:
@@ -69,7 +73,7 @@ def delta_f_normal(mu, sigma, a: float = DEFAULT_A, b: float = DEFAULT_B, m: flo
     # two ~1e14 terms for mu > b, s = 1e-6).
     below, above = mu < a, mu > b
     x_star = torch.where(below, torch.full_like(mu, a), torch.full_like(mu, b))
-    same_side = torch.where(below, mq < a, mq > b)
+    same_side = torch.where(below, a_mq > 0, b_mq < 0)
     u = x_star - mu
     v = x_star - m
     two_e_same = -(v * v) / s2
