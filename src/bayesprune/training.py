@@ -1,0 +1,502 @@
+"""BMRS training protocols with durable run directories (MATH.md section 4).
+
+* :func:`run_continuous`: prune after every epoch, once more at the end, fine-tune
+  ``finetune_epochs`` without pruning, report the test accuracy of the best-validation
+  checkpoint of the fine-tuning phase.
+* :func:`run_sweep`: post-training pruning; train without pruning decisions, then for each
+  criterion sweep the parameter compression from 0 to 100 % with a short fine-tune at each point;
+  BMRS criteria also report their stop point (where no ``dF >= 0`` is left).
+
+A run directory holds ``config.json`` (the resolved configuration), ``metrics.jsonl`` (one JSON
+line per epoch), ``checkpoint.pt`` (model, optimiser and RNG state after the last finished
+epoch) and, at the end, ``summary.json``.  Re-running the same command resumes from the
+checkpoint and ends with exactly the numbers of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import criteria as crit
+from .data import load_dataset, make_loader
+from .models import build_model
+from .noise import add_noise, kl, noise_layers
+from .removal import count_parameters
+
+__all__ = ["RunConfig", "PAPER_DEFAULTS", "run_continuous", "run_sweep", "TrainingDiverged", "resolve_config", "METHODS"]
+
+#: pruning methods of a continuous run: "none" trains the same noisy network without pruning
+METHODS = ("none", "bmrs_n", "bmrs_u", "snr", "etheta", "l2", "grad")
+
+#: (model, dataset) -> hyperparameters of the BMRS paper (MATH.md section 4); epochs 50 + 10
+PAPER_DEFAULTS: dict[tuple[str, str], dict] = {
+    ("mlp", "mnist"): dict(extra_layers=7, width=100, batch_size=128, lr=8.5e-4),
+    ("mlp", "fashion-mnist"): dict(extra_layers=1, width=150, batch_size=128, lr=1.5e-3),
+    ("mlp", "cifar10"): dict(extra_layers=5, width=150, batch_size=32, lr=6.8e-4),
+    ("lenet5", "mnist"): dict(batch_size=128, lr=1.4e-3),
+    ("lenet5", "fashion-mnist"): dict(batch_size=32, lr=1.4e-3),
+    ("lenet5", "cifar10"): dict(batch_size=64, lr=1.0e-3),
+}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class RunConfig:
+    dataset: str = "digits"
+    model: str = "lenet5"
+    method: str = "bmrs_n"
+    data_dir: str | None = None
+    out_dir: str = "runs/default"
+    epochs: int = 50
+    finetune_epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    noise_lr: float | None = None  # learning rate of mu/log_sigma; None: the same as lr (the paper)
+    seed: int = 0
+    width: int | None = None
+    extra_layers: int | None = None
+    kl_weighting: str = "mean"
+    sharing: str = "channel"
+    precision: float = 8.0
+    threshold: float | None = None
+    compression: float | None = None
+    monotone: bool = True
+    shrink: bool = False
+    device: str = "auto"
+    val_fraction: float = 0.2
+    # sweep only
+    sweep_criteria: list = field(default_factory=lambda: ["l2", "snr", "etheta", "bmrs_n", "bmrs_u"])
+    sweep_points: list = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99])
+    sweep_finetune_epochs: int = 1
+
+    def validate(self) -> None:
+        from .data import DATASETS
+        from .models import MODELS, TORCHVISION_PREFIX
+
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}")
+        if self.model not in MODELS and not self.model.startswith(TORCHVISION_PREFIX):
+            raise ValueError(f"unknown model {self.model!r}; valid: {', '.join(MODELS)} or tv:<torchvision name>")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.finetune_epochs < 0:
+            raise ValueError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
+        for name in ("lr", "noise_lr"):
+            v = getattr(self, name)
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be a positive number, got {v}")
+        if self.method in ("l2", "grad") and self.compression is None and self.threshold is None:
+            raise ValueError(f"method {self.method!r} needs --compression (the paper uses BMRS_N's) or --threshold")
+        if self.compression is not None and not 0 <= self.compression <= 1:
+            raise ValueError(f"compression must be in [0, 1], got {self.compression}")
+        if self.method == "bmrs_u" and not self.precision > 0:
+            raise ValueError(f"precision must be > 0, got {self.precision}")
+
+
+def resolve_config(**overrides) -> RunConfig:
+    """A RunConfig with the paper's defaults for (model, dataset), then ``overrides`` (not None)."""
+    model = overrides.get("model") or RunConfig.model
+    dataset = overrides.get("dataset") or RunConfig.dataset
+    base = dict(PAPER_DEFAULTS.get((model, dataset), {}))
+    if dataset == "digits":
+        base.update(epochs=15, finetune_epochs=3, batch_size=64, lr=3e-3)
+    known = {f.name for f in fields(RunConfig)}
+    for k, v in overrides.items():
+        if k not in known:
+            raise ValueError(f"unknown option {k!r}")
+        if v is not None:
+            base[k] = v
+    cfg = RunConfig(**base)
+    cfg.validate()
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"unknown device {name!r}; valid: auto, cpu, cuda")
+    return torch.device(name)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _build(cfg: RunConfig, splits, device):
+    kwargs = {}
+    if cfg.model == "mlp":
+        if cfg.width is not None:
+            kwargs["width"] = cfg.width
+        if cfg.extra_layers is not None:
+            kwargs["extra_layers"] = cfg.extra_layers
+    model = build_model(cfg.model, splits.in_channels, splits.image_size, splits.num_classes, **kwargs).to(device)
+    example = splits.example_inputs(2).to(device)
+    add_noise(model, example, sharing=cfg.sharing)
+    return model, example
+
+
+def evaluate(model: nn.Module, dataset, device, batch_size: int = 1000) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) in eval mode."""
+    was = model.training
+    model.eval()
+    loss, correct, n = 0.0, 0, 0
+    with torch.no_grad():
+        for x, y in make_loader(dataset, batch_size, shuffle=False, seed=0):
+            x, y = x.to(device), y.to(device)
+            out = model(x)
+            loss += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+            n += len(y)
+    model.train(was)
+    return loss / max(n, 1), correct / max(n, 1)
+
+
+def _optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
+    """Adam without weight decay; noise parameters optionally get their own learning rate."""
+    noise_params = [p for n, p in model.named_parameters() if "bayes_noise" in n]
+    ids = {id(p) for p in noise_params}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return torch.optim.Adam(
+        [{"params": rest}, {"params": noise_params, "lr": cfg.noise_lr or cfg.lr}], lr=cfg.lr
+    )
+
+
+def _train_epoch(model, opt, loader, cfg: RunConfig, num_train: int, device, desc: str):
+    model.train()
+    tot = ce_sum = kl_sum = 0.0
+    steps = 0
+    bar = tqdm(loader, desc=desc, leave=False, disable=None)
+    for x, y in bar:
+        x, y = x.to(device), y.to(device)
+        ce = F.cross_entropy(model(x), y)
+        k = kl(model, cfg.kl_weighting, num_train)
+        loss = ce + k
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {float(loss)} (cross-entropy {float(ce)}, KL {float(k)}) in {desc}; "
+                "the run stopped and its last good checkpoint is kept (lower --lr and re-run)"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        tot += float(loss.detach())
+        ce_sum += float(ce)
+        kl_sum += float(k)
+        steps += 1
+    return tot / steps, ce_sum / steps, kl_sum / steps
+
+
+def _prune(model, cfg: RunConfig, example):
+    method = cfg.method
+    if method == "none":
+        return crit.report(model, "none", example)
+    return crit.prune(
+        model,
+        method,
+        threshold=cfg.threshold,
+        compression=cfg.compression,
+        precision=cfg.precision,
+        monotone=cfg.monotone,
+        example_inputs=example,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+class RunDir:
+    """config.json, metrics.jsonl, checkpoint.pt, summary.json of one run."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint.pt"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    def write_config(self, cfg: RunConfig) -> None:
+        cfg_path = self.path / "config.json"
+        new = asdict(cfg)
+        if cfg_path.exists():
+            old = json.loads(cfg_path.read_text())
+            diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v and k != "out_dir"}
+            if diff:
+                raise ValueError(
+                    f"{cfg_path} holds a run with another configuration ({diff}); "
+                    "use another --out-dir or delete the directory"
+                )
+        cfg_path.write_text(json.dumps(new, indent=2))
+
+    def append_metrics(self, row: dict) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def truncate_metrics(self, n_rows: int) -> None:
+        """Drop metric lines written after the checkpoint (an interrupted epoch)."""
+        p = self.path / "metrics.jsonl"
+        if not p.exists():
+            return
+        lines = p.read_text().splitlines()[:n_rows]
+        p.write_text("".join(line + "\n" for line in lines))
+
+    def save(self, state: dict) -> None:
+        tmp = self.checkpoint.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint)
+
+    def load(self) -> dict | None:
+        if not self.checkpoint.exists():
+            return None
+        try:
+            return torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"checkpoint {self.checkpoint} cannot be read ({e}); delete it to start over") from e
+
+
+def _rng_state() -> dict:
+    """Only torch's generators draw during training (noise, shuffling uses seeded loaders)."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _shrink_for_training(model, example):
+    from .removal import shrink_for_training
+
+    return shrink_for_training(model, example)
+
+
+def _structure_state(model) -> dict:
+    return {n.layer_name: n.num_structures for n in noise_layers(model)}
+
+
+def run_continuous(cfg: RunConfig, progress: bool = True) -> dict:
+    """Continuous pruning (the BMRS paper's Table 1 protocol).  Returns the summary dict."""
+    cfg.validate()
+    rd = RunDir(cfg.out_dir)
+    if rd.summary.exists():
+        return json.loads(rd.summary.read_text())
+    rd.write_config(cfg)
+    device = _device(cfg.device)
+    t_start = time.time()
+    splits = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    _seed_all(cfg.seed)
+    model, example = _build(cfg, splits, device)
+    params_dense = count_parameters(model)
+    opt = _optimizer(model, cfg)
+    total_epochs = cfg.epochs + cfg.finetune_epochs
+    start_epoch, best, rows, kept_index = 0, None, 0, None
+    state = rd.load()
+    if state is not None:
+        if state.get("kept_index") is not None:
+            model = _rebuild_shrunk(model, example, state["kept_index"])
+            opt = _optimizer(model, cfg)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        start_epoch, rows = int(state["epoch"]), int(state["metric_rows"])
+        best = state.get("best")
+        kept_index = state.get("kept_index")
+        t_start -= float(state.get("elapsed", 0.0))
+        rd.truncate_metrics(rows)
+    else:
+        rd.truncate_metrics(0)
+        kept_index = {n.layer_name: list(range(n.num_structures)) for n in noise_layers(model)} if cfg.shrink else None
+    epochs_bar = tqdm(range(start_epoch, total_epochs), desc=f"{cfg.method} {cfg.model}/{cfg.dataset} seed {cfg.seed}", disable=not progress, initial=start_epoch, total=total_epochs)
+    rep = None
+    for epoch in epochs_bar:
+        phase = "prune" if epoch < cfg.epochs else "finetune"
+        loader = make_loader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed * 100003 + epoch)
+        t0 = time.perf_counter()
+        loss, ce, k = _train_epoch(model, opt, loader, cfg, splits.num_train, device, f"epoch {epoch + 1}")
+        train_time = time.perf_counter() - t0
+        if phase == "prune" or epoch == cfg.epochs - 1:
+            rep = _prune(model, cfg, example)
+        else:
+            rep = crit.report(model, cfg.method, example)
+        if cfg.shrink and phase == "prune" and rep.structures_kept < sum(n.num_structures for n in noise_layers(model)):
+            model, opt, kept_index = _shrink_step(model, opt, example, cfg, kept_index)
+        val_loss, val_acc = evaluate(model, splits.val, device)
+        row = dict(
+            epoch=epoch + 1,
+            phase=phase,
+            train_loss=loss,
+            train_ce=ce,
+            kl=k,
+            val_loss=val_loss,
+            val_acc=val_acc,
+            structure_compression=rep.structure_compression,
+            param_compression=1 - rep.params_kept / params_dense,
+            params=count_parameters(model),
+            epoch_time=train_time,
+            kept={r.layer: r.kept for r in rep.layers},
+        )
+        rd.append_metrics(row)
+        rows += 1
+        # best-validation checkpoint of the fine-tuning phase (after the final pruning)
+        if phase == "finetune" or (cfg.finetune_epochs == 0 and epoch == total_epochs - 1):
+            if best is None or val_acc > best["val_acc"]:
+                best = {"val_acc": val_acc, "epoch": epoch + 1, "model": copy.deepcopy(model.state_dict())}
+        epochs_bar.set_postfix(val_acc=f"{val_acc:.4f}", comp=f"{100 * row['param_compression']:.1f}%")
+        rd.save(
+            dict(
+                model=model.state_dict(),
+                optimizer=opt.state_dict(),
+                rng=_rng_state(),
+                epoch=epoch + 1,
+                metric_rows=rows,
+                best=best,
+                kept_index=kept_index,
+                elapsed=time.time() - t_start,
+            )
+        )
+    if best is not None:
+        model.load_state_dict(best["model"])
+    test_loss, test_acc = evaluate(model, splits.test, device)
+    rep = crit.report(model, cfg.method, example)
+    summary = dict(
+        config=asdict(cfg),
+        test_acc=test_acc,
+        test_loss=test_loss,
+        best_epoch=best["epoch"] if best else total_epochs,
+        best_val_acc=best["val_acc"] if best else None,
+        param_compression=1 - rep.params_kept / params_dense,
+        structure_compression=rep.structure_compression,
+        params_dense=params_dense,
+        params_kept=rep.params_kept,
+        layers=[asdict(r) for r in rep.layers],
+        wall_time_s=time.time() - t_start,
+        machine=f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}, device {device}",
+    )
+    summary["size_speed"] = _size_speed(model, example, splits)
+    rd.summary.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _size_speed(model, example, splits) -> dict | None:
+    try:
+        from .benchmarking import size_speed_report
+        from .removal import shrink
+    except ImportError:
+        return None
+    model_cpu = copy.deepcopy(model).cpu().eval()
+    small = shrink(model_cpu, example.cpu())
+    dense = copy.deepcopy(model_cpu)
+    from .noise import remove_noise
+
+    remove_noise(dense)
+    return size_speed_report(dense, small, tuple(splits.input_shape))
+
+
+def _shrink_step(model, opt, example, cfg, kept_index):
+    """Physically remove masked structures during training; the optimiser is rebuilt."""
+    before = {n.layer_name: (n.mask.detach().cpu() != 0) for n in noise_layers(model)}
+    model = _shrink_for_training(model, example)
+    after = {n.layer_name: n.num_structures for n in noise_layers(model)}
+    if kept_index is not None:
+        new = {}
+        for name, keep in before.items():
+            idx = kept_index[name]
+            if after[name] == int(keep.sum()):
+                new[name] = [i for i, k in zip(idx, keep.tolist()) if k]
+            elif after[name] == len(idx):
+                new[name] = idx
+            else:  # coupled structures were kept: which ones is not recorded
+                new = None
+                break
+        kept_index = new
+    opt = _optimizer(model, cfg)
+    return model, opt, kept_index
+
+
+def _rebuild_shrunk(model, example, kept_index):
+    for n in noise_layers(model):
+        mask = torch.zeros_like(n.mask)
+        mask[kept_index[n.layer_name]] = 1
+        n.mask.copy_(mask)
+    return _shrink_for_training(model, example)
+
+
+# ---------------------------------------------------------------------------------------------
+def run_sweep(cfg: RunConfig, progress: bool = True) -> dict:
+    """Post-training pruning: train (method "none"), then sweep compression per criterion."""
+    base_cfg = copy.deepcopy(cfg)
+    base_cfg.method = "none"
+    base_cfg.finetune_epochs = 0
+    base_cfg.out_dir = str(Path(cfg.out_dir) / "train")
+    run_continuous(base_cfg, progress=progress)
+    rd = RunDir(cfg.out_dir)
+    out_path = rd.path / "sweep.json"
+    if out_path.exists():
+        return json.loads(out_path.read_text())
+    device = _device(cfg.device)
+    splits = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    _seed_all(cfg.seed)
+    model, example = _build(base_cfg, splits, device)
+    state = RunDir(base_cfg.out_dir).load()
+    model.load_state_dict(state["model"])
+    params_dense = count_parameters(model)
+    results: list[dict] = []
+    stops: dict[str, dict] = {}
+    bar = tqdm(total=len(cfg.sweep_criteria) * len(cfg.sweep_points), desc="sweep", disable=not progress)
+    for criterion in cfg.sweep_criteria:
+        for point in cfg.sweep_points:
+            m = copy.deepcopy(model)
+            rep = crit.prune(m, criterion, compression=point, precision=cfg.precision, example_inputs=example)
+            acc = _finetune_and_test(m, cfg, splits, device)
+            results.append(dict(criterion=criterion, target=point, param_compression=1 - rep.params_kept / params_dense, structure_compression=rep.structure_compression, test_acc=acc))
+            bar.update(1)
+        if criterion in ("bmrs_n", "bmrs_u"):
+            m = copy.deepcopy(model)
+            rep = crit.prune(m, criterion, precision=cfg.precision, example_inputs=example)
+            acc = _finetune_and_test(m, cfg, splits, device)
+            stops[criterion] = dict(param_compression=1 - rep.params_kept / params_dense, structure_compression=rep.structure_compression, test_acc=acc)
+    bar.close()
+    summary = dict(config=asdict(cfg), points=results, stops=stops)
+    out_path.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _finetune_and_test(model, cfg, splits, device) -> float:
+    if cfg.sweep_finetune_epochs > 0:
+        opt = _optimizer(model, cfg)
+        for e in range(cfg.sweep_finetune_epochs):
+            loader = make_loader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed * 7919 + e)
+            _train_epoch(model, opt, loader, cfg, splits.num_train, device, f"fine-tune {e + 1}")
+    return evaluate(model, splits.test, device)[1]
