@@ -1,0 +1,531 @@
+"""Command line: ``bayesprune run | sweep | table | plot | bf-run`` (see ``docs/cli.md``).
+
+Errors the user can fix (unknown names, bad values, missing or corrupt data files, a run
+directory holding another configuration) are printed as ``error: ...`` with exit code 2; a
+diverged training run exits with 1 (its last good checkpoint is kept); Ctrl-C exits with 130
+and the same command resumes the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main", "build_parser", "run_dir_name"]
+
+EXIT_USAGE = 2
+EXIT_DIVERGED = 1
+EXIT_INTERRUPTED = 130
+
+
+class CLIError(Exception):
+    """An error printed as ``error: <message>`` with exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+def _safe(name: str) -> str:
+    return name.replace(":", "_").replace("/", "_")
+
+
+def run_dir_name(model: str, dataset: str, method: str, precision: float | None = None) -> str:
+    """``<model>-<dataset>-<method>[-p<precision> for bmrs_u]`` (":" of ``tv:`` names -> "_")."""
+    name = f"{_safe(model)}-{dataset}-{method}"
+    if method == "bmrs_u":
+        name += f"-p{float(precision if precision is not None else 8.0):g}"
+    return name
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
+    print("  ".join(str(h).rjust(w) for h, w in zip(header, widths)))
+    for r in rows:
+        print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.2f}"
+
+
+def _config_overrides(args: argparse.Namespace) -> dict:
+    """RunConfig fields given on the command line (None = take resolve_config's default)."""
+    return dict(
+        dataset=args.dataset,
+        model=args.model,
+        method=getattr(args, "method", None),
+        data_dir=args.data_dir,
+        epochs=args.epochs,
+        finetune_epochs=getattr(args, "finetune_epochs", None),
+        batch_size=args.batch_size,
+        lr=args.lr,
+        width=args.width,
+        extra_layers=args.extra_layers,
+        kl_weighting=args.kl_weighting,
+        sharing=args.sharing,
+        precision=args.precision,
+        threshold=getattr(args, "threshold", None),
+        compression=getattr(args, "compression", None),
+        monotone=False if getattr(args, "no_monotone", False) else None,
+        shrink=True if getattr(args, "shrink", False) else None,
+        device=args.device,
+        val_fraction=args.val_fraction,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+def _add_common(p: argparse.ArgumentParser, methods: bool = True) -> None:
+    from .data import DATASETS
+    from .training import METHODS
+
+    g = p.add_argument_group("data and model")
+    g.add_argument("--dataset", choices=DATASETS, default=None, help="data set (default: digits, offline)")
+    g.add_argument("--model", default=None, help="mlp, lenet5, resnet18-cifar, fcn, cnn or tv:<torchvision name> (default: lenet5)")
+    g.add_argument("--data-dir", default=None, help="folder holding the data files (default: $BAYESPRUNE_DATA_DIR or ~/.cache/bayesprune/data)")
+    g.add_argument("--download", action="store_true", help="download the data set first if its files are missing")
+    g.add_argument("--out-dir", default="runs", help="root of the run directories (default: runs)")
+    g.add_argument("--width", type=int, default=None, help="MLP hidden width")
+    g.add_argument("--extra-layers", type=int, default=None, help="MLP extra hidden layers")
+    g = p.add_argument_group("training (defaults: the paper's table for model/data set)")
+    if methods:
+        g.add_argument("--method", choices=METHODS, default=None, help="pruning method (default: bmrs_n)")
+    g.add_argument("--epochs", type=int, default=None)
+    if methods:
+        g.add_argument("--finetune-epochs", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
+    g.add_argument("--kl-weighting", choices=("mean", "elbo", "sum"), default=None)
+    g.add_argument("--sharing", choices=("channel", "element"), default=None)
+    g.add_argument("--precision", type=float, default=None, help="BMRS_U precision p (default 8)")
+    g.add_argument("--val-fraction", type=float, default=None, help="validation share of the training set (default 0.2)")
+    if methods:
+        g.add_argument("--threshold", type=float, default=None, help="prune threshold of the criterion")
+        g.add_argument("--compression", type=float, default=None, help="target parameter compression in [0, 1] (l2, grad)")
+        g.add_argument("--no-monotone", action="store_true", help="allow pruned structures to come back")
+        g.add_argument("--shrink", action="store_true", help="physically remove pruned structures during training")
+    g.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .bayes_factor import SKIP_POLICIES
+    from .data import DATASETS
+
+    p = argparse.ArgumentParser(prog="bayesprune", description="Bayesian structured pruning (BMRS) and Bayes-factor pruning.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="continuous pruning runs (one per seed), the BMRS paper's Table 1 protocol",
+                       description="Continuous pruning, one run directory per seed: "
+                       "<out-dir>/<model>-<dataset>-<method>[-p<precision>]/seed<k>. Re-running resumes.")
+    _add_common(r)
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("sweep", help="post-training pruning curves per criterion (one per seed) and a plot",
+                       description="Train without pruning, then sweep the compression for each criterion; "
+                       "writes <out-dir>/<model>-<dataset>-sweep/seed<k>/sweep.json and accuracy_vs_compression.png.")
+    _add_common(s, methods=False)
+    s.add_argument("--criteria", nargs="+", default=None, help="criteria (default: l2 snr etheta bmrs_n bmrs_u)")
+    s.add_argument("--points", type=float, nargs="+", default=None, help="target compressions in [0, 1]")
+    s.add_argument("--sweep-finetune-epochs", type=int, default=None, help="fine-tune epochs at each point (default 1)")
+    s.set_defaults(func=cmd_sweep)
+
+    t = sub.add_parser("table", help="aggregate run directories into the papers' Table 1 (Markdown + CSV)")
+    t.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="directories searched recursively for summary.json")
+    t.add_argument("--out", default=None, metavar="PREFIX", help="write PREFIX.md, PREFIX.csv (and PREFIX-bf.md/.csv for bf-run results)")
+    t.set_defaults(func=cmd_table)
+
+    pl = sub.add_parser("plot", help="E[θ]/dF histograms and Spearman correlations of criteria for a trained run")
+    pl.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (config.json + checkpoint.pt), or a sweep seed directory")
+    pl.add_argument("--out", default=None, help="output folder (default: RUN_DIR)")
+    pl.add_argument("--data-dir", default=None, help="override the data folder recorded in the run's config")
+    pl.set_defaults(func=cmd_plot)
+
+    b = sub.add_parser("bf-run", help="Bayes-factor pruning runs (random/magnitude, Bayes-gated or plain)",
+                       description="One run directory per (mode, gating, sparsity, seed) under "
+                       "<out-dir>/bf-<model>-<dataset>/; runs whose summary.json exists are skipped.")
+    b.add_argument("--dataset", choices=DATASETS, default="digits")
+    b.add_argument("--model", choices=("fcn", "cnn"), default="fcn")
+    b.add_argument("--data-dir", default=None)
+    b.add_argument("--download", action="store_true", help="download the data set first if its files are missing")
+    b.add_argument("--out-dir", default="runs")
+    b.add_argument("--mode", nargs="+", choices=("none", "random", "magnitude"), default=["random"],
+                   help="pruning modes; 'none' is the unpruned baseline (default: random)")
+    b.add_argument("--sparsity", type=float, nargs="+", default=[0.5], help="target sparsities r in [0, 1)")
+    b.add_argument("--gated", action=argparse.BooleanOptionalAction, default=True,
+                   help="Bayes-factor gate (--gated, default) or the plain baseline pruning every epoch (--no-gated)")
+    b.add_argument("--beta", type=float, default=1.0, help="Bayes-factor threshold (default 1)")
+    b.add_argument("--prior-std", type=float, default=1.0)
+    b.add_argument("--prior-mean", type=float, default=0.0)
+    b.add_argument("--first-log-bf", type=float, default=math.inf, help="log BF before any pruning (default inf: prune first)")
+    b.add_argument("--likelihood-batches", type=int, default=None, help="use a fixed subset of k batches for log p(D|w) (default: whole training set)")
+    b.add_argument("--steps", type=int, default=1, help="pruning events to ramp up to r (default 1)")
+    b.add_argument("--on-skip", choices=SKIP_POLICIES, default="unit")
+    b.add_argument("--epochs", type=int, default=25)
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--lr", type=float, default=1e-3)
+    b.add_argument("--seeds", type=int, nargs="+", default=[0])
+    b.add_argument("--device", default="auto")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=cmd_bf_run)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+def _maybe_download(args, dataset: str) -> None:
+    if getattr(args, "download", False) and dataset != "digits":
+        from .data import download
+
+        print(f"checking/downloading {dataset} into {args.data_dir or 'the default data folder'}", flush=True)
+        download(dataset, args.data_dir)
+
+
+def _resolved(args, **extra):
+    from .training import resolve_config
+
+    over = _config_overrides(args)
+    over.update(extra)
+    return resolve_config(**over)
+
+
+def cmd_run(args) -> int:
+    from .training import run_continuous
+
+    base = _resolved(args, seed=args.seeds[0])
+    group = Path(args.out_dir) / run_dir_name(base.model, base.dataset, base.method, base.precision)
+    print(f"{base.method} on {base.model}/{base.dataset}: epochs {base.epochs} + fine-tune {base.finetune_epochs}, "
+          f"batch {base.batch_size}, lr {base.lr:g}, seeds {' '.join(map(str, args.seeds))} -> {group}", flush=True)
+    _maybe_download(args, base.dataset)
+    rows = []
+    for seed in args.seeds:
+        cfg = _resolved(args, seed=seed, out_dir=str(group / f"seed{seed}"))
+        _current["run_dir"] = cfg.out_dir
+        s = run_continuous(cfg, progress=not args.quiet)
+        rows.append((str(seed), _pct(s["test_acc"]), _pct(s["param_compression"]), _pct(s["structure_compression"]),
+                     f"{s['wall_time_s']:.1f}", cfg.out_dir))
+    print()
+    _print_table(("seed", "test acc %", "param compression %", "structure compression %", "wall s", "run dir"), rows)
+    if len(rows) > 1:
+        from .results import mean_std
+
+        acc = mean_std(float(r[1]) for r in rows)
+        comp = mean_std(float(r[2]) for r in rows)
+        print(f"mean ± std over {acc[2]} seeds: test acc {acc[0]:.2f} ± {acc[1]:.2f} %, "
+              f"param compression {comp[0]:.2f} ± {comp[1]:.2f} %")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep
+def cmd_sweep(args) -> int:
+    from .results import plot_sweep
+    from .training import run_sweep
+
+    extra = {}
+    if args.criteria is not None:
+        from .criteria import CRITERIA
+
+        bad = [c for c in args.criteria if c not in CRITERIA or c == "grad"]
+        if bad:
+            raise CLIError(f"unknown sweep criterion {', '.join(bad)}; valid: {', '.join(c for c in CRITERIA if c != 'grad')}")
+        extra["sweep_criteria"] = list(args.criteria)
+    if args.points is not None:
+        bad = [x for x in args.points if not 0 <= x <= 1]
+        if bad:
+            raise CLIError(f"--points must lie in [0, 1], got {bad}")
+        extra["sweep_points"] = sorted(args.points)
+    if args.sweep_finetune_epochs is not None:
+        extra["sweep_finetune_epochs"] = args.sweep_finetune_epochs
+    base = _resolved(args, seed=args.seeds[0], **extra)
+    group = Path(args.out_dir) / f"{_safe(base.model)}-{base.dataset}-sweep"
+    print(f"sweep on {base.model}/{base.dataset}: train {base.epochs} epochs, criteria {' '.join(base.sweep_criteria)}, "
+          f"{len(base.sweep_points)} points, seeds {' '.join(map(str, args.seeds))} -> {group}", flush=True)
+    _maybe_download(args, base.dataset)
+    sweeps = []
+    for seed in args.seeds:
+        cfg = _resolved(args, seed=seed, out_dir=str(group / f"seed{seed}"), **extra)
+        _current["run_dir"] = cfg.out_dir
+        sweeps.append(run_sweep(cfg, progress=not args.quiet))
+    rows = []
+    from .results import aggregate_sweeps
+
+    agg = aggregate_sweeps(sweeps)
+    for c, pts in agg["curves"].items():
+        for t, comp, acc, sd, n in pts:
+            rows.append((c, f"{100 * t:g}", f"{comp:.2f}", f"{acc:.2f} ± {sd:.2f}", str(n)))
+    for c, (comp, acc, n) in agg["stops"].items():
+        rows.append((f"{c} stop", "-", f"{comp:.2f}", f"{acc:.2f}", str(n)))
+    print()
+    _print_table(("criterion", "target %", "param compression %", "test acc %", "n"), rows)
+    png = plot_sweep(sweeps, group / "accuracy_vs_compression.png", title=f"{base.model} / {base.dataset}")
+    print(f"plot: {png}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# table
+def cmd_table(args) -> int:
+    from .results import bf_table, find_summaries, table1, table_csv, table_markdown
+
+    try:
+        found = find_summaries(args.run_dirs)
+    except FileNotFoundError as e:
+        raise CLIError(str(e)) from e
+    if not found:
+        raise CLIError(f"no summary.json found under {', '.join(args.run_dirs)}")
+    summaries = [s for _, s in found]
+    t1, tb = table1(summaries), bf_table(summaries)
+    outputs = []
+    if t1.rows:
+        md, csv_text = table_markdown(t1, "method"), table_csv(t1, "method")
+        print(md)
+        if args.out:
+            outputs += _write_pair(args.out, md, csv_text)
+    if tb.rows:
+        md, csv_text = table_markdown(tb, "sparsity r"), table_csv(tb, "sparsity")
+        print(md)
+        if args.out:
+            outputs += _write_pair(args.out + ("-bf" if t1.rows else ""), md, csv_text)
+    if not t1.rows and not tb.rows:
+        raise CLIError("the summaries found are neither continuous runs nor bf-run runs")
+    for o in outputs:
+        print(f"wrote {o}")
+    return 0
+
+
+def _write_pair(prefix: str, md: str, csv_text: str) -> list[Path]:
+    p = Path(prefix)
+    if p.parent != Path(""):
+        p.parent.mkdir(parents=True, exist_ok=True)
+    md_path, csv_path = Path(f"{prefix}.md"), Path(f"{prefix}.csv")
+    md_path.write_text(md)
+    csv_path.write_text(csv_text)
+    return [md_path, csv_path]
+
+
+# ---------------------------------------------------------------------------------------------
+# plot
+def load_run_model(run_dir: str | Path, data_dir: str | None = None):
+    """(model, config, splits, example) of a run directory with its final checkpoint loaded."""
+    import dataclasses
+
+    import torch
+
+    from .data import load_dataset
+    from .training import RunConfig, RunDir, _build, _rebuild_shrunk
+
+    rd = Path(run_dir)
+    if not (rd / "checkpoint.pt").exists() and (rd / "train" / "checkpoint.pt").exists():
+        rd = rd / "train"  # a sweep directory: its trained network
+    cfg_path = rd / "config.json"
+    if not cfg_path.exists():
+        raise CLIError(f"{cfg_path} does not exist: not a run directory")
+    if not (rd / "checkpoint.pt").exists():
+        raise CLIError(f"{rd / 'checkpoint.pt'} does not exist: the run has not finished an epoch")
+    raw = json.loads(cfg_path.read_text())
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    cfg = RunConfig(**{k: v for k, v in raw.items() if k in known})
+    cfg.device = "cpu"
+    if data_dir is not None:
+        cfg.data_dir = data_dir
+    splits = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model, example = _build(cfg, splits, torch.device("cpu"))
+    state = RunDir(rd).load()
+    if state.get("kept_index") is not None:
+        model = _rebuild_shrunk(model, example, state["kept_index"])
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, cfg, rd
+
+
+def cmd_plot(args) -> int:
+    from .results import (
+        criterion_scores,
+        matrix_csv,
+        matrix_markdown,
+        plot_spearman,
+        plot_structure_histograms,
+        spearman_matrix,
+        structure_stats,
+    )
+
+    model, cfg, rd = load_run_model(args.run_dir, args.data_dir)
+    out = Path(args.out) if args.out else Path(args.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = structure_stats(model, precision=cfg.precision)
+    kept = stats["kept"].astype(bool)
+    title = f"{cfg.method} {cfg.model}/{cfg.dataset} seed {cfg.seed}"
+    h = plot_structure_histograms(stats, out / "structure_histograms.png", precision=cfg.precision, title=title)
+    print(f"{title}: {int(kept.sum())} of {kept.size} structures kept "
+          f"(dF_N >= 0: {int((stats['df_n'] >= 0).sum())}, dF_U-{cfg.precision:g} >= 0: {int((stats['df_u'] >= 0).sum())})")
+    labels, m = spearman_matrix(criterion_scores(model))
+    print(f"\nSpearman rank correlation of the keep scores over all {kept.size} structures:\n")
+    print(matrix_markdown(labels, m))
+    (out / "spearman.csv").write_text(matrix_csv(labels, m))
+    hm = plot_spearman(labels, m, out / "spearman.png", title=f"Spearman rank correlation, {title}")
+    print(f"wrote {h}\nwrote {out / 'spearman.csv'}\nwrote {hm}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bf-run
+def _bf_dir(root: Path, mode: str, gated: bool, sparsity: float | None, seed: int) -> Path:
+    if mode == "none":
+        return root / "none" / f"seed{seed}"
+    return root / f"{mode}-{'bayes' if gated else 'plain'}-r{sparsity:g}" / f"seed{seed}"
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "item") and callable(x.item):
+        return x.item()
+    return x
+
+
+def cmd_bf_run(args) -> int:
+    import torch
+
+    from .bayes_factor import BayesFactorPruner, count_dead_structures, train_bayes_factor
+    from .data import load_dataset
+    from .models import build_model
+    from .results import plot_bf_history
+    from .training import _device
+
+    for r in args.sparsity:
+        if not 0 <= r < 1:
+            raise CLIError(f"--sparsity must lie in [0, 1), got {r:g}")
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise CLIError(f"--lr must be a positive number, got {args.lr}")
+    device = _device(args.device)
+    root = Path(args.out_dir) / f"bf-{args.model}-{args.dataset}"
+    jobs = []
+    for mode in dict.fromkeys(args.mode):
+        for r in ([None] if mode == "none" else args.sparsity):
+            for seed in args.seeds:
+                jobs.append((mode, r, seed))
+    print(f"bf-run {args.model}/{args.dataset}: {len(jobs)} runs ({'Bayes-gated' if args.gated else 'plain'}), "
+          f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g} -> {root}", flush=True)
+    _maybe_download(args, args.dataset)
+    rows = []
+    splits_cache: dict[int, object] = {}
+    for mode, r, seed in jobs:
+        d = _bf_dir(root, mode, args.gated, r, seed)
+        summary_path = d / "summary.json"
+        if summary_path.exists():
+            s = json.loads(summary_path.read_text())
+            print(f"skip {d} (summary.json exists)")
+        else:
+            if seed not in splits_cache:
+                splits_cache[seed] = load_dataset(args.dataset, args.data_dir, seed=seed)
+            splits = splits_cache[seed]
+            d.mkdir(parents=True, exist_ok=True)
+            _current["run_dir"] = str(d)
+            torch.manual_seed(seed)
+            model = build_model(args.model, splits.in_channels, splits.image_size, splits.num_classes).to(device)
+            pruner = None
+            if mode != "none":
+                pruner = BayesFactorPruner(
+                    model, mode=mode, sparsity=r, beta=args.beta, gated=args.gated, prior_mean=args.prior_mean,
+                    prior_std=args.prior_std, likelihood_batches=args.likelihood_batches,
+                    first_log_bf=args.first_log_bf, steps=args.steps, on_skip=args.on_skip, seed=seed,
+                )
+            t0 = time.time()
+            hist = train_bayes_factor(model, splits, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                      pruner=pruner, device=device, progress=not args.quiet, seed=seed)
+            dead = count_dead_structures(model)
+            hist = _jsonable(hist)
+            (d / "history.json").write_text(json.dumps(hist, indent=1))
+            s = dict(
+                kind="bayes_factor",
+                model=args.model,
+                dataset=args.dataset,
+                mode=mode,
+                gated=bool(args.gated) if mode != "none" else False,
+                sparsity=r if r is not None else 0.0,
+                seed=seed,
+                test_acc=hist["test_acc"],
+                test_loss=hist["test_loss"],
+                final_sparsity=hist["sparsity"][-1] if hist["sparsity"] else 0.0,
+                prune_events=int(sum(bool(p) for p in hist["pruned"])),
+                final_log_bf=hist["log_bf"][-1] if hist["log_bf"] else math.nan,
+                dead_structures=dead["dead"],
+                structures=dead["total"],
+                dead_per_layer=dead["per_layer"],
+                wall_time_s=time.time() - t0,
+                config=dict(vars_for_json(args), mode=mode, sparsity=r, seed=seed),
+            )
+            title = f"{args.model}/{args.dataset} {mode}" + ("" if mode == "none" else f" {'Bayes' if args.gated else 'plain'} r={r:g}") + f" seed {seed}"
+            plot_bf_history(hist, d / "curves.png", title=title)
+            tmp = summary_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(s, indent=2))
+            tmp.replace(summary_path)
+        rows.append((s["mode"], "-" if s["mode"] == "none" else ("bayes" if s["gated"] else "plain"),
+                     "-" if s["mode"] == "none" else f"{s['sparsity']:g}", str(s["seed"]), _pct(s["test_acc"]),
+                     _pct(s["final_sparsity"]), str(s["prune_events"]), f"{s['dead_structures']}/{s['structures']}",
+                     f"{s['wall_time_s']:.1f}"))
+    print()
+    _print_table(("mode", "gate", "r", "seed", "test acc %", "sparsity %", "prune events", "dead structures", "wall s"), rows)
+    print(f"run directories (summary.json, history.json, curves.png) under {root}")
+    return 0
+
+
+def vars_for_json(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("func", "command", "mode", "sparsity", "seeds")}
+
+
+# ---------------------------------------------------------------------------------------------
+_current: dict[str, str | None] = {"run_dir": None}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bayesprune`` console script; returns the exit code."""
+    from .data import DataError, DataNotFoundError, DownloadError
+    from .training import TrainingDiverged
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["run", *argv]  # the offline default: digits + lenet5 + bmrs_n
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed usage + "error: ..." (code 2) or help (0)
+        return int(e.code or 0)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    _current["run_dir"] = None
+    try:
+        return int(args.func(args) or 0)
+    except TrainingDiverged as e:
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        if _current["run_dir"]:
+            print(f"the last good checkpoint is kept in {_current['run_dir']}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        where = f" (run directory {_current['run_dir']})" if _current["run_dir"] else ""
+        print(f"\ninterrupted{where}; run the same command again to resume from the last finished "
+              f"epoch{' (bf-run resumes at run granularity)' if args.command == 'bf-run' else ''}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except DownloadError as e:
+        print(f"error: download failed: {e}", file=sys.stderr)
+        return 1
+    except (CLIError, DataError, DataNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

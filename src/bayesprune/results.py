@@ -1,0 +1,512 @@
+"""Results: tables (Markdown/CSV), plots (PNG) and rank correlations between criteria.
+
+* :func:`find_summaries` walks run directories for ``summary.json``.
+* :func:`table1` / :func:`bf_table` aggregate them into the papers' Table 1 layouts
+  (mean ± sample standard deviation over seeds, and n), written by :func:`table_markdown` and
+  :func:`table_csv`.
+* :func:`plot_sweep` (accuracy vs compression), :func:`structure_stats` +
+  :func:`plot_structure_histograms` (E[theta] before/after pruning, dF_N, dF_U),
+  :func:`plot_bf_history` (learning curves of a Bayes-factor run).
+* :func:`spearman_matrix`, :func:`plot_spearman` and :func:`matrix_csv`: Spearman rank
+  correlations between pruning criteria over all structures of a model.
+
+matplotlib is used with the non-interactive Agg backend; every plot is a PNG file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "METHOD_ROWS",
+    "BF_COLUMNS",
+    "method_label",
+    "mean_std",
+    "find_summaries",
+    "Table",
+    "table1",
+    "bf_table",
+    "table_markdown",
+    "table_csv",
+    "plot_sweep",
+    "aggregate_sweeps",
+    "structure_stats",
+    "plot_structure_histograms",
+    "SPEARMAN_CRITERIA",
+    "criterion_scores",
+    "spearman_matrix",
+    "matrix_markdown",
+    "matrix_csv",
+    "plot_spearman",
+    "plot_bf_history",
+]
+
+#: Row order of the BMRS paper's Table 1 (other methods, e.g. Grad or other precisions, follow).
+METHOD_ROWS: tuple[str, ...] = ("None", "L2", "E[θ]", "SNR", "BMRS_N", "BMRS_U-8", "BMRS_U-4")
+#: Column order of the Bayes-factor paper's Table 1 (per model and data set).
+BF_COLUMNS: tuple[str, ...] = ("unpruned", "random", "Bayes random", "magnitude", "Bayes magnitude")
+
+_LABELS = {"none": "None", "l2": "L2", "etheta": "E[θ]", "snr": "SNR", "bmrs_n": "BMRS_N", "grad": "Grad"}
+
+
+def method_label(config: dict) -> str:
+    """Row label of a continuous run's config: ``bmrs_u`` becomes ``BMRS_U-<precision>``."""
+    method = config.get("method", "?")
+    if method == "bmrs_u":
+        return f"BMRS_U-{float(config.get('precision', 8)):g}"
+    return _LABELS.get(method, method)
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
+    """(mean, sample standard deviation (ddof=1; 0 for one value), n) of the finite values."""
+    v = np.asarray([float(x) for x in values if x is not None and math.isfinite(float(x))], dtype=np.float64)
+    n = int(v.size)
+    if n == 0:
+        return math.nan, math.nan, 0
+    return float(v.mean()), float(v.std(ddof=1)) if n > 1 else 0.0, n
+
+
+def find_summaries(paths: Sequence[str | Path]) -> list[tuple[Path, dict]]:
+    """Every ``summary.json`` under ``paths`` (files or directories, searched recursively).
+
+    Summaries of the training phase of a sweep (``<sweep>/train/summary.json``) are skipped: they
+    are intermediate results, not rows of a table.  Raises ``FileNotFoundError`` for a path that
+    does not exist and ``ValueError`` for an unreadable summary (naming the file).
+    """
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist")
+        if p.is_file():
+            found.append(p)
+        else:
+            found.extend(sorted(p.rglob("summary.json")))
+    out: list[tuple[Path, dict]] = []
+    seen: set[Path] = set()
+    for f in found:
+        f = f.resolve()
+        if f in seen:
+            continue
+        seen.add(f)
+        if f.parent.name == "train" and (f.parent.parent / "sweep.json").exists():
+            continue
+        try:
+            out.append((f, json.loads(f.read_text())))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read {f}: {e}") from e
+    return out
+
+
+def _is_bf(summary: dict) -> bool:
+    return summary.get("kind") == "bayes_factor"
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+@dataclass
+class Cell:
+    """Aggregated numbers of one table cell (values in %)."""
+
+    values: dict[str, tuple[float, float, int]] = field(default_factory=dict)  # name -> (mean, std, n)
+    text: str = ""
+
+
+@dataclass
+class Table:
+    title: str
+    rows: list[str]
+    columns: list[tuple[str, ...]]  # column keys, e.g. (model, dataset)
+    column_names: list[str]
+    cells: dict[tuple[str, tuple[str, ...]], Cell]
+    csv_fields: list[str]
+
+
+def _fmt(m: float, s: float, digits: int = 2) -> str:
+    if not math.isfinite(m):
+        return "n/a"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def table1(summaries: Sequence[dict]) -> Table:
+    """The BMRS paper's Table 1 from continuous-run summaries.
+
+    Rows: methods (:data:`METHOD_ROWS` first), columns: (model, dataset) pairs, cells:
+    ``compression % / accuracy %`` as mean ± std over seeds, and n.  Compression is the
+    parameter compression ``1 - params_kept / params_dense``; accuracy is the test accuracy.
+    """
+    groups: dict[tuple[str, tuple[str, str]], list[dict]] = {}
+    for s in summaries:
+        if _is_bf(s) or "config" not in s:
+            continue
+        cfg = s["config"]
+        key = (method_label(cfg), (cfg.get("model", "?"), cfg.get("dataset", "?")))
+        groups.setdefault(key, []).append(s)
+    rows_present = {k[0] for k in groups}
+    rows = [r for r in METHOD_ROWS if r in rows_present] + sorted(rows_present - set(METHOD_ROWS))
+    columns = sorted({k[1] for k in groups})
+    cells: dict = {}
+    for key, runs in groups.items():
+        comp = mean_std(100 * r["param_compression"] for r in runs)
+        acc = mean_std(100 * r["test_acc"] for r in runs)
+        sc = mean_std(100 * r.get("structure_compression", math.nan) for r in runs)
+        cells[key] = Cell(
+            values={"compression": comp, "accuracy": acc, "structure_compression": sc},
+            text=f"{_fmt(*comp[:2])} / {_fmt(*acc[:2])} (n={acc[2]})",
+        )
+    return Table(
+        title="Parameter compression % / test accuracy % (mean ± std over seeds)",
+        rows=rows,
+        columns=columns,
+        column_names=[f"{m} / {d}" for m, d in columns],
+        cells=cells,
+        csv_fields=["compression", "accuracy", "structure_compression"],
+    )
+
+
+def bf_column(summary: dict) -> str:
+    """Column of a Bayes-factor run: unpruned, random, Bayes random, magnitude, Bayes magnitude."""
+    mode = summary.get("mode", "none")
+    if mode == "none":
+        return "unpruned"
+    return f"Bayes {mode}" if summary.get("gated") else mode
+
+
+def bf_table(summaries: Sequence[dict]) -> Table:
+    """The Bayes-factor paper's Table 1 from ``bf-run`` summaries.
+
+    Rows: sparsity r; columns: (model, dataset, variant) with the variants of :data:`BF_COLUMNS`;
+    cells: test accuracy % as mean ± std over seeds (and n).  The unpruned baseline has no
+    sparsity; its value is repeated in every row.
+    """
+    groups: dict[tuple[str, tuple[str, ...]], list[dict]] = {}
+    unpruned: dict[tuple[str, str], list[dict]] = {}
+    for s in summaries:
+        if not _is_bf(s):
+            continue
+        md = (s.get("model", "?"), s.get("dataset", "?"))
+        col = bf_column(s)
+        if col == "unpruned":
+            unpruned.setdefault(md, []).append(s)
+        else:
+            groups.setdefault((f"{float(s['sparsity']):g}", (*md, col)), []).append(s)
+    rows = sorted({k[0] for k in groups}, key=float) or (["-"] if unpruned else [])
+    pairs = sorted({k[1][:2] for k in groups} | set(unpruned))
+    columns: list[tuple[str, ...]] = []
+    for md in pairs:
+        for c in BF_COLUMNS:
+            if (c == "unpruned" and md in unpruned) or any(k[1] == (*md, c) for k in groups):
+                columns.append((*md, c))
+    cells: dict = {}
+
+    def cell(runs):
+        acc = mean_std(100 * r["test_acc"] for r in runs)
+        sp = mean_std(100 * r.get("final_sparsity", 0.0) for r in runs)
+        dead = mean_std(r.get("dead_structures", 0) for r in runs)
+        return Cell(values={"accuracy": acc, "sparsity": sp, "dead_structures": dead}, text=f"{_fmt(*acc[:2])} (n={acc[2]})")
+
+    for key, runs in groups.items():
+        cells[key] = cell(runs)
+    for md, runs in unpruned.items():
+        c = cell(runs)
+        for r in rows:
+            cells[(r, (*md, "unpruned"))] = c
+    return Table(
+        title="Test accuracy % (mean ± std over seeds) by target sparsity r",
+        rows=rows,
+        columns=columns,
+        column_names=[f"{m} / {d}: {c}" for m, d, c in columns],
+        cells=cells,
+        csv_fields=["accuracy", "sparsity", "dead_structures"],
+    )
+
+
+def table_markdown(table: Table, row_header: str = "method") -> str:
+    """A Markdown table: one row per ``table.rows``, one column per ``table.columns``."""
+    lines = [f"{table.title}", "", "| " + " | ".join([row_header, *table.column_names]) + " |"]
+    lines.append("|" + "---|" * (len(table.columns) + 1))
+    for r in table.rows:
+        cells = [table.cells[(r, c)].text if (r, c) in table.cells else "–" for c in table.columns]
+        lines.append("| " + " | ".join([r, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table_csv(table: Table, row_header: str = "method") -> str:
+    """Long-format CSV: one line per cell with ``<name>_mean``, ``<name>_std`` and n."""
+    buf = io.StringIO()
+    key_names = ["model", "dataset", "variant"][: len(table.columns[0])] if table.columns else ["model", "dataset"]
+    header = [row_header, *key_names, "n"]
+    for name in table.csv_fields:
+        header += [f"{name}_mean", f"{name}_std"]
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in table.rows:
+        for c in table.columns:
+            cell = table.cells.get((r, c))
+            if cell is None:
+                continue
+            first = cell.values[table.csv_fields[0]]
+            line: list[Any] = [r, *c, first[2]]
+            for name in table.csv_fields:
+                m, s, _ = cell.values[name]
+                line += [f"{m:.6g}", f"{s:.6g}"]
+            w.writerow(line)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def aggregate_sweeps(sweeps: Sequence[dict]) -> dict:
+    """Mean over seeds of the sweep points and stop points, per criterion.
+
+    Returns ``{"curves": {criterion: [(target, compression %, acc %, acc std %, n)]},
+    "stops": {criterion: (compression %, acc %, n)}}``.
+    """
+    pts: dict[str, dict[float, list[dict]]] = {}
+    stops: dict[str, list[dict]] = {}
+    for sw in sweeps:
+        for p in sw.get("points", []):
+            pts.setdefault(p["criterion"], {}).setdefault(float(p["target"]), []).append(p)
+        for c, st in sw.get("stops", {}).items():
+            stops.setdefault(c, []).append(st)
+    curves = {}
+    for c, by_target in pts.items():
+        rows = []
+        for t in sorted(by_target):
+            ps = by_target[t]
+            comp = mean_std(100 * p["param_compression"] for p in ps)
+            acc = mean_std(100 * p["test_acc"] for p in ps)
+            rows.append((t, comp[0], acc[0], acc[1], acc[2]))
+        curves[c] = rows
+    stop_out = {}
+    for c, sts in stops.items():
+        comp = mean_std(100 * s["param_compression"] for s in sts)
+        acc = mean_std(100 * s["test_acc"] for s in sts)
+        stop_out[c] = (comp[0], acc[0], acc[2])
+    return {"curves": curves, "stops": stop_out}
+
+
+def plot_sweep(sweeps: Sequence[dict], path: str | Path, title: str | None = None) -> Path:
+    """Accuracy against parameter compression for every criterion, mean over the ``sweeps``
+    (one ``sweep.json`` dict per seed); BMRS stop points are marked with stars."""
+    plt = _plt()
+    agg = aggregate_sweeps(sweeps)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    colors = {}
+    for c, rows in agg["curves"].items():
+        x = [r[1] for r in rows]
+        y = [r[2] for r in rows]
+        e = [r[3] for r in rows]
+        (line,) = ax.plot(x, y, marker="o", ms=3, label=c)
+        ax.fill_between(x, np.subtract(y, e), np.add(y, e), color=line.get_color(), alpha=0.15)
+        colors[c] = line.get_color()
+    for c, (comp, acc, _n) in agg["stops"].items():
+        ax.plot([comp], [acc], marker="*", ms=14, color=colors.get(c, "k"), mec="k", ls="none", label=f"{c} stop")
+    ax.set_xlabel("parameter compression (%)")
+    ax.set_ylabel("test accuracy (%)")
+    n = len(sweeps)
+    ax.set_title(title or f"accuracy vs compression (mean over {n} seed{'s' if n != 1 else ''})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def structure_stats(model, precision: float = 8.0) -> dict[str, np.ndarray]:
+    """Per structure over all noise layers: ``etheta`` (E[theta]), ``df_n`` (dF of BMRS_N),
+    ``df_u`` (dF of BMRS_U-precision), ``kept`` (mask != 0) and ``layer`` (index)."""
+    import torch
+
+    from .noise import noise_layers
+    from .reduction import delta_f_normal, delta_f_uniform
+
+    out: dict[str, list] = {"etheta": [], "df_n": [], "df_u": [], "kept": [], "layer": []}
+    with torch.no_grad():
+        for i, n in enumerate(noise_layers(model)):
+            out["etheta"].append(n.expected_theta().detach().double().cpu().numpy())
+            out["df_n"].append(delta_f_normal(n.mu, n.sigma, n.a, n.b).detach().cpu().numpy())
+            out["df_u"].append(delta_f_uniform(n.mu, n.sigma, precision, n.a, n.b).detach().cpu().numpy())
+            out["kept"].append((n.mask != 0).cpu().numpy())
+            out["layer"].append(np.full(n.num_structures, i))
+    if not out["etheta"]:
+        raise ValueError("model has no noise layers")
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _hist_kept_pruned(ax, values, kept, title, xlabel, log=False):
+    v = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(v)
+    if log:
+        finite &= v > 0
+        v = np.where(finite, np.log10(np.where(finite, v, 1.0)), np.nan)
+    data = v[finite]
+    bins = np.histogram_bin_edges(data, bins=40) if data.size else 10
+    for sel, label, color in ((kept, "kept", "tab:blue"), (~kept, "pruned", "tab:red")):
+        d = v[finite & sel]
+        if d.size:
+            ax.hist(d, bins=bins, alpha=0.6, label=f"{label} ({d.size})", color=color)
+    dropped = int((~finite).sum())
+    ax.set_title(title + (f" [{dropped} non-finite not shown]" if dropped else ""), fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("structures")
+    ax.legend(fontsize=8)
+
+
+def _symlog(x: np.ndarray) -> np.ndarray:
+    """sign(x) log10(1 + |x|): dF spans many orders of magnitude; 0 (the decision point) stays 0."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.sign(x) * np.log10(1.0 + np.abs(x))
+
+
+def plot_structure_histograms(stats: dict[str, np.ndarray], path: str | Path, precision: float = 8.0, title: str = "") -> Path:
+    """Histograms of E[theta] before pruning (all structures, kept vs pruned), after pruning
+    (kept only), and of dF_N and dF_U (kept vs pruned); log10 scale for E[theta], a signed
+    log scale for dF."""
+    plt = _plt()
+    kept = stats["kept"].astype(bool)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    _hist_kept_pruned(axes[0, 0], stats["etheta"], kept, "E[θ] before pruning (all structures)", "log10 E[θ]", log=True)
+    _hist_kept_pruned(axes[0, 1], np.where(kept, stats["etheta"], np.nan), kept, "E[θ] after pruning (kept structures)", "log10 E[θ]", log=True)
+    _hist_kept_pruned(axes[1, 0], _symlog(stats["df_n"]), kept, "ΔF BMRS_N (prune if ≥ 0)", "sign(ΔF_N) log10(1 + |ΔF_N|)")
+    _hist_kept_pruned(axes[1, 1], _symlog(stats["df_u"]), kept, f"ΔF BMRS_U-{precision:g} (prune if ≥ 0)", "sign(ΔF_U) log10(1 + |ΔF_U|)")
+    for ax in axes[1]:
+        ax.axvline(0.0, color="k", lw=0.8, ls="--")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+#: criteria of the rank-correlation table: (label, criterion, precision)
+SPEARMAN_CRITERIA: tuple[tuple[str, str, float], ...] = (
+    ("SNR", "snr", 8.0),
+    ("E[θ]", "etheta", 8.0),
+    ("L2", "l2", 8.0),
+    ("BMRS_N", "bmrs_n", 8.0),
+    ("BMRS_U-8", "bmrs_u", 8.0),
+    ("BMRS_U-4", "bmrs_u", 4.0),
+)
+
+
+def criterion_scores(model, criteria: Sequence[tuple[str, str, float]] = SPEARMAN_CRITERIA) -> dict[str, np.ndarray]:
+    """Keep scores of every structure of ``model`` (all noise layers concatenated), per criterion."""
+    from .criteria import scores
+
+    return {
+        label: np.concatenate([s.detach().cpu().numpy() for s in scores(model, crit, precision=p)])
+        for label, crit, p in criteria
+    }
+
+
+def spearman_matrix(score_table: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
+    """Spearman rank correlation between every pair of score vectors (``scipy.stats.spearmanr``).
+
+    Ties (e.g. many saturated dF values) get average ranks; a constant vector gives NaN.
+    """
+    import warnings
+
+    from scipy.stats import spearmanr
+
+    labels = list(score_table)
+    k = len(labels)
+    m = np.eye(k)
+    for i in range(k):
+        for j in range(i + 1, k):
+            a, b = score_table[labels[i]], score_table[labels[j]]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rho = spearmanr(a, b).statistic if np.ptp(a) > 0 and np.ptp(b) > 0 else math.nan
+            m[i, j] = m[j, i] = float(rho)
+    return labels, m
+
+
+def matrix_markdown(labels: Sequence[str], m: np.ndarray) -> str:
+    lines = ["| | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
+    for i, r in enumerate(labels):
+        lines.append("| " + r + " | " + " | ".join(f"{v:.3f}" for v in m[i]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def matrix_csv(labels: Sequence[str], m: np.ndarray) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["criterion", *labels])
+    for i, r in enumerate(labels):
+        w.writerow([r, *(f"{v:.6f}" for v in m[i])])
+    return buf.getvalue()
+
+
+def plot_spearman(labels: Sequence[str], m: np.ndarray, path: str | Path, title: str = "Spearman rank correlation") -> Path:
+    plt = _plt()
+    k = len(labels)
+    fig, ax = plt.subplots(figsize=(1.0 * k + 2, 1.0 * k + 1))
+    im = ax.imshow(m, vmin=-1, vmax=1, cmap="coolwarm")
+    ax.set_xticks(range(k), labels, rotation=45, ha="right")
+    ax.set_yticks(range(k), labels)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, "n/a" if not math.isfinite(m[i, j]) else f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_bf_history(history: dict, path: str | Path, title: str = "") -> Path:
+    """Learning curves of a Bayes-factor run (as in the paper's figures): training and
+    validation loss per epoch (left); log Bayes factor and global weight sparsity per epoch
+    (right, two y axes)."""
+    plt = _plt()
+    ep = history["epoch"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a1.plot(ep, history["train_loss"], marker="o", ms=3, label="training loss")
+    a1.plot(ep, history["val_loss"], marker="o", ms=3, label="validation loss")
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("cross-entropy")
+    a1.grid(alpha=0.3)
+    a1.legend(fontsize=8)
+    lbf = np.asarray([math.nan if v is None else float(v) for v in history["log_bf"]], dtype=np.float64)
+    finite = np.isfinite(lbf)
+    if finite.any():
+        a2.plot(np.asarray(ep)[finite], lbf[finite], marker="o", ms=3, color="tab:green", label="log BF")
+    else:
+        a2.text(0.5, 0.5, "no Bayes factor (ungated / unpruned)", transform=a2.transAxes, ha="center", fontsize=8)
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("log Bayes factor", color="tab:green")
+    a2.grid(alpha=0.3)
+    a3 = a2.twinx()
+    a3.plot(ep, [100 * s for s in history["sparsity"]], marker="s", ms=3, color="tab:purple", label="sparsity")
+    a3.set_ylabel("weight sparsity (%)", color="tab:purple")
+    a3.set_ylim(-2, 102)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,196 @@
+"""End-to-end tests of ``bayesprune.cli.main`` in-process, with tiny settings (digits, 1 epoch)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bayesprune import cli, training
+
+TINY = ["--model", "mlp", "--width", "16", "--extra-layers", "0", "--epochs", "1", "--quiet", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _no_benchmark(monkeypatch):
+    """The size/speed benchmark at the end of a run is timing, not logic: skip it here."""
+    monkeypatch.setattr(training, "_size_speed", lambda *a, **k: None)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two seeds of a tiny continuous run (bmrs_n), shared by the tests."""
+    out = tmp_path_factory.mktemp("runs")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(training, "_size_speed", lambda *a, **k: None)
+    try:
+        rc = cli.main(["run", *TINY, "--finetune-epochs", "1", "--seeds", "0", "1", "--out-dir", str(out)])
+        assert rc == 0
+    finally:
+        mp.undo()
+    return out
+
+
+def test_run_layout_and_output(runs, capsys):
+    group = runs / "mlp-digits-bmrs_n"
+    for seed in (0, 1):
+        d = group / f"seed{seed}"
+        for f in ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json"):
+            assert (d / f).exists(), d / f
+        assert json.loads((d / "config.json").read_text())["seed"] == seed
+    # re-running is a resume: the finished runs are not trained again and the table is printed
+    assert cli.main(["run", *TINY, "--finetune-epochs", "1", "--seeds", "0", "1", "--out-dir", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert "test acc %" in out and "param compression %" in out and "structure compression %" in out
+    acc0 = json.loads((group / "seed0" / "summary.json").read_text())["test_acc"]
+    assert f"{100 * acc0:.2f}" in out
+
+
+def test_run_dir_name():
+    assert cli.run_dir_name("lenet5", "mnist", "bmrs_u", 4) == "lenet5-mnist-bmrs_u-p4"
+    assert cli.run_dir_name("lenet5", "mnist", "bmrs_n", 4) == "lenet5-mnist-bmrs_n"
+    assert cli.run_dir_name("tv:resnet18", "cifar10", "l2") == "tv_resnet18-cifar10-l2"
+
+
+def test_table_markdown_and_csv(runs, tmp_path, capsys):
+    prefix = tmp_path / "t1"
+    assert cli.main(["table", str(runs), "--out", str(prefix)]) == 0
+    md = capsys.readouterr().out
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    assert lines[0] == "| method | mlp / digits |"
+    assert lines[1] == "|---|---|"
+    assert lines[2].startswith("| BMRS_N |") and lines[2].endswith("(n=2) |")
+    assert Path(f"{prefix}.md").read_text().strip() == md.split("wrote")[0].strip()
+    rows = list(csv.DictReader(open(f"{prefix}.csv")))
+    bm = next(r for r in rows if r["method"] == "BMRS_N")
+    summaries = [json.loads((runs / "mlp-digits-bmrs_n" / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
+    accs = [100 * s["test_acc"] for s in summaries]
+    comps = [100 * s["param_compression"] for s in summaries]
+    assert int(bm["n"]) == 2
+    assert float(bm["accuracy_mean"]) == pytest.approx(sum(accs) / 2, rel=1e-5)
+    assert float(bm["compression_mean"]) == pytest.approx(sum(comps) / 2, rel=1e-5, abs=1e-9)
+    sd = math.sqrt(sum((a - sum(accs) / 2) ** 2 for a in accs))  # ddof=1 with n=2
+    assert float(bm["accuracy_std"]) == pytest.approx(sd, rel=1e-5, abs=1e-9)
+
+
+def test_plot(runs, tmp_path, capsys):
+    out = tmp_path / "plots"
+    assert cli.main(["plot", str(runs / "mlp-digits-bmrs_n" / "seed0"), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Spearman" in text and "BMRS_U-4" in text
+    for f in ("structure_histograms.png", "spearman.png", "spearman.csv"):
+        assert (out / f).stat().st_size > 0
+    rows = list(csv.reader(open(out / "spearman.csv")))
+    assert rows[0] == ["criterion", "SNR", "E[θ]", "L2", "BMRS_N", "BMRS_U-8", "BMRS_U-4"]
+    assert float(rows[1][1]) == pytest.approx(1.0)
+
+
+def test_sweep(tmp_path, capsys):
+    rc = cli.main(["sweep", *TINY, "--criteria", "bmrs_n", "--points", "0", "0.5",
+                  "--sweep-finetune-epochs", "0", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    group = tmp_path / "mlp-digits-sweep"
+    sw = json.loads((group / "seed0" / "sweep.json").read_text())
+    assert [p["target"] for p in sw["points"]] == [0.0, 0.5]
+    assert "bmrs_n" in sw["stops"]
+    assert (group / "accuracy_vs_compression.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "bmrs_n stop" in out
+    # the sweep directory is skipped by `table` (its training phase is not a table row)
+    assert cli.main(["table", str(tmp_path)]) == 2
+    assert "no summary.json" in capsys.readouterr().err
+
+
+def test_bf_run_and_table(tmp_path, capsys):
+    args = ["bf-run", "--model", "fcn", "--dataset", "digits", "--epochs", "1", "--sparsity", "0.5",
+            "--likelihood-batches", "2", "--seeds", "0", "--quiet", "--device", "cpu", "--out-dir", str(tmp_path)]
+    assert cli.main([*args, "--mode", "none", "random"]) == 0
+    assert cli.main([*args, "--mode", "magnitude", "--no-gated"]) == 0
+    root = tmp_path / "bf-fcn-digits"
+    d = root / "random-bayes-r0.5" / "seed0"
+    s = json.loads((d / "summary.json").read_text())
+    assert s["kind"] == "bayes_factor" and s["mode"] == "random" and s["gated"] is True
+    assert s["final_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert {"test_acc", "dead_structures", "structures"} <= set(s)
+    hist = json.loads((d / "history.json").read_text())
+    assert len(hist["train_loss"]) == 1 and len(hist["log_bf"]) == 1 and hist["pruned"] == [True]
+    assert (d / "curves.png").stat().st_size > 0
+    assert (root / "none" / "seed0" / "summary.json").exists()
+    assert (root / "magnitude-plain-r0.5" / "seed0" / "summary.json").exists()
+    capsys.readouterr()
+    # resumable at run granularity: existing runs are skipped
+    assert cli.main([*args, "--mode", "random"]) == 0
+    assert "skip" in capsys.readouterr().out
+    prefix = tmp_path / "bf"
+    assert cli.main(["table", str(root), "--out", str(prefix)]) == 0
+    md = Path(f"{prefix}.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| sparsity"))
+    assert header == "| sparsity r | fcn / digits: unpruned | fcn / digits: Bayes random | fcn / digits: magnitude |"
+    assert any(line.startswith("| 0.5 |") for line in md.splitlines())
+    rows = list(csv.DictReader(open(f"{prefix}.csv")))
+    rnd = next(r for r in rows if r["variant"] == "Bayes random")
+    assert float(rnd["accuracy_mean"]) == pytest.approx(100 * s["test_acc"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["run", "--dataset", "nope"], "cifar10"),
+        (["run", "--model", "nope"], "mlp, lenet5"),
+        (["run", "--method", "nope"], "bmrs_n"),
+        (["bf-run", "--model", "mlp"], "fcn"),
+    ],
+)
+def test_unknown_names(argv, needle, capsys, tmp_path):
+    assert cli.main([*argv, "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and needle in err and "Traceback" not in err
+
+
+def test_missing_data_dir(tmp_path, capsys):
+    missing = tmp_path / "no-such-dir"
+    rc = cli.main(["run", "--dataset", "mnist", "--data-dir", str(missing), "--epochs", "1", "--out-dir", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and str(missing) in err and "Traceback" not in err
+
+
+def test_corrupt_data_file(tmp_path, capsys):
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (folder / name).write_bytes(b"not an idx file")
+    rc = cli.main(["run", "--dataset", "mnist", "--data-dir", str(tmp_path), "--epochs", "1", "--out-dir", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and str(folder) in err and "IDX" in err and "Traceback" not in err
+
+
+def test_diverged_and_interrupted(monkeypatch, tmp_path, capsys):
+    def diverge(cfg, progress=True):
+        raise training.TrainingDiverged("loss became nan")
+
+    monkeypatch.setattr(training, "run_continuous", diverge)
+    assert cli.main(["run", *TINY, "--out-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "diverged" in err and "checkpoint" in err
+
+    def interrupt(cfg, progress=True):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "run_continuous", interrupt)
+    assert cli.main(["run", *TINY, "--out-dir", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert "same command" in err and "resume" in err
+
+
+def test_bad_values(tmp_path, capsys):
+    assert cli.main(["run", *TINY, "--lr", "-1", "--out-dir", str(tmp_path)]) == 2
+    assert "lr" in capsys.readouterr().err
+    assert cli.main(["bf-run", "--sparsity", "1.5", "--out-dir", str(tmp_path)]) == 2
+    assert "sparsity" in capsys.readouterr().err
+    assert cli.main(["table", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
