@@ -206,8 +206,8 @@ def _train_epoch(model, opt, loader, cfg: RunConfig, num_train: int, device, des
         loss.backward()
         opt.step()
         tot += float(loss.detach())
-        ce_sum += float(ce)
-        kl_sum += float(k)
+        ce_sum += float(ce.detach())
+        kl_sum += float(k.detach())
         steps += 1
     return tot / steps, ce_sum / steps, kl_sum / steps
 
