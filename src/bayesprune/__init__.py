@@ -4,7 +4,9 @@ from .criteria import CRITERIA, PruneReport, prune, report, scores
 from .distributions import LogUniform, TruncatedLogNormal
 from .noise import MultiplicativeNoise, add_noise, kl, noise_layers, remove_noise
 from .reduction import delta_f_normal, delta_f_uniform
-from .removal import count_parameters, remaining_parameters, shrink
+from .removal import count_parameters, remaining_parameters, shrink, shrink_for_training
+from .export import export_onnx, load_shrunk, save_shrunk
+from .benchmarking import size_speed_report
 
 __version__ = "0.1.0"
 
@@ -18,12 +20,17 @@ __all__ = [
     "count_parameters",
     "delta_f_normal",
     "delta_f_uniform",
+    "export_onnx",
     "kl",
+    "load_shrunk",
     "noise_layers",
     "prune",
     "remaining_parameters",
     "remove_noise",
     "report",
+    "save_shrunk",
     "scores",
     "shrink",
+    "shrink_for_training",
+    "size_speed_report",
 ]

@@ -1,0 +1,90 @@
+"""Saving, loading and ONNX export of shrunk models; the size/speed report (issue 4)."""
+
+import pytest
+import torch
+from torch import nn
+
+import bayesprune as bp
+from bayesprune.models import build_model
+
+
+def _shrunk(name, x, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = build_model(name, x.shape[1], x.shape[-1], 10, **kwargs)
+    bp.add_noise(model, x[:1])
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n in bp.noise_layers(model):
+            n.mu.copy_(torch.randn(n.mu.shape, generator=g))
+            n.mask.copy_((torch.rand(n.mask.shape, generator=g) > 0.4).float())
+    return model, bp.shrink(model, x[:1]).eval()
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [("lenet5", {}), ("mlp", {"width": 16, "extra_layers": 1, "activation": nn.Tanh}), ("resnet18-cifar", {})],
+)
+def test_save_load_roundtrip(tmp_path, name, kwargs):
+    x = torch.randn(3, 3 if "resnet" in name else 1, 8, 8)
+    _, shrunk = _shrunk(name, x, **kwargs)
+    spec = {"name": name, "in_channels": x.shape[1], "image_size": 8, "num_classes": 10, "kwargs": kwargs}
+    path = tmp_path / "model.pt"
+    bp.save_shrunk(shrunk, path, spec)
+    payload = torch.load(path, weights_only=True)  # safe format: tensors and strings only
+    assert set(payload) == {"format", "spec", "pruning", "state_dict"}
+    loaded = bp.load_shrunk(path)
+    assert not loaded.training
+    assert bp.count_parameters(loaded) == bp.count_parameters(shrunk)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), shrunk(x))
+
+
+def test_save_without_spec_needs_model(tmp_path):
+    x = torch.randn(2, 1, 8, 8)
+    _, shrunk = _shrunk("lenet5", x)
+    path = tmp_path / "m.pt"
+    bp.save_shrunk(shrunk, path, None)
+    with pytest.raises(ValueError, match="model="):
+        bp.load_shrunk(path)
+    loaded = bp.load_shrunk(path, model=build_model("lenet5", 1, 8, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), shrunk(x))
+
+
+def test_save_rejects_models_that_are_not_shrunk(tmp_path):
+    x = torch.randn(1, 1, 8, 8)
+    model, _ = _shrunk("lenet5", x)
+    with pytest.raises(ValueError):
+        bp.save_shrunk(model, tmp_path / "m.pt", None)
+    with pytest.raises(ValueError, match="spec lacks"):
+        bp.save_shrunk(bp.shrink(model, x), tmp_path / "m.pt", {"name": "lenet5"})
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet18-cifar"])
+def test_export_onnx_matches_torch(tmp_path, name):
+    pytest.importorskip("onnxruntime")
+    x = torch.randn(4, 3 if "resnet" in name else 1, 8, 8)
+    model, shrunk = _shrunk(name, x)
+    result = bp.export_onnx(shrunk, x, tmp_path / "m.onnx")
+    assert result["max_abs_diff"] <= 1e-4 * result["output_scale"]
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"input": x[:1].numpy()})[0]  # dynamic batch axis
+    with torch.no_grad():
+        ref = model.eval()(x[:1])  # the masked model with noise
+    assert float((torch.from_numpy(out) - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+
+def test_size_speed_report():
+    x = torch.randn(1, 1, 8, 8)
+    model, shrunk = _shrunk("mlp", x, width=64, extra_layers=1)
+    rep = bp.size_speed_report(model, shrunk, (1, 8, 8), batch_sizes=(1, 16), min_repeats=3, budget_s=0.05)
+    assert rep["params"]["original"] == bp.count_parameters(model) > rep["params"]["shrunk"]
+    assert rep["macs"]["ratio"] > 1 and rep["params"]["ratio"] > 1
+    assert set(rep["latency_ms"]) == {1, 16}
+    for t in rep["latency_ms"].values():
+        assert t["original"] > 0 and t["shrunk"] > 0 and t["speedup"] == pytest.approx(t["original"] / t["shrunk"])
+    from bayesprune.benchmarking import format_report
+
+    assert "MACs" in format_report(rep)

@@ -1,0 +1,231 @@
+"""Physical removal: shrink / shrink_for_training reproduce the masked model (issue 4)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bayesprune as bp
+from bayesprune.models import MLP, LeNet5, cifar_resnet18, torchvision_model
+
+TOL = 1e-5  # max abs difference relative to the output scale
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with hand-written attention (q/k/v/out) and an MLP."""
+
+    def __init__(self, d=32, heads=4, hidden=64):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.act, self.fc2 = nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        y = self.ln1(x)
+        q, k, v = (f(y).view(b, t, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        a = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(self.act(self.fc1(self.ln2(x))))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.b1, self.b2, self.head = nn.Linear(8, 32), Block(), Block(), nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.b2(self.b1(self.emb(x))).mean(1))
+
+
+class TorchEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(8, 32)
+        self.enc = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0)  # batch_first=False: no fast path
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)).mean(0))
+
+
+def _randomise_bn(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+
+
+def _random_masks(model, p=0.4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n in bp.noise_layers(model):
+            n.mu.copy_(torch.randn(n.mu.shape, generator=g))
+            n.mask.copy_((torch.rand(n.mask.shape, generator=g) > p).float())
+
+
+def _check(model, shrunk, x):
+    with torch.no_grad():
+        ya, yb = model.eval()(x), shrunk.eval()(x)
+    assert ya.shape == yb.shape
+    err = float((ya - yb).abs().max() / ya.abs().max())
+    assert err <= TOL, err
+
+
+CASES = {
+    "mlp": (lambda: MLP(64, 10, width=20, extra_layers=2), (4, 1, 8, 8), {}),
+    "lenet5": (lambda: LeNet5(1, 10, image_size=8), (4, 1, 8, 8), {}),
+    "resnet18-cifar": (lambda: cifar_resnet18(10), (2, 3, 8, 8), {}),
+    "tv-resnet18": (lambda: torchvision_model("resnet18", 10), (2, 3, 8, 8), {}),
+    "transformer-all": (TinyTransformer, (2, 6, 8), {}),  # q/k/v removal breaks heads: fallback
+    "transformer-mlp": (TinyTransformer, (2, 6, 8), {"layers": ["b1.fc1", "b2.fc1"]}),
+    "torch-encoder": (TorchEncoder, (6, 2, 8), {}),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_random_masks_equivalence_and_size(name):
+    torch.manual_seed(0)
+    make, shape, kw = CASES[name]
+    model = make()
+    _randomise_bn(model)
+    x = torch.randn(shape)
+    bp.add_noise(model, x[:1], **kw)
+    _random_masks(model)
+    before = copy.deepcopy(model.state_dict())
+    shrunk = bp.shrink(model, x[:1])
+    assert not bp.noise_layers(shrunk)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "input model changed"
+    _check(model, shrunk, x)
+    assert bp.count_parameters(shrunk) < bp.count_parameters(model)
+    if "resnet" in name:
+        return  # shrink_for_training and remaining_parameters share the core; covered on small nets
+    assert bp.count_parameters(shrunk) == bp.remaining_parameters(model, x[:1])
+
+    trainable = bp.removal.shrink_for_training(model, x[:1])
+    _check(model, trainable, x)
+    assert bp.count_parameters(trainable) == bp.count_parameters(shrunk)
+    for old, new in zip(bp.noise_layers(model), bp.noise_layers(trainable)):
+        layer = trainable.get_submodule(new.layer_name)
+        n_out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        assert new.mu.shape == new.log_sigma.shape == new.mask.shape == (n_out,)
+        assert int(new.mask.sum()) == int(old.mask.sum())  # every kept structure keeps its noise entry
+
+
+def test_mlp_parameter_count_by_hand():
+    model = MLP(64, 10, width=20, extra_layers=2)
+    x = torch.randn(1, 1, 8, 8)
+    bp.add_noise(model, x)
+    kept = [13, 7, 20]
+    for n, k in zip(bp.noise_layers(model), kept):
+        n.mask[k:] = 0
+    shrunk = bp.shrink(model, x)
+    widths = [64] + kept + [10]
+    assert bp.count_parameters(shrunk) == sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+    _check(model, shrunk, torch.randn(8, 1, 8, 8))
+
+
+def test_tanh_conv_flatten_linear_folds_into_columns():
+    """Noise after a non-homogeneous activation is folded into the next layer through flatten."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.Tanh(), nn.Flatten(), nn.Linear(6 * 6 * 6, 4))
+    x = torch.randn(3, 1, 8, 8)
+    bp.add_noise(model, x[:1])
+    _random_masks(model, seed=3)
+    shrunk = bp.shrink(model, x[:1])
+    kept = int(bp.noise_layers(model)[0].mask.sum())
+    assert shrunk[0].out_channels == kept and shrunk[3].in_features == kept * 36
+    _check(model, shrunk, x)
+
+
+def test_residual_coupled_channel_kept_unless_all_masked():
+    torch.manual_seed(0)
+    model = cifar_resnet18(10)
+    _randomise_bn(model)
+    x = torch.randn(2, 3, 8, 8)
+    bp.add_noise(model, x[:1])
+    noise = {n.layer_name: n for n in bp.noise_layers(model)}
+    coupled = ["conv1", "layer1.0.conv2", "layer1.1.conv2"]  # all write the stage-1 residual stream
+    noise["conv1"].mask[3] = 0  # only one of the coupled layers: channel stays, zeroed there
+    for name in coupled:
+        noise[name].mask[7] = 0  # all of them: channel 7 goes
+    shrunk = bp.shrink(model, x[:1])
+    assert shrunk.conv1.out_channels == 63
+    assert shrunk.layer1[0].conv2.out_channels == 63 and shrunk.layer1[1].conv1.in_channels == 63
+    assert shrunk.layer2[0].conv1.in_channels == 63 and shrunk.layer2[0].downsample[0].in_channels == 63
+    _check(model, shrunk, x)
+
+
+def test_layernorm_feature_dim_not_removed_but_output_equal():
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    x = torch.randn(2, 6, 8)
+    bp.add_noise(model, x[:1], layers=["emb", "b1.o", "b1.fc2", "b2.o", "b2.fc2", "b1.fc1"])
+    for n in bp.noise_layers(model):
+        n.mask[:5] = 0  # the residual stream's first 5 features masked by every writer
+    shrunk = bp.shrink(model, x[:1])
+    assert shrunk.emb.out_features == 32  # LayerNorm normalises over them: kept, zeroed
+    assert shrunk.b1.fc1.out_features == 59
+    _check(model, shrunk, x)
+
+
+def _train_bmrs(model, x, y, steps=15):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (min(32, len(x)),))
+        loss = F.cross_entropy(model(x[idx]), y[idx]) + bp.kl(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("name", ["mlp", "lenet5", "tv-resnet18", "transformer-mlp"])
+def test_masks_from_bmrs_run(name):
+    torch.manual_seed(0)
+    make, shape, kw = CASES[name]
+    model = make()
+    x = torch.randn(16 if "resnet" in name else 64, *shape[1:])
+    y = torch.randint(0, 10 if name != "transformer-mlp" else 5, (64,))
+    bp.add_noise(model, x[:1], **kw)
+    _train_bmrs(model, x, y, steps=2 if "resnet" in name else 5)
+    with torch.no_grad():  # emulate a longer run: some structures' posteriors collapse to 0
+        for i, n in enumerate(bp.noise_layers(model)):
+            n.mu[i % 3::3] = -19.0
+            n.log_sigma[i % 3::3] = 0.0
+    rep = bp.prune(model, "bmrs_n", example_inputs=x[:1])  # the genuine criterion decides
+    assert rep.structures_kept < rep.structures_total
+    shrunk = bp.shrink(model, x[:1])
+    _check(model, shrunk, x[:8])
+    assert bp.count_parameters(shrunk) == rep.params_kept < rep.params_total
+
+
+def test_shrink_for_training_continues_training():
+    torch.manual_seed(0)
+    model = LeNet5(1, 10, image_size=8)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    bp.add_noise(model, x[:1])
+    _random_masks(model)
+    small = bp.removal.shrink_for_training(model, x[:1])
+    assert small.training == model.training
+    opt = torch.optim.Adam(small.parameters(), lr=1e-3)  # a new optimizer: old state does not fit
+    small.train()
+    loss = F.cross_entropy(small(x), y) + bp.kl(small)
+    loss.backward()
+    opt.step()
+    assert all(n.mu.grad is not None for n in bp.noise_layers(small))
+    rep = bp.prune(small, "bmrs_n", example_inputs=x[:1])  # masks still work after shrinking
+    assert rep.structures_total == sum(int(n.mask.sum()) for n in bp.noise_layers(model))
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="no noise layers"):
+        bp.shrink(MLP(4, 2, width=3, extra_layers=0), torch.randn(1, 4))
+    model = bp.add_noise(MLP(4, 2, width=3, extra_layers=0))
+    with pytest.raises(ValueError, match="example_inputs"):
+        bp.shrink(model)
