@@ -1,0 +1,499 @@
+"""Pruning criteria, target mode and the report (issue 2, "Checks").
+
+Parameter counts are checked against independent hand counts on plain sequential networks (an
+MLP and a small LeNet-like conv net, including the conv -> flatten -> linear expansion), and the
+criteria are run end to end on a mixed model (residual block, BatchNorm, conv -> linear,
+self-attention over [batch, tokens, features]).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bayesprune
+from bayesprune import CRITERIA, add_noise, kl, noise_layers, prune, scores
+
+
+# ---------------------------------------------------------------------------------------------
+# models (the mixed model mirrors tests/test_noise.py; kept here so each file stands alone)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(2 * d, d)
+
+    def forward(self, t):
+        q, k, v = self.q(t), self.k(t), self.v(t)
+        t = t + self.out(torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1) @ v)
+        return t + self.fc2(self.act(self.fc1(t)))
+
+
+class Net(nn.Module):
+    """(image [B,3,8,8], tokens [B,T,D]) -> conv/residual/flatten/linear path and attention path."""
+
+    T, D = 4, 8
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.stem_bn = nn.BatchNorm2d(8)
+        self.stem_act = nn.ReLU()
+        self.block = ResBlock(8)
+        self.pool = nn.MaxPool2d(2)
+        self.conv3 = nn.Conv2d(8, 4, 1)
+        self.act3 = nn.ReLU()
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(4 * 4 * 4, 32)
+        self.fc_act = nn.ReLU()
+        self.attn = Attention(self.D)
+        self.head = nn.Linear(32 + self.D, classes)
+
+    def forward(self, img, tokens):
+        x = self.stem_act(self.stem_bn(self.stem(img)))
+        x = self.pool(self.block(x))
+        x = self.fc_act(self.fc(self.flatten(self.act3(self.conv3(x)))))
+        return self.head(torch.cat([x, self.attn(tokens).mean(1)], dim=1))
+
+
+class TokenViewNet(nn.Module):
+    """A Linear whose 32 outputs are viewed as 4 tokens x 8 features, then a residual block on
+    the tokens (as in a ViT patch embedding): feature j of `embed` is feature j % 8 of the tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(12, 32)
+        self.attn = Attention(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(self.embed(x).view(-1, 4, 8)).mean(1))
+
+
+def make_net(seed=0):
+    torch.manual_seed(seed)
+    model = Net()
+    x = (torch.randn(6, 3, 8, 8), torch.randn(6, Net.T, Net.D))
+    add_noise(model, x)
+    return model, x, torch.randint(0, 5, (6,))
+
+
+def lenet_like():
+    """[B,1,8,8]: Conv(1,3,3) 8->6, Conv(3,4,3) 6->4, flatten 4*4*4=64, FC 10, FC 6, FC 3."""
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.ReLU(),
+        nn.Conv2d(3, 4, 3), nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64, 10), nn.ReLU(),
+        nn.Linear(10, 6), nn.ReLU(),
+        nn.Linear(6, 3),
+    )  # fmt: skip
+
+
+def lenet_hand_count(k1, k2, k3, k4):
+    """Parameters left with k1/k2 conv channels and k3/k4 hidden units kept (weights + biases,
+    into and out of every structure; a conv2 channel feeds 4*4 = 16 inputs of the first FC)."""
+    return (
+        k1 * (1 * 9 + 1)  # conv1
+        + k2 * (k1 * 9 + 1)  # conv2
+        + k3 * (k2 * 16 + 1)  # fc1 after flatten
+        + k4 * (k3 + 1)  # fc2
+        + 3 * (k4 + 1)  # output layer
+    )
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+
+
+def mlp_hand_count(k1, k2, k3):
+    return k1 * (7 + 1) + k2 * (k1 + 1) + k3 * (k2 + 1) + 2 * (k3 + 1)
+
+
+def set_masks(model, removed: dict[int, list[int]]):
+    for i, n in enumerate(noise_layers(model)):
+        n.mask.fill_(1)
+        for j in removed.get(i, []):
+            n.mask[j] = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# parameter counts against hand counts
+
+
+@pytest.mark.parametrize(
+    "removed",
+    [
+        {},
+        {0: [0]},
+        {1: [1, 3]},
+        {0: [2], 1: [0], 2: [2, 5, 9], 3: [0]},
+        {0: [0, 1], 1: [0, 1, 2], 2: list(range(9)), 3: list(range(5))},
+    ],
+)
+def test_report_params_match_hand_count_lenet_like(removed):
+    torch.manual_seed(0)
+    model = lenet_like()
+    x = torch.randn(2, 1, 8, 8)
+    add_noise(model, x)
+    assert [n.layer_name for n in noise_layers(model)] == ["0", "2", "5", "7"]
+    set_masks(model, removed)
+    rep = bayesprune.report(model)
+    totals = [3, 4, 10, 6]
+    kept = [t - len(removed.get(i, [])) for i, t in enumerate(totals)]
+    assert rep.params_total == lenet_hand_count(*totals) == 879
+    assert rep.params_kept == lenet_hand_count(*kept)
+    assert [(r.layer, r.kept, r.total) for r in rep.layers] == list(zip(["0", "2", "5", "7"], kept, totals))
+    assert rep.structures_total == 23 and rep.structures_kept == sum(kept)
+    assert rep.structure_compression == pytest.approx(1 - sum(kept) / 23)
+    assert rep.param_compression == pytest.approx(1 - lenet_hand_count(*kept) / 879)
+    d = rep.to_dict()
+    assert d["params_kept"] == rep.params_kept and d["param_compression"] == rep.param_compression
+    assert "parameters removed" in str(rep)
+
+
+@pytest.mark.parametrize("removed", [{0: [0, 8]}, {1: [4]}, {0: [1], 1: [0, 2], 2: [3]}])
+def test_report_params_match_hand_count_mlp(removed):
+    torch.manual_seed(0)
+    model = mlp()
+    add_noise(model, torch.randn(3, 7))
+    set_masks(model, removed)
+    totals = [9, 5, 4]
+    kept = [t - len(removed.get(i, [])) for i, t in enumerate(totals)]
+    rep = bayesprune.report(model)
+    assert (rep.params_kept, rep.params_total) == (mlp_hand_count(*kept), mlp_hand_count(*totals))
+    assert sum(p.numel() for p in model.parameters() if p is not None) - rep.params_total == 2 * sum(totals)  # noise mu, log_sigma
+
+
+CONV3_FLATTEN = (
+    "BUG removal.py (shrink/remaining_parameters, used by report): conv3 (1x1 conv on a pooled residual map) -> "
+    "ReLU -> Flatten -> Linear: a removed conv3 channel must take its 16 input columns of fc with it "
+    "(9 + 16*32 = 521 parameters). cce71b8 removed one column only (41 parameters; the shrunk model "
+    "then failed: 4x48 @ 63x32); since 934c691 nothing is removed (0), so the compression is under-reported"
+)
+
+
+@pytest.mark.parametrize(
+    "removed,expect",
+    [
+        ({"block.conv1": [3]}, 8 * 9 + 2 + 8 * 9),  # conv1 row (no bias), bn1 weight+bias, conv2 column
+        ({"fc": [5]}, 64 + 1 + 5),  # fc row + bias, one head column (through the concat)
+        ({"fc": [5, 20]}, 2 * (64 + 1 + 5)),
+        ({"attn.fc1": [7]}, 8 + 1 + 8),  # fc1 row + bias, fc2 column
+        ({"stem": [2]}, 0),  # tied to block.conv2 by the identity add: stays unless both go
+        ({"stem": [2], "block.conv2": [2]}, (3 * 9 + 1) + 2 + 8 * 9 + 2 + 8 * 9 + 4),
+        ({"attn.out": [1], "attn.fc2": [1]}, 0),  # tied to the token input by the residual adds
+        pytest.param({"conv3": [1]}, 8 + 1 + 16 * 32, marks=pytest.mark.xfail(reason=CONV3_FLATTEN, strict=False)),
+    ],
+)
+def test_report_params_match_hand_count_mixed_model(removed, expect):
+    model, x, _ = make_net()
+    by_name = {n.layer_name: n for n in noise_layers(model)}
+    for name, idxs in removed.items():
+        by_name[name].mask[idxs] = 0
+    rep = bayesprune.report(model)
+    assert rep.params_total == bayesprune.count_parameters(model)
+    assert rep.params_total - rep.params_kept == expect
+    # the physically shrunk model agrees with the count and still runs
+    small = bayesprune.shrink(model)
+    assert bayesprune.count_parameters(small) == rep.params_kept
+    with torch.no_grad():
+        torch.testing.assert_close(small.eval()(*x), model.eval()(*x), rtol=1e-4, atol=1e-5)
+
+
+TOKEN_VIEW = (
+    "BUG removal.py (report -> remaining_parameters -> shrink): a Linear(12, 32) viewed as [B, 4, 8] tokens "
+    "with residual adds: masking feature j >= 8 of it raises IndexError (index j out of bounds for the 8-entry "
+    "mask of attn.out) in removal.py _remove_structures (line 234 at 934c691; line 158 at cce71b8); "
+    "expected: the feature stays (it is tied to token features), nothing removed"
+)
+
+
+@pytest.mark.xfail(reason=TOKEN_VIEW, strict=False)
+def test_report_linear_viewed_as_tokens():
+    torch.manual_seed(0)
+    model = TokenViewNet()
+    add_noise(model, torch.randn(2, 12))
+    noise_layers(model)[0].mask[18] = 0
+    rep = bayesprune.report(model)
+    assert rep.params_kept == rep.params_total
+
+
+# ---------------------------------------------------------------------------------------------
+# every criterion on the mixed model
+
+
+def _train(model, x, y, weighting, steps=3):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(*x), y) + kl(model, weighting, num_train=1000)
+        loss.backward()
+        opt.step()
+    return loss
+
+
+def _check_report(model, rep, criterion):
+    layers = noise_layers(model)
+    assert rep.criterion == criterion
+    assert [r.layer for r in rep.layers] == [n.layer_name for n in layers]
+    for r, n in zip(rep.layers, layers):
+        assert r.total == n.num_structures
+        assert r.kept == int((n.mask != 0).sum())
+        assert set(n.mask.unique().tolist()) <= {0.0, 1.0}
+    assert rep.structures_total == sum(n.num_structures for n in layers)
+    assert rep.structures_kept == sum(int(n.mask.sum()) for n in layers)
+    assert rep.params_total == bayesprune.count_parameters(model)
+    assert 0 <= rep.params_kept <= rep.params_total
+    if rep.structures_kept == rep.structures_total:
+        assert rep.params_kept == rep.params_total
+
+
+@pytest.mark.parametrize("weighting", ["mean"])  # 'elbo' training: tests/test_noise.py
+def test_every_criterion_runs_after_training(weighting):
+    """Threshold criteria after a few Adam steps (l2/grad target mode: see the next tests)."""
+    model, x, y = make_net()
+    loss = _train(model, x, y, weighting)
+    assert math.isfinite(loss.item())
+    runs = [("bmrs_n", {}), ("bmrs_u", {"precision": 4}), ("bmrs_u", {"precision": 8}), ("snr", {}), ("etheta", {})]
+    for crit, opts in runs:
+        rep = prune(model, crit, monotone=False, **opts)
+        _check_report(model, rep, crit)
+        model.eval()
+        with torch.no_grad():
+            out = model(*x)
+        assert out.shape == (6, 5) and bool(torch.isfinite(out).all())
+
+
+# (mu, log sigma) of structures 0..4 of every layer; the rest stay at init (mu 0, sigma e^-5)
+POSTERIORS = [
+    (-18.0, 1.0),  # piled at the lower bound, wide
+    (-4.0, math.log(0.5)),  # inside BMRS_U-4's [log 2^-23, log 2^-4], above BMRS_U-8's upper bound
+    (-10.0, math.log(0.5)),  # inside both BMRS_U intervals, far from the BMRS_N spike
+    (-19.5, math.log(0.3)),  # the reference implementation's NaN-SNR case: SNR 3.49, E 3.64e-9
+    (-3.0, 1.0),  # wide: SNR < 1 with E[theta] > 0.1
+]
+
+
+def expected_decisions(mu, sigma, a=-20.0, b=0.0):
+    """Independent float64 values (scipy) of the MATH.md formulas: dF_N (s -> 0), dF_U-4, dF_U-8,
+    SNR, E[theta]."""
+    from scipy.special import ndtr
+    from scipy.stats import norm
+
+    al, be = (a - mu) / sigma, (b - mu) / sigma
+    z = ndtr(be) - ndtr(al)
+    df_n = math.log(b - a) + norm.logpdf(a, mu, sigma) - math.log(z)
+
+    def df_u(p):
+        ap, bp = math.log(2.0**-23), math.log(2.0**-p)
+        q = (ndtr((bp - mu) / sigma) - ndtr((ap - mu) / sigma)) / z
+        return (math.log(q) if q > 0 else -math.inf) - math.log((bp - ap) / (b - a))
+
+    e1 = math.exp(mu + sigma**2 / 2) * (ndtr(be - sigma) - ndtr(al - sigma)) / z
+    e2 = math.exp(2 * mu + 2 * sigma**2) * (ndtr(be - 2 * sigma) - ndtr(al - 2 * sigma)) / z
+    return {"bmrs_n": df_n, ("bmrs_u", 4): df_u(4), ("bmrs_u", 8): df_u(8), "snr": e1 / math.sqrt(e2 - e1 * e1), "etheta": e1}
+
+
+def test_bayesian_criteria_prune_the_right_structures():
+    model, x, _ = make_net()
+    layers = noise_layers(model)
+    chosen = ("block.conv1", "fc", "attn.q", "attn.fc1")  # conv, linear, [B,T,F]; the rest stay at init
+    with torch.no_grad():
+        for n in layers:
+            if n.layer_name in chosen:
+                for j, (m, ls) in enumerate(POSTERIORS):
+                    n.mu[j], n.log_sigma[j] = m, ls
+    vals = [expected_decisions(m, math.exp(ls)) for m, ls in POSTERIORS]
+    rules = {
+        ("bmrs_n", 8): lambda v: v["bmrs_n"] >= 0,
+        ("bmrs_u", 4): lambda v: v[("bmrs_u", 4)] >= 0,
+        ("bmrs_u", 8): lambda v: v[("bmrs_u", 8)] >= 0,
+        ("snr", 8): lambda v: v["snr"] <= 1,
+        ("etheta", 8): lambda v: v["etheta"] <= 0.1,
+    }
+    # away from every decision boundary, so the test checks the rule and not rounding
+    for v in vals:
+        assert min(abs(v["bmrs_n"]), abs(v[("bmrs_u", 4)]), abs(v[("bmrs_u", 8)]), abs(v["snr"] - 1)) > 0.05
+        assert abs(v["etheta"] - 0.1) > 0.01
+    expect = {key: [j for j, v in enumerate(vals) if rule(v)] for key, rule in rules.items()}
+    assert expect == {
+        ("bmrs_n", 8): [0, 3],
+        ("bmrs_u", 4): [1, 2],
+        ("bmrs_u", 8): [2],
+        ("snr", 8): [0, 4],
+        ("etheta", 8): [0, 1, 2, 3],
+    }
+    for (crit, p), want in expect.items():
+        rep = prune(model, crit, precision=p, monotone=False)
+        for n in layers:
+            got = torch.nonzero(n.mask == 0).flatten().tolist()
+            assert got == (want if n.layer_name in chosen else []), (crit, p, n.layer_name)
+        _check_report(model, rep, crit)
+    # scores are float64, one tensor per layer, higher = keep; -dF_N against the scipy value
+    sc = scores(model, "bmrs_n")
+    assert [t.shape[0] for t in sc] == [n.num_structures for n in layers]
+    assert all(t.dtype == torch.float64 for t in sc)
+    li = [n.layer_name for n in layers].index("fc")
+    for j, v in enumerate(vals):
+        assert -sc[li][j].item() == pytest.approx(v["bmrs_n"], rel=1e-4, abs=1e-3)
+        assert scores(model, "snr")[li][j].item() == pytest.approx(v["snr"], rel=1e-4)
+    # thresholds move the rule
+    prune(model, "etheta", threshold=0.0, monotone=False)
+    assert all(bool((n.mask == 1).all()) for n in layers)
+    prune(model, "bmrs_n", threshold=-40.0, monotone=False)  # now also structure 4 (dF_N -18.3)
+    assert all(torch.nonzero(n.mask == 0).flatten().tolist() == ([0, 3, 4] if n.layer_name in chosen else []) for n in layers)
+
+
+@pytest.mark.parametrize("criterion,net", [("l2", "mixed"), ("l2", "lenet_like"), ("grad", "lenet_like")])
+def test_target_mode_reaches_and_is_minimal(criterion, net):
+    if net == "mixed":
+        model, x, y = make_net()
+    else:
+        torch.manual_seed(0)
+        model, x, y = lenet_like(), (torch.randn(4, 1, 8, 8),), torch.randint(0, 3, (4,))
+        add_noise(model, x)
+    _train(model, x, y, "mean", steps=2)
+    if criterion == "grad":
+        model.zero_grad()
+        F.cross_entropy(model(*x), y).backward()
+    target = 0.5
+    rep = prune(model, criterion, compression=target)
+    model.eval()
+    with torch.no_grad():
+        assert bool(torch.isfinite(model(*x)).all())
+    _check_report(model, rep, criterion)
+    assert rep.param_compression >= target
+    layers = noise_layers(model)
+    sc = torch.cat(scores(model, criterion))
+    mask = torch.cat([n.mask for n in layers])
+    removed, kept = sc[mask == 0], sc[mask == 1]
+    # lowest scores removed first, over all layers
+    assert removed.max() <= kept.min()
+    # minimal: giving back the last structure removed (highest score among removed) stays below
+    last = int(torch.nonzero((mask == 0) & (sc == removed.max())).flatten()[0])
+    sizes = [n.num_structures for n in layers]
+    li = max(i for i in range(len(sizes)) if sum(sizes[:i]) <= last)
+    layers[li].mask[last - sum(sizes[:li])] = 1
+    assert bayesprune.report(model).param_compression < target
+
+
+def test_target_mode_exact_on_mlp_hand_count():
+    """l2 target mode on the MLP: the smallest k (in score order) whose hand count reaches 40 %."""
+    torch.manual_seed(1)
+    model = mlp()
+    add_noise(model, torch.randn(3, 7))
+    layers = noise_layers(model)
+    sc = torch.cat(scores(model, "l2"))
+    order = torch.argsort(sc, stable=True).tolist()
+    sizes = [9, 5, 4]
+    total = mlp_hand_count(*sizes)
+
+    def share(k):
+        kept = list(sizes)
+        for idx in order[:k]:
+            li = 0 if idx < 9 else 1 if idx < 14 else 2
+            kept[li] -= 1
+        if min(kept) == 0:  # an emptied layer keeps one zeroed unit (Torch-Pruning cannot empty it)
+            kept = [max(v, 1) for v in kept]
+        return 1 - mlp_hand_count(*kept) / total
+
+    k = next(k for k in range(len(order) + 1) if share(k) >= 0.4)
+    rep = prune(model, "l2", compression=0.4)
+    assert rep.structures_total - rep.structures_kept == k
+    assert rep.param_compression == pytest.approx(share(k))
+    assert rep.param_compression >= 0.4 > share(k - 1)
+    assert sorted(torch.nonzero(torch.cat([n.mask for n in layers]) == 0).flatten().tolist()) == sorted(order[:k])
+
+
+def test_target_mode_monotone_keeps_earlier_removals():
+    torch.manual_seed(0)
+    model = mlp()
+    add_noise(model, torch.randn(3, 7))
+    layers = noise_layers(model)
+    top = torch.argsort(scores(model, "l2")[0], descending=True)[:3]
+    layers[0].mask[top] = 0  # removed earlier: the three largest norms of the first layer
+    rep = prune(model, "l2", compression=0.3)
+    assert bool((layers[0].mask[top] == 0).all())
+    assert rep.param_compression >= 0.3
+    rep0 = prune(model, "l2", compression=0.0, monotone=False)
+    assert rep0.structures_kept == rep0.structures_total
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+def test_error_unknown_criterion_lists_valid_ones():
+    model, _, _ = make_net()
+    with pytest.raises(ValueError) as err:
+        prune(model, "magnitude")
+    assert "'magnitude'" in str(err.value) and all(c in str(err.value) for c in CRITERIA)
+    with pytest.raises(ValueError, match="valid: bmrs_n"):
+        scores(model, "nope")
+
+
+@pytest.mark.parametrize("p", [0, -4, 0.0])
+def test_error_bmrs_u_precision(p):
+    model, _, _ = make_net()
+    with pytest.raises(ValueError, match="precision"):
+        prune(model, "bmrs_u", precision=p)
+
+
+@pytest.mark.parametrize("criterion", ["l2", "grad"])
+def test_error_l2_grad_need_compression_or_threshold(criterion):
+    model, x, y = make_net()
+    F.cross_entropy(model(*x), y).backward()
+    with pytest.raises(ValueError, match="compression= or threshold="):
+        prune(model, criterion)
+    prune(model, criterion, threshold=0.0)  # a threshold is enough
+
+
+def test_error_other_prune_arguments():
+    model, _, _ = make_net()
+    with pytest.raises(ValueError, match="either threshold or compression"):
+        prune(model, "l2", threshold=1.0, compression=0.5)
+    for c in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            prune(model, "l2", compression=c)
+    with pytest.raises(ValueError, match="needs gradients.*'stem'"):
+        prune(model, "grad", compression=0.5)
+    with pytest.raises(ValueError, match="no noise layers"):
+        prune(nn.Sequential(nn.Linear(2, 2)), "bmrs_n")
+
+
+@pytest.mark.parametrize("criterion", ["bmrs_n", "bmrs_u", "snr", "etheta"])
+def test_error_nan_parameters_in_prune(criterion):
+    model, _, _ = make_net()
+    with torch.no_grad():
+        noise_layers(model)[5].mu[2] = float("nan")
+    with pytest.raises(FloatingPointError, match="'attn.q'"):
+        prune(model, criterion)
+    with torch.no_grad():
+        noise_layers(model)[5].mu[2] = 0.0
+        noise_layers(model)[6].log_sigma[0] = float("inf")
+    with pytest.raises(FloatingPointError, match="'attn.k'.*log_sigma"):
+        prune(model, criterion)

@@ -1,0 +1,595 @@
+"""Noise layers (issue 2, "Checks"): placement on a mixed model, module semantics, KL, state_dict, errors.
+
+The mixed test model has a residual block (conv-BN-ReLU-conv-BN + identity add, with one ReLU
+module shared by both activations as in torchvision), a conv -> flatten -> linear path, and a
+hand-written self-attention block over token sequences [batch, tokens, features] with an MLP;
+it takes two inputs (image, tokens).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.special import ndtr
+from torch import nn
+
+import bayesprune
+from bayesprune import MultiplicativeNoise, TruncatedLogNormal, add_noise, kl, noise_layers
+
+CUDA_SKIP = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="CUDA not available on this machine: the CUDA variant is NOT exercised here and is not coverage",
+)
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_SKIP)]
+
+
+# ---------------------------------------------------------------------------------------------
+# test models
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()  # shared by both activations: noise must go after the BatchNorms
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + x)
+
+
+class Attention(nn.Module):
+    """Single-head self-attention (q/k/v/out by hand) plus a feature MLP, both residual."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(2 * d, d)
+
+    def forward(self, t):
+        q, k, v = self.q(t), self.k(t), self.v(t)
+        w = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)
+        t = t + self.out(w @ v)
+        return t + self.fc2(self.act(self.fc1(t)))
+
+
+class Net(nn.Module):
+    """Two inputs: an image [B,3,8,8] and a token sequence [B,T,D].
+
+    image: stem conv-BN-ReLU -> ResBlock -> pool -> conv-ReLU -> flatten -> Linear-ReLU;
+    tokens: self-attention + feature MLP; head on the concatenation of both summaries."""
+
+    T, D = 4, 8
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.stem_bn = nn.BatchNorm2d(8)
+        self.stem_act = nn.ReLU()
+        self.block = ResBlock(8)
+        self.pool = nn.MaxPool2d(2)
+        self.conv3 = nn.Conv2d(8, 4, 1)
+        self.act3 = nn.ReLU()
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(4 * 4 * 4, 32)
+        self.fc_act = nn.ReLU()
+        self.attn = Attention(self.D)
+        self.head = nn.Linear(32 + self.D, classes)
+
+    def forward(self, img, tokens):
+        x = self.stem_act(self.stem_bn(self.stem(img)))
+        x = self.pool(self.block(x))
+        x = self.fc_act(self.fc(self.flatten(self.act3(self.conv3(x)))))
+        t = self.attn(tokens).mean(1)
+        return self.head(torch.cat([x, t], dim=1))
+
+
+def inputs(batch: int = 6):
+    return torch.randn(batch, 3, 8, 8), torch.randn(batch, Net.T, Net.D)
+
+
+# expected placement: (layer, target, dim, structures), in forward order; head excluded
+EXPECTED = [
+    ("stem", "stem_act", 1, 8),  # own ReLU used once: after the activation
+    ("block.conv1", "block.bn1", 1, 8),  # shared ReLU: after the BatchNorm
+    ("block.conv2", "block.bn2", 1, 8),  # BN output goes to the residual add
+    ("conv3", "act3", 1, 4),
+    ("fc", "fc_act", -1, 32),  # plain Linear-ReLU: after the activation
+    ("attn.q", "attn.q", -1, 8),  # [B,T,F]: feature dim is the last one
+    ("attn.k", "attn.k", -1, 8),
+    ("attn.v", "attn.v", -1, 8),
+    ("attn.out", "attn.out", -1, 8),
+    ("attn.fc1", "attn.act", -1, 16),
+    ("attn.fc2", "attn.fc2", -1, 8),
+]
+
+
+def make_net(seed: int = 0, **noise_kwargs):
+    torch.manual_seed(seed)
+    model = Net()
+    x = inputs()
+    add_noise(model, x, **noise_kwargs)
+    return model, x
+
+
+def forward_order(model, x):
+    """Names of the Linear/Conv modules in the order a forward pass calls them."""
+    names = {m: n for n, m in model.named_modules()}
+    seen, handles = [], []
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            handles.append(m.register_forward_hook(lambda mod, i, o: seen.append(names[mod])))
+    with torch.no_grad():
+        model.eval()(*x)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+# ---------------------------------------------------------------------------------------------
+# placement
+
+
+def test_placement_on_mixed_model():
+    model, x = make_net()
+    layers = noise_layers(model)
+    got = [(n.layer_name, n.target_name, n.dim, n.num_structures) for n in layers]
+    assert got == EXPECTED
+    # forward order and the output layer excluded
+    assert [n.layer_name for n in layers] == forward_order(model, x)[:-1]
+    assert "head" not in [n.layer_name for n in layers]
+    # each noise module is the child `bayes_noise` of its layer and its hook sits on the target
+    for n in layers:
+        assert model.get_submodule(n.layer_name).bayes_noise is n
+        assert n.chain[0] == n.layer_name and n.chain[-1] == n.target_name
+        target = model.get_submodule(n.target_name)
+        assert any(getattr(fn, "__self__", None) is n for fn in target._forward_hooks.values())
+        assert n.mu.shape == n.log_sigma.shape == n.mask.shape == (n.num_structures,)
+        assert torch.equal(n.mask, torch.ones(n.num_structures))
+
+
+def test_noise_multiplies_the_target_output_along_its_dim():
+    """Capture each target's output (before the noise hook) and the noise output, in eval mode."""
+    model, x = make_net()
+    model.eval()
+    layers = noise_layers(model)
+    with torch.no_grad():
+        for i, n in enumerate(layers):
+            n.mu.copy_(torch.linspace(-0.5, -0.1, n.num_structures) - 0.01 * i)
+            n.log_sigma.fill_(-1.0)
+    captured = {}
+    handles = []
+    for n in layers:
+        target = model.get_submodule(n.target_name)
+        # registered after the noise hook: sees the noisy output; a pre-existing hook order is kept
+        handles.append(target.register_forward_hook(lambda m, i, o, key=n.layer_name: captured.__setitem__(key, o)))
+    raw = {}
+    for n in layers:
+        # the raw output is the noise module's input: hook the noise module itself
+        handles.append(n.register_forward_hook(lambda m, i, o, key=n.layer_name: raw.__setitem__(key, i[0])))
+    with torch.no_grad():
+        model(*x)
+    for h in handles:
+        h.remove()
+    for n in layers:
+        h, out = raw[n.layer_name], captured[n.layer_name]
+        shape = [1] * h.ndim
+        shape[n.dim % h.ndim] = n.num_structures
+        assert h.shape[n.dim % h.ndim] == n.num_structures
+        torch.testing.assert_close(out, h * n.expected_theta().view(shape))
+    assert raw["attn.q"].shape == (6, Net.T, Net.D)  # [B,T,F]: noise on the feature dim
+
+
+def test_placement_layer_and_explicit_layers():
+    torch.manual_seed(0)
+    model, x = Net(), inputs(2)
+    add_noise(model, x, placement="layer")
+    assert all(n.target_name == n.layer_name for n in noise_layers(model))
+    bayesprune.remove_noise(model)
+    assert noise_layers(model) == []
+    add_noise(model, x, layers=["fc", "block.conv1"])
+    assert [(n.layer_name, n.target_name) for n in noise_layers(model)] == [("block.conv1", "block.bn1"), ("fc", "fc_act")]
+
+
+def test_placement_without_example_inputs_on_sequential():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2))
+    add_noise(model)
+    got = [(n.layer_name, n.target_name, n.dim) for n in noise_layers(model)]
+    assert got == [("0", "1", -1), ("2", "4", -1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# module semantics
+
+
+def expected_theta_formula(mu: float, sigma: float, a: float, b: float) -> float:
+    """MATH.md sec. 1, float64 via scipy: exp(mu + s^2/2) (Phi(beta - s) - Phi(alpha - s)) / Z."""
+    alpha, beta = (a - mu) / sigma, (b - mu) / sigma
+    z = ndtr(beta) - ndtr(alpha)
+    return math.exp(mu + sigma**2 / 2) * (ndtr(beta - sigma) - ndtr(alpha - sigma)) / z
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_output_is_h_times_expected_theta_times_mask(device):
+    torch.manual_seed(1)
+    a, b = -6.0, -0.2
+    noise = MultiplicativeNoise(5, dim=1, a=a, b=b).to(device)
+    with torch.no_grad():
+        noise.mu.copy_(torch.tensor([-3.0, -1.0, 0.5, -5.5, -0.3]))
+        noise.log_sigma.copy_(torch.tensor([-1.0, 0.0, -0.5, 0.3, -5.0]))
+        noise.mask[3] = 0
+    noise.eval()
+    h = torch.randn(4, 5, 3, 2, device=device)
+    with torch.no_grad():
+        out = noise(h)
+    mean = TruncatedLogNormal(noise.mu, noise.sigma, a, b).mean
+    torch.testing.assert_close(noise.expected_theta(), mean)
+    want = [expected_theta_formula(m, s, a, b) for m, s in zip(noise.mu.tolist(), noise.sigma.tolist())]
+    torch.testing.assert_close(mean.double().cpu(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=0)
+    scale = (mean * noise.mask).view(1, 5, 1, 1)
+    torch.testing.assert_close(out, h * scale)
+    assert bool((out[:, 3] == 0).all())
+    # also with autograd on (no cache) and deterministic: eval draws nothing
+    torch.testing.assert_close(noise(h), out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_train_draws_theta_within_bounds(device):
+    torch.manual_seed(2)
+    a, b = -3.0, -0.5
+    noise = MultiplicativeNoise(4, dim=-1, a=a, b=b).to(device)
+    with torch.no_grad():
+        noise.mu.fill_(-1.5)
+        noise.log_sigma.fill_(0.0)
+    noise.train()
+    h = torch.rand(8, 3, 4, device=device) + 0.5  # positive, away from 0
+    out1, out2 = noise(h), noise(h)
+    assert not torch.equal(out1, out2)
+    for out in (out1, out2):
+        ratio = out / h
+        assert bool((ratio > 0).all())
+        assert bool((ratio >= math.exp(a) * (1 - 1e-5)).all()) and bool((ratio <= math.exp(b) * (1 + 1e-5)).all())
+    # differentiable in mu and log_sigma
+    out1.sum().backward()
+    assert noise.mu.grad is not None and bool(torch.isfinite(noise.mu.grad).all())
+    assert noise.log_sigma.grad is not None and bool((noise.log_sigma.grad != 0).any())
+
+
+def test_train_sample_mean_matches_expected_theta():
+    torch.manual_seed(3)
+    noise = MultiplicativeNoise(3, dim=1)
+    with torch.no_grad():
+        noise.mu.copy_(torch.tensor([-1.0, -0.2, -4.0]))
+        noise.log_sigma.copy_(torch.tensor([-0.5, 0.0, 0.5]))
+    h = torch.ones(20000, 3)
+    with torch.no_grad():
+        est = noise.train()(h).mean(0)
+    torch.testing.assert_close(est, noise.expected_theta().detach(), rtol=0.03, atol=1e-3)
+
+
+def test_sharing_channel_vs_element():
+    torch.manual_seed(4)
+    h = torch.rand(3, 4, 5, 6) + 0.5
+    ratios = {}
+    for sharing in ("channel", "element"):
+        noise = MultiplicativeNoise(4, dim=1, sharing=sharing)
+        with torch.no_grad():
+            noise.mu.fill_(-1.0)
+            noise.log_sigma.fill_(0.0)
+        ratios[sharing] = noise.train()(h) / h
+    ch = ratios["channel"]
+    # channel: one theta per (example, channel), constant over spatial positions
+    torch.testing.assert_close(ch, ch[:, :, :1, :1].expand_as(ch), rtol=1e-5, atol=0)
+    assert ch[:, :, 0, 0].unique().numel() == 12  # but different across examples and channels
+    el = ratios["element"]
+    assert el[0, 0].unique().numel() > 1  # element: varies over positions
+    # channel sharing on token sequences [B,T,F]: one theta per (example, feature), shared over tokens
+    noise = MultiplicativeNoise(6, dim=-1, sharing="channel")
+    with torch.no_grad():
+        noise.mu.fill_(-1.0)
+        noise.log_sigma.fill_(0.0)
+    t = torch.rand(2, 5, 6) + 0.5
+    r = noise.train()(t) / t
+    torch.testing.assert_close(r, r[:, :1, :].expand_as(r), rtol=1e-5, atol=0)
+    assert r[:, 0, :].unique().numel() == 12
+
+
+@pytest.mark.parametrize("sharing", ["element", "channel"])
+def test_masked_structures_output_exact_zero(sharing):
+    torch.manual_seed(5)
+    model, x = make_net(sharing=sharing)
+    for n in noise_layers(model):
+        n.mask[1] = 0
+    outs = {}
+    hooks = []
+    for n in noise_layers(model):
+        hooks.append(n.register_forward_hook(lambda m, i, o, key=n.layer_name: outs.__setitem__(key, o)))
+    for train in (True, False):
+        model.train(train)
+        model(*x)
+        for n in noise_layers(model):
+            o = outs[n.layer_name]
+            assert bool((o.select(n.dim % o.ndim, 1) == 0).all()), (n.layer_name, train)
+            kept = torch.arange(n.num_structures) != 1
+            assert bool((o.movedim(n.dim % o.ndim, 0)[kept] != 0).any()), (n.layer_name, train)
+    for h in hooks:
+        h.remove()
+
+
+def test_monotone_masks_never_revive_and_overwrite_without():
+    model, x = make_net()
+    layers = noise_layers(model)
+    layers[0].mask[2] = 0  # a structure that 'etheta' would keep (E[theta] ~ 1)
+    bayesprune.prune(model, "etheta")
+    assert layers[0].mask[2] == 0
+    bayesprune.prune(model, "l2", threshold=0.0)  # every norm > 0: keeps all
+    assert layers[0].mask[2] == 0
+    bayesprune.prune(model, "etheta", monotone=False)
+    assert layers[0].mask[2] == 1
+    layers[0].mask[2] = 0
+    bayesprune.prune(model, "l2", threshold=0.0, monotone=False)
+    assert layers[0].mask[2] == 1
+    assert all(bool((n.mask == 1).all()) for n in layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# KL and training
+
+
+def test_kl_weightings_match_hand_formula():
+    model, x = make_net()
+    layers = noise_layers(model)
+    torch.manual_seed(6)
+    with torch.no_grad():
+        for n in layers:
+            n.mu.copy_(torch.empty(n.num_structures).uniform_(-15, 0))
+            n.log_sigma.copy_(torch.empty(n.num_structures).uniform_(-4, 1))
+    per_layer = [n.kl() for n in layers]
+    mean = sum(k.mean() for k in per_layer) / len(per_layer)
+    total = sum(k.sum() for k in per_layer)
+    torch.testing.assert_close(kl(model, "mean"), mean)
+    torch.testing.assert_close(kl(model), mean)  # default is the reference's "mean"
+    torch.testing.assert_close(kl(model, "elbo", num_train=1234), total / 1234)
+    torch.testing.assert_close(kl(model, "sum"), total)
+
+
+def test_layer_kl_matches_math_formula():
+    """KL = log(b-a) - log Z - log sigma - 0.5 log(2 pi e) - (alpha phi(alpha) - beta phi(beta)) / (2Z)."""
+    noise = MultiplicativeNoise(4)
+    mu = [-1.0, -5.0, 0.3, -10.0]
+    ls = [-1.0, 0.5, -2.0, 1.0]
+    with torch.no_grad():
+        noise.mu.copy_(torch.tensor(mu))
+        noise.log_sigma.copy_(torch.tensor(ls))
+    a, b = noise.a, noise.b
+    want = []
+    for m, l in zip(mu, ls):
+        s = math.exp(l)
+        al, be = (a - m) / s, (b - m) / s
+        z = ndtr(be) - ndtr(al)
+        phi = lambda t: math.exp(-t * t / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+        want.append(
+            math.log(b - a) - math.log(z) - l - 0.5 * math.log(2 * math.pi * math.e) - (al * phi(al) - be * phi(be)) / (2 * z)
+        )
+    torch.testing.assert_close(noise.kl().double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weighting", ["mean", "elbo"])
+def test_training_steps_with_kl(weighting):
+    model, x = make_net()
+    torch.manual_seed(7)
+    y = torch.randint(0, 5, (x[0].shape[0],))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    mu0 = [n.mu.detach().clone() for n in noise_layers(model)]
+    model.train()
+    losses = []
+    for _ in range(2):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(*x), y) + kl(model, weighting, num_train=60000)
+        loss.backward()
+        for n in noise_layers(model):
+            assert n.mu.grad is not None and bool(torch.isfinite(n.mu.grad).all())
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert any(not torch.equal(n.mu, m0) for n, m0 in zip(noise_layers(model), mu0))
+    model.eval()
+    with torch.no_grad():
+        assert bool(torch.isfinite(model(*x)).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# state_dict and devices
+
+
+def _perturb(model):
+    torch.manual_seed(8)
+    with torch.no_grad():
+        for n in noise_layers(model):
+            n.mu.copy_(torch.empty(n.num_structures).uniform_(-2, 0))
+            n.log_sigma.copy_(torch.empty(n.num_structures).uniform_(-3, 0))
+            n.mask[0] = 0
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+
+
+def test_state_dict_round_trip(tmp_path):
+    model, x = make_net(seed=0)
+    _perturb(model)
+    model.eval()
+    with torch.no_grad():
+        want = model(*x)
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    fresh, _ = make_net(seed=123)
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    fresh.eval()
+    with torch.no_grad():
+        got = fresh(*x)
+    assert torch.equal(got, want)
+    for n, m in zip(noise_layers(fresh), noise_layers(model)):
+        assert torch.equal(n.mu, m.mu) and torch.equal(n.log_sigma, m.log_sigma) and torch.equal(n.mask, m.mask)
+
+
+def test_eval_cache_sees_loaded_and_in_place_changes():
+    """The eval path may cache E[theta]*mask; it must follow load_state_dict and in-place edits."""
+    model, x = make_net()
+    model.eval()
+    n = noise_layers(model)[-1]
+    with torch.no_grad():
+        before = model(*x)
+        other, _ = make_net(seed=9)
+        _perturb(other)
+        model.load_state_dict(other.state_dict())
+        other.eval()
+        loaded = model(*x)
+        torch.testing.assert_close(loaded, other(*x))
+        assert not torch.allclose(loaded, before)
+        saved = n.mask.clone()
+        n.mask.fill_(0)
+        masked = model(*x)
+        assert not torch.allclose(masked, loaded)
+        n.mask.copy_(saved)
+        torch.testing.assert_close(model(*x), loaded)
+        n.mu.fill_(-19.0)  # in place under no_grad: E[theta] ~ e^-19 acts like a mask
+        n.log_sigma.fill_(-3.0)
+        torch.testing.assert_close(model(*x), masked, atol=1e-6, rtol=0)
+
+
+STALE_CACHE = (
+    "BUG noise.py MultiplicativeNoise._eval_scale: the eval cache key uses mu._version/log_sigma._version/"
+    "data_ptr, and writes through .data (p.data.fill_/copy_) bump neither, so eval keeps the old "
+    "E[theta]*mask and skips check_finite"
+)
+
+
+@pytest.mark.xfail(reason=STALE_CACHE, strict=False)
+def test_eval_cache_sees_writes_through_data():
+    model, x = make_net()
+    model.eval()
+    n = noise_layers(model)[-1]
+    with torch.no_grad():
+        before = model(*x)
+        n.mu.data.fill_(-19.0)
+        n.log_sigma.data.fill_(-3.0)
+        after = model(*x)
+        n.mask.fill_(0)
+        masked = model(*x)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, masked, atol=1e-6, rtol=0)
+
+
+@CUDA_SKIP
+def test_cuda_end_to_end(tmp_path):
+    model, x = make_net()
+    model, x = model.cuda(), tuple(t.cuda() for t in x)
+    assert all(n.mu.is_cuda and n.mask.is_cuda for n in noise_layers(model))
+    y = torch.randint(0, 5, (x[0].shape[0],), device="cuda")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for sharing_model in (model,):
+        sharing_model.train()
+        loss = F.cross_entropy(sharing_model(*x), y) + kl(sharing_model, "elbo", num_train=100)
+        loss.backward()
+        opt.step()
+    for crit in ("bmrs_n", "bmrs_u", "snr", "etheta"):
+        bayesprune.prune(model, crit)
+    bayesprune.prune(model, "l2", compression=0.3)
+    bayesprune.prune(model, "grad", compression=0.5)
+    model.eval()
+    with torch.no_grad():
+        want = model(*x)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    fresh, _ = make_net(seed=5)
+    fresh.cuda().load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(*x), want)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+def test_error_bounds_a_not_below_b():
+    with pytest.raises(ValueError, match="a < b"):
+        MultiplicativeNoise(3, a=0.0, b=0.0)
+    with pytest.raises(ValueError, match="a < b"):
+        MultiplicativeNoise(3, a=1.0, b=-1.0)
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="a < b"):
+        add_noise(Net(), inputs(2), a=-1.0, b=-2.0)
+
+
+def test_error_shape_mismatch_names_layer_and_shape():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10), nn.ReLU(), nn.Linear(10, 2))
+    add_noise(model, torch.randn(2, 3, 6, 6))
+    model.eval()
+    # an unbatched image [3,6,6]: Conv2d accepts it and returns [8,4,4]; dim 1 then holds 4, not 8
+    with pytest.raises(ValueError) as err:
+        with torch.no_grad():
+            model(torch.randn(3, 6, 6))
+    msg = str(err.value)
+    assert "'0'" in msg and "(8, 4, 4)" in msg and "8 structures" in msg
+    fc = noise_layers(model)[1]  # features on dim -1
+    with pytest.raises(ValueError, match=r"'3'.*\(2, 31\)"):
+        fc(torch.randn(2, 31))
+
+
+TRAIN_NAN = (
+    "BUG noise.py MultiplicativeNoise.forward (train branch) since 0999929 'fused noise multiply': "
+    "check_finite() is no longer called, so a NaN mu gives NaN activations silently instead of a "
+    "FloatingPointError naming the layer"
+)
+
+
+@pytest.mark.parametrize("train", [pytest.param(True, marks=pytest.mark.xfail(reason=TRAIN_NAN, strict=False)), False])
+def test_error_nan_parameters_in_forward(train):
+    model, x = make_net()
+    model.train(train)
+    with torch.no_grad():
+        model(*x)  # fill any eval cache first
+        noise_layers(model)[2].mu[3] = float("nan")
+        with pytest.raises(FloatingPointError, match="block.conv2"):
+            model(*x)
+    with pytest.raises(FloatingPointError, match="block.conv2"):
+        model(*x)
+
+
+@pytest.mark.xfail(reason=STALE_CACHE, strict=False)
+def test_error_nan_set_through_data_in_eval():
+    model, x = make_net()
+    model.eval()
+    with torch.no_grad():
+        model(*x)  # fill any eval cache first
+        noise_layers(model)[1].log_sigma.data[0] = float("nan")
+        with pytest.raises(FloatingPointError, match="block.conv1"):
+            model(*x)
+
+
+def test_error_add_noise_twice():
+    model, x = make_net()
+    with pytest.raises(ValueError, match="already has noise"):
+        add_noise(model, x)
+
+
+def test_error_kl_weighting_and_num_train():
+    model, _ = make_net()
+    with pytest.raises(ValueError, match="unknown KL weighting 'bogus'.*mean.*elbo"):
+        kl(model, "bogus")
+    with pytest.raises(ValueError, match="num_train"):
+        kl(model, "elbo")
+    with pytest.raises(ValueError, match="num_train"):
+        kl(model, "elbo", num_train=0)
+    with pytest.raises(ValueError, match="no noise layers"):
+        kl(nn.Linear(2, 2))
