@@ -388,8 +388,15 @@ def plot_structure_histograms(stats: dict[str, np.ndarray], path: str | Path, pr
     _hist_kept_pruned(axes[0, 1], np.where(kept, stats["etheta"], np.nan), kept, "E[θ] after pruning (kept structures)", "log10 E[θ]", log=True)
     _hist_kept_pruned(axes[1, 0], _symlog(stats["df_n"]), kept, "ΔF BMRS_N (prune if ≥ 0)", "sign(ΔF_N) log10(1 + |ΔF_N|)")
     _hist_kept_pruned(axes[1, 1], _symlog(stats["df_u"]), kept, f"ΔF BMRS_U-{precision:g} (prune if ≥ 0)", "sign(ΔF_U) log10(1 + |ΔF_U|)")
-    for ax in axes[1]:
-        ax.axvline(0.0, color="k", lw=0.8, ls="--")
+    for ax, key in zip(axes[1], ("df_n", "df_u")):
+        d = _symlog(stats[key])
+        d = d[np.isfinite(d)]
+        span = float(d.max() - d.min()) if d.size else 0.0
+        if d.size and (d.max() >= -5 * max(span, 1e-3)):  # 0 is near the data: mark it
+            ax.axvline(0.0, color="k", lw=0.8, ls="--")
+        elif d.size:  # marking 0 would squeeze the histogram into one pixel column
+            ax.text(0.98, 0.95, "all ΔF < 0 (nothing to prune);\n0 lies far to the right", transform=ax.transAxes,
+                    ha="right", va="top", fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
