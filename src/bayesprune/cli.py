@@ -52,6 +52,17 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.2f}"
 
 
+def _threshold(text: str) -> float:
+    from .reduction import REFERENCE_THRESHOLD
+
+    if text == "reference":
+        return REFERENCE_THRESHOLD
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'reference', got {text!r}") from None
+
+
 def _config_overrides(args: argparse.Namespace) -> dict:
     """RunConfig fields given on the command line (None = take resolve_config's default)."""
     return dict(
@@ -63,6 +74,7 @@ def _config_overrides(args: argparse.Namespace) -> dict:
         finetune_epochs=getattr(args, "finetune_epochs", None),
         batch_size=args.batch_size,
         lr=args.lr,
+        noise_lr=args.noise_lr,
         width=args.width,
         extra_layers=args.extra_layers,
         kl_weighting=args.kl_weighting,
@@ -99,13 +111,15 @@ def _add_common(p: argparse.ArgumentParser, methods: bool = True) -> None:
         g.add_argument("--finetune-epochs", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--noise-lr", type=float, default=None, help="learning rate of the noise parameters (default: --lr)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
     g.add_argument("--kl-weighting", choices=("mean", "elbo", "sum"), default=None)
     g.add_argument("--sharing", choices=("channel", "element"), default=None)
     g.add_argument("--precision", type=float, default=None, help="BMRS_U precision p (default 8)")
     g.add_argument("--val-fraction", type=float, default=None, help="validation share of the training set (default 0.2)")
     if methods:
-        g.add_argument("--threshold", type=float, default=None, help="prune threshold of the criterion")
+        g.add_argument("--threshold", type=_threshold, default=None,
+                       help="prune threshold of the criterion; 'reference' = the reference code's BMRS_N (dF >= -0.919)")
         g.add_argument("--compression", type=float, default=None, help="target parameter compression in [0, 1] (l2, grad)")
         g.add_argument("--no-monotone", action="store_true", help="allow pruned structures to come back")
         g.add_argument("--shrink", action="store_true", help="physically remove pruned structures during training")
@@ -173,7 +187,52 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bf_run)
+
+    from .reproduce import TARGETS
+
+    rp = sub.add_parser("reproduce", help="run (or resume) every run of one of the papers' tables, then print it",
+                        description="bmrs-table1: MLP/LeNet5 x MNIST/Fashion-MNIST/CIFAR-10 x None, L2, E[θ], SNR, "
+                        "BMRS_N, BMRS_U-8, BMRS_U-4; bmrs-posttrain: post-training sweeps; bf-table1: the Bayes-factor "
+                        "paper's Table 1. Finished runs are skipped, interrupted ones resume.")
+    rp.add_argument("name", choices=TARGETS)
+    rp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    rp.add_argument("--epochs", type=int, default=None, help="training epochs (default: the paper's)")
+    rp.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default: the paper's 10)")
+    rp.add_argument("--data-dir", default=None, help="folder holding mnist/, fashion-mnist/, cifar10 data")
+    rp.add_argument("--out-dir", default="runs/reproduce")
+    rp.add_argument("--models", nargs="+", default=None, help="subset of models (default: all of the table)")
+    rp.add_argument("--datasets", nargs="+", default=None, help="subset of data sets (default: all of the table)")
+    rp.add_argument("--jobs", type=int, default=1, help="runs in parallel (each with cores/jobs threads)")
+    rp.add_argument("--sharing", choices=("channel", "element"), default=None, help="noise draws (default: channel)")
+    rp.add_argument("--noise-lr", type=float, default=None, help="learning rate of the noise parameters (default: --lr)")
+    rp.add_argument("--threshold", type=_threshold, default=None, help="BMRS_N/BMRS_U threshold (default 0; 'reference')")
+    rp.set_defaults(func=cmd_reproduce)
     return p
+
+
+def cmd_reproduce(args) -> int:
+    from .reproduce import reproduce
+    from .results import bf_table, find_summaries, table1, table_csv, table_markdown
+
+    extra = {k: v for k, v in dict(sharing=args.sharing, noise_lr=args.noise_lr, threshold=args.threshold).items() if v is not None}
+    out = Path(args.out_dir) / args.name
+    res = reproduce(args.name, out, seeds=args.seeds, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+                    data_dir=args.data_dir, jobs=args.jobs, models=args.models, datasets=args.datasets, **extra)
+    summaries = [s for _, s in find_summaries([out])]
+    print()
+    if args.name == "bf-table1":
+        table, header = bf_table(summaries), "r"
+    elif args.name == "bmrs-table1":
+        table, header = table1(summaries), "method"
+    else:
+        print(f"sweeps written under {out} (sweep.json per seed); plot them with `bayesprune sweep` options or results.plot_sweep")
+        print(f"wall time {res['wall_time_s']:.0f} s")
+        return 0
+    md = table_markdown(table, row_header=header)
+    print(md)
+    _write_pair(str(out / "table"), md, table_csv(table, row_header=header))
+    print(f"wall time {res['wall_time_s']:.0f} s; table written to {out / 'table.md'} and {out / 'table.csv'}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,15 +261,22 @@ def cmd_run(args) -> int:
     print(f"{base.method} on {base.model}/{base.dataset}: epochs {base.epochs} + fine-tune {base.finetune_epochs}, "
           f"batch {base.batch_size}, lr {base.lr:g}, seeds {' '.join(map(str, args.seeds))} -> {group}", flush=True)
     _maybe_download(args, base.dataset)
-    rows = []
+    rows, notes = [], []
     for seed in args.seeds:
         cfg = _resolved(args, seed=seed, out_dir=str(group / f"seed{seed}"))
         _current["run_dir"] = cfg.out_dir
         s = run_continuous(cfg, progress=not args.quiet)
         rows.append((str(seed), _pct(s["test_acc"]), _pct(s["param_compression"]), _pct(s["structure_compression"]),
                      f"{s['wall_time_s']:.1f}", cfg.out_dir))
+        if "reference_offset" in s:
+            ref = s["reference_offset"]
+            notes.append(f"seed {seed}: the reference implementation's BMRS_N threshold (dF >= {ref['threshold']:.3f}) "
+                         f"would remove {_pct(ref['param_compression'])} % of the parameters of this final model "
+                         "(docs/maths.md: posteriors relaxed to the prior have dF just below 0)")
     print()
     _print_table(("seed", "test acc %", "param compression %", "structure compression %", "wall s", "run dir"), rows)
+    for line in notes:
+        print(line)
     if len(rows) > 1:
         from .results import mean_std
 

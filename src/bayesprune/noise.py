@@ -80,8 +80,6 @@ class MultiplicativeNoise(nn.Module):
         self.target_name = ""
         self.chain: list[str] = []  # layer [-> BatchNorm] [-> activation]; noise follows the last
         self.order = 0
-        self._cache_key = None
-        self._cache = None
 
     def extra_repr(self) -> str:
         return f"{self.num_structures}, dim={self.dim}, a={self.a}, b={self.b}, sharing={self.sharing!r}, layer={self.layer_name!r}"
@@ -114,16 +112,6 @@ class MultiplicativeNoise(nn.Module):
         """KL(q || p) per structure."""
         return kl_divergence(self.posterior(), self.prior())
 
-    def _eval_scale(self) -> torch.Tensor:
-        key = (self.mu._version, self.log_sigma._version, self.mask._version, self.mu.data_ptr(), self.mask.data_ptr())
-        if torch.is_grad_enabled() or self._cache is None or self._cache_key != key:
-            self.check_finite()
-            scale = self.expected_theta() * self.mask
-            if torch.is_grad_enabled():
-                return scale
-            self._cache, self._cache_key = scale, key
-        return self._cache
-
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if h.ndim < 1:
             raise ValueError(f"noise layer for {self.layer_name!r} got a scalar; it needs a tensor with a structure dimension")
@@ -135,8 +123,9 @@ class MultiplicativeNoise(nn.Module):
             )
         shape = [1] * h.ndim
         shape[dim] = self.num_structures
+        self.check_finite()
         if not self.training:
-            return h * self._eval_scale().to(h.dtype).view(shape)
+            return h * (self.expected_theta() * self.mask).to(h.dtype).view(shape)
         if self.sharing == "element":
             u_shape = h.shape
         else:

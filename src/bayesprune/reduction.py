@@ -15,7 +15,11 @@ import torch
 
 from .distributions import DEFAULT_A, DEFAULT_B, log_mass_parts
 
-__all__ = ["delta_f_normal", "delta_f_uniform", "FLOAT32_MANTISSA_LOG"]
+__all__ = ["delta_f_normal", "delta_f_uniform", "FLOAT32_MANTISSA_LOG", "REFERENCE_THRESHOLD"]
+
+#: The reference implementation's dF_N is the exact one + 0.5 log(2 pi) (it drops the 2 pi):
+#: ``prune(model, "bmrs_n", threshold=REFERENCE_THRESHOLD)`` reproduces its decisions.
+REFERENCE_THRESHOLD = -0.5 * math.log(2 * math.pi)
 
 #: a' of BMRS_U: log 2^-23, the float32 mantissa resolution.
 FLOAT32_MANTISSA_LOG = -23 * math.log(2.0)

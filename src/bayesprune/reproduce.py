@@ -1,0 +1,151 @@
+"""One command per table of the two papers (``bayesprune reproduce <name>``).
+
+* ``bmrs-table1``: MLP and LeNet5 x MNIST, Fashion-MNIST, CIFAR-10 x None, L2, E[theta], SNR,
+  BMRS_N, BMRS_U-8, BMRS_U-4 (continuous pruning, paper hyperparameters).  L2 runs second, at
+  the compression BMRS_N reached with the same seed, as in the paper.
+* ``bmrs-posttrain``: post-training sweeps with the BMRS stop points.
+* ``bf-table1``: the Bayes-factor paper's Table 1 (FCN and CNN x data sets x r x four methods +
+  unpruned).
+
+Runs already finished are skipped, interrupted ones resume (their run directories are durable).
+``jobs`` runs go in parallel, each process with ``cpu_count // jobs`` threads.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+from .training import RunConfig, resolve_config, run_continuous, run_sweep
+
+__all__ = ["TARGETS", "bmrs_table1_configs", "reproduce"]
+
+TARGETS = ("bmrs-table1", "bmrs-posttrain", "bf-table1")
+BMRS_MODELS = ("mlp", "lenet5")
+BMRS_DATASETS = ("mnist", "fashion-mnist", "cifar10")
+#: (method, precision) rows of the BMRS Table 1, L2 excluded (it needs BMRS_N's compression)
+BMRS_METHODS = (("none", None), ("etheta", None), ("snr", None), ("bmrs_n", None), ("bmrs_u", 8.0), ("bmrs_u", 4.0))
+
+
+def _run_name(model, dataset, method, precision):
+    name = f"{model}-{dataset}-{method}"
+    return name + (f"-p{precision:g}" if method == "bmrs_u" else "")
+
+
+def bmrs_table1_configs(out, seeds, epochs=None, finetune_epochs=None, data_dir=None, models=BMRS_MODELS, datasets=BMRS_DATASETS, threshold=None, **extra) -> list[RunConfig]:
+    """The runs of the BMRS Table 1 except L2; ``threshold`` applies to BMRS_N only."""
+    cfgs = []
+    for model in models:
+        for dataset in datasets:
+            for method, precision in BMRS_METHODS:
+                for seed in seeds:
+                    cfgs.append(
+                        resolve_config(
+                            model=model, dataset=dataset, method=method, precision=precision, seed=seed,
+                            epochs=epochs, finetune_epochs=finetune_epochs, data_dir=data_dir,
+                            out_dir=str(Path(out) / _run_name(model, dataset, method, precision) / f"seed{seed}"),
+                            threshold=threshold if method == "bmrs_n" else None,
+                            **extra,
+                        )
+                    )
+    return cfgs
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _run_one(cfg: RunConfig) -> dict:
+    return run_continuous(cfg, progress=False)
+
+
+def _sweep_one(cfg: RunConfig) -> dict:
+    return run_sweep(cfg, progress=False)
+
+
+BF_MODELS = ("fcn", "cnn")
+BF_SPARSITIES = ("0.25", "0.5", "0.75", "0.9", "0.99")
+
+
+def _bf_group(group) -> int:
+    """One `bayesprune bf-run` call: every sparsity and seed of one (model, data set, gate)."""
+    from .cli import main
+
+    model, dataset, gated, seeds, epochs, data_dir, out = group
+    modes = ["random", "magnitude"] + ([] if gated else ["none"])
+    argv = ["bf-run", "--model", model, "--dataset", dataset, "--mode", *modes, "--sparsity", *BF_SPARSITIES,
+            "--seeds", *map(str, seeds), "--out-dir", out, "--quiet", "--gated" if gated else "--no-gated"]
+    if epochs is not None:
+        argv += ["--epochs", str(epochs)]
+    if data_dir is not None:
+        argv += ["--data-dir", str(data_dir)]
+    code = main(argv)
+    if code != 0:
+        raise RuntimeError(f"bayesprune {' '.join(argv)} failed with exit code {code}")
+    return code
+
+
+def _map(fn, cfgs, jobs: int, progress: bool):
+    jobs = max(1, min(jobs, len(cfgs))) if cfgs else 1
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    if jobs == 1:
+        _init_worker(threads)
+        out = []
+        for i, c in enumerate(cfgs):
+            if progress:
+                print(f"[{i + 1}/{len(cfgs)}] {getattr(c, 'out_dir', c)}", flush=True)
+            out.append(fn(c))
+        return out
+    with ProcessPoolExecutor(jobs, mp_context=get_context("fork"), initializer=_init_worker, initargs=(threads,)) as ex:
+        futures = [ex.submit(fn, c) for c in cfgs]
+        out = []
+        for i, (c, f) in enumerate(zip(cfgs, futures)):
+            out.append(f.result())
+            if progress:
+                print(f"[{i + 1}/{len(cfgs)}] done {getattr(c, 'out_dir', c)}", flush=True)
+        return out
+
+
+def reproduce(name: str, out: str | Path, seeds=(0,), epochs=None, finetune_epochs=None, data_dir=None, jobs: int = 1, models=None, datasets=None, progress: bool = True, **extra) -> dict:
+    """Run (or resume) every run of target ``name``; returns {"summaries": [...], "wall_time_s": ...}."""
+    if name not in TARGETS:
+        raise ValueError(f"unknown reproduction {name!r}; valid: {', '.join(TARGETS)}")
+    t0 = time.time()
+    out = Path(out)
+    if name == "bmrs-table1":
+        cfgs = bmrs_table1_configs(out, seeds, epochs, finetune_epochs, data_dir, models or BMRS_MODELS, datasets or BMRS_DATASETS, **extra)
+        summaries = _map(_run_one, cfgs, jobs, progress)
+        # L2 at BMRS_N's compression, per (model, dataset, seed)
+        l2 = []
+        for cfg, s in zip(cfgs, summaries):
+            if cfg.method == "bmrs_n":
+                d = asdict(cfg)
+                d.update(method="l2", threshold=None, compression=float(s["param_compression"]), out_dir=str(out / _run_name(cfg.model, cfg.dataset, "l2", None) / f"seed{cfg.seed}"))
+                l2.append(RunConfig(**d))
+        summaries += _map(_run_one, l2, jobs, progress)
+    elif name == "bmrs-posttrain":
+        cfgs = []
+        for model in models or BMRS_MODELS:
+            for dataset in datasets or BMRS_DATASETS:
+                for seed in seeds:
+                    extra.pop("threshold", None)
+                    cfgs.append(resolve_config(model=model, dataset=dataset, method="none", seed=seed, epochs=epochs, finetune_epochs=0, data_dir=data_dir, out_dir=str(out / f"{model}-{dataset}-sweep" / f"seed{seed}"), **extra))
+        summaries = _map(_sweep_one, cfgs, jobs, progress)
+    else:
+        groups = [
+            (model, dataset, gated, tuple(seeds), epochs, data_dir, str(out))
+            for model in models or BF_MODELS
+            for dataset in datasets or BMRS_DATASETS
+            for gated in (False, True)
+        ]
+        _map(_bf_group, groups, jobs, progress)
+        from .results import find_summaries
+
+        summaries = [s for _, s in find_summaries([out])]
+    return {"summaries": summaries, "wall_time_s": time.time() - t0}

@@ -1,0 +1,108 @@
+"""Protocols: durable runs (exact resume), NaN guard, BMRS_N on digits against None."""
+
+import json
+
+import pytest
+import torch
+
+import bayesprune.training as tr
+from bayesprune.reduction import REFERENCE_THRESHOLD
+
+
+def _cfg(tmp_path, name, **kw):
+    base = dict(
+        dataset="digits", model="mlp", width=32, extra_layers=1, epochs=3, finetune_epochs=1,
+        batch_size=64, lr=3e-3, noise_lr=3e-2, method="bmrs_n", out_dir=str(tmp_path / name), device="cpu",
+    )
+    base.update(kw)
+    return tr.resolve_config(**base)
+
+
+def _metrics(path):
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("epoch_time")
+    return rows
+
+
+def test_resume_after_interruption_gives_identical_numbers(tmp_path, monkeypatch):
+    full = tr.run_continuous(_cfg(tmp_path, "full"), progress=False)
+
+    original = tr._train_epoch
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # killed during the third epoch
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "_train_epoch", interrupted)
+    cfg = _cfg(tmp_path, "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        tr.run_continuous(cfg, progress=False)
+    state = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2
+    assert len(_metrics(tmp_path / "resumed")) == 2
+    monkeypatch.setattr(tr, "_train_epoch", original)
+    resumed = tr.run_continuous(cfg, progress=False)
+
+    assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "full")
+    for key in ("test_acc", "test_loss", "param_compression", "structure_compression", "best_epoch"):
+        assert resumed[key] == full[key], key
+    # a finished run is not run again
+    assert tr.run_continuous(cfg, progress=False)["test_acc"] == full["test_acc"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, "nan", epochs=3, finetune_epochs=0)
+    original = tr._train_epoch
+    calls = {"n": 0}
+
+    def poisoned(model, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(tr, "_train_epoch", poisoned)
+    with pytest.raises(tr.TrainingDiverged, match="last good checkpoint"):
+        tr.run_continuous(cfg, progress=False)
+    state = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="valid: digits"):
+        tr.resolve_config(dataset="imagenet")
+    with pytest.raises(ValueError, match="valid: mlp"):
+        tr.resolve_config(model="vgg")
+    with pytest.raises(ValueError, match="valid: none, bmrs_n"):
+        tr.resolve_config(method="magic")
+    with pytest.raises(ValueError, match="lr must be"):
+        tr.resolve_config(lr=-1.0)
+    with pytest.raises(ValueError, match="needs --compression"):
+        tr.resolve_config(method="l2")
+    tr.RunDir(tmp_path / "x").write_config(_cfg(tmp_path, "x"))
+    with pytest.raises(ValueError, match="another configuration"):
+        tr.RunDir(tmp_path / "x").write_config(_cfg(tmp_path, "x", seed=5))
+
+
+@pytest.mark.slow
+def test_bmrs_n_prunes_on_digits_within_margin_of_none(tmp_path):
+    """The reference threshold (exact dF_N + 0.919 >= 0) removes structures at None's accuracy.
+
+    Margin: 5 accuracy points on the 359-image digits test set (a few seeds' spread there)."""
+    kw = dict(epochs=10, finetune_epochs=2, batch_size=16, noise_lr=5e-2, sharing="element")
+    none = tr.run_continuous(_cfg(tmp_path, "none", method="none", **kw), progress=False)
+    bmrs = tr.run_continuous(_cfg(tmp_path, "bmrs", threshold=REFERENCE_THRESHOLD, **kw), progress=False)
+    assert bmrs["structure_compression"] > 0.2
+    assert bmrs["param_compression"] > 0.2
+    assert bmrs["test_acc"] >= none["test_acc"] - 0.05
+    assert none["param_compression"] == 0.0
+    # the exact criterion's summary says what the reference offset would prune
+    exact = tr.run_continuous(_cfg(tmp_path, "exact", **kw), progress=False)
+    assert "reference_offset" in exact
+    assert exact["reference_offset"]["param_compression"] >= exact["param_compression"]
