@@ -39,18 +39,23 @@ def _run_name(model, dataset, method, precision):
 
 
 def bmrs_table1_configs(out, seeds, epochs=None, finetune_epochs=None, data_dir=None, models=BMRS_MODELS, datasets=BMRS_DATASETS, threshold=None, **extra) -> list[RunConfig]:
-    """The runs of the BMRS Table 1 except L2; ``threshold`` applies to BMRS_N only."""
+    """The runs of the BMRS Table 1 except L2.  BMRS_N runs with the exact threshold 0 and, if
+    ``threshold`` is given (e.g. the reference code's -0.919), once more with it."""
     cfgs = []
+    methods = list(BMRS_METHODS) + ([("bmrs_n", "thr")] if threshold is not None else [])
     for model in models:
         for dataset in datasets:
-            for method, precision in BMRS_METHODS:
+            for method, precision in methods:
+                thr = threshold if precision == "thr" else None
+                name = _run_name(model, dataset, method, None) + (f"-t{thr:.3f}" if thr is not None else "")
+                precision = None if precision == "thr" else precision
                 for seed in seeds:
                     cfgs.append(
                         resolve_config(
                             model=model, dataset=dataset, method=method, precision=precision, seed=seed,
                             epochs=epochs, finetune_epochs=finetune_epochs, data_dir=data_dir,
-                            out_dir=str(Path(out) / _run_name(model, dataset, method, precision) / f"seed{seed}"),
-                            threshold=threshold if method == "bmrs_n" else None,
+                            out_dir=str(Path(out) / (name if thr is not None else _run_name(model, dataset, method, precision)) / f"seed{seed}"),
+                            threshold=thr,
                             **extra,
                         )
                     )
@@ -123,8 +128,10 @@ def reproduce(name: str, out: str | Path, seeds=(0,), epochs=None, finetune_epoc
         summaries = _map(_run_one, cfgs, jobs, progress)
         # L2 at BMRS_N's compression, per (model, dataset, seed)
         l2 = []
+        thresholded = {(c.model, c.dataset, c.seed) for c in cfgs if c.method == "bmrs_n" and c.threshold is not None}
         for cfg, s in zip(cfgs, summaries):
-            if cfg.method == "bmrs_n":
+            key = (cfg.model, cfg.dataset, cfg.seed)
+            if cfg.method == "bmrs_n" and ((cfg.threshold is not None) == (key in thresholded)):
                 d = asdict(cfg)
                 d.update(method="l2", threshold=None, compression=float(s["param_compression"]), out_dir=str(out / _run_name(cfg.model, cfg.dataset, "l2", None) / f"seed{cfg.seed}"))
                 l2.append(RunConfig(**d))

@@ -60,9 +60,11 @@ _LABELS = {"none": "None", "l2": "L2", "etheta": "E[θ]", "snr": "SNR", "bmrs_n"
 def method_label(config: dict) -> str:
     """Row label of a continuous run's config: ``bmrs_u`` becomes ``BMRS_U-<precision>``."""
     method = config.get("method", "?")
-    if method == "bmrs_u":
-        return f"BMRS_U-{float(config.get('precision', 8)):g}"
-    return _LABELS.get(method, method)
+    label = f"BMRS_U-{float(config.get('precision', 8)):g}" if method == "bmrs_u" else _LABELS.get(method, method)
+    thr = config.get("threshold")
+    if method in ("bmrs_n", "bmrs_u") and thr is not None and thr != 0:
+        label += f" (dF ≥ {thr:.3g})"
+    return label
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float, int]:

@@ -204,7 +204,7 @@ def _train_epoch(model, opt, loader, cfg: RunConfig, num_train: int, device, des
         loss = ce + k
         if not torch.isfinite(loss):
             raise TrainingDiverged(
-                f"loss became {float(loss)} (cross-entropy {float(ce)}, KL {float(k)}) in {desc}; "
+                f"loss became {loss.item()} (cross-entropy {ce.item()}, KL {k.item()}) in {desc}; "
                 "the run stopped and its last good checkpoint is kept (lower --lr and re-run)"
             )
         opt.zero_grad(set_to_none=True)
