@@ -47,14 +47,14 @@ def bmrs_table1_configs(out, seeds, epochs=None, finetune_epochs=None, data_dir=
         for dataset in datasets:
             for method, precision in methods:
                 thr = threshold if precision == "thr" else None
-                name = _run_name(model, dataset, method, None) + (f"-t{thr:.3f}" if thr is not None else "")
                 precision = None if precision == "thr" else precision
+                name = _run_name(model, dataset, method, precision) + (f"-t{thr:.3f}" if thr is not None else "")
                 for seed in seeds:
                     cfgs.append(
                         resolve_config(
                             model=model, dataset=dataset, method=method, precision=precision, seed=seed,
                             epochs=epochs, finetune_epochs=finetune_epochs, data_dir=data_dir,
-                            out_dir=str(Path(out) / (name if thr is not None else _run_name(model, dataset, method, precision)) / f"seed{seed}"),
+                            out_dir=str(Path(out) / name / f"seed{seed}"),
                             threshold=thr,
                             **extra,
                         )
