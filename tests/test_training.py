@@ -106,3 +106,31 @@ def test_bmrs_n_prunes_on_digits_within_margin_of_none(tmp_path):
     exact = tr.run_continuous(_cfg(tmp_path, "exact", **kw), progress=False)
     assert "reference_offset" in exact
     assert exact["reference_offset"]["param_compression"] >= exact["param_compression"]
+
+
+def test_shrink_as_you_go_resumes_exactly(tmp_path, monkeypatch):
+    """--shrink removes masked structures between epochs; an interrupted run rebuilds the
+    shrunk architecture from the checkpoint's kept indices and ends with identical numbers."""
+    kw = dict(epochs=5, finetune_epochs=1, batch_size=16, noise_lr=5e-2, threshold=REFERENCE_THRESHOLD, shrink=True)
+    full = tr.run_continuous(_cfg(tmp_path, "full", **kw), progress=False)
+    rows = _metrics(tmp_path / "full")
+    assert rows[-1]["params"] < rows[0]["params"]  # physically smaller during training
+    assert full["params_kept"] == rows[-1]["params"]
+
+    original = tr._train_epoch
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "_train_epoch", interrupted)
+    cfg = _cfg(tmp_path, "resumed", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        tr.run_continuous(cfg, progress=False)
+    monkeypatch.setattr(tr, "_train_epoch", original)
+    resumed = tr.run_continuous(cfg, progress=False)
+    assert _metrics(tmp_path / "resumed") == rows
+    assert resumed["test_acc"] == full["test_acc"]
