@@ -187,14 +187,6 @@ def test_report_params_match_hand_count_mlp(removed):
     assert sum(p.numel() for p in model.parameters() if p is not None) - rep.params_total == 2 * sum(totals)  # noise mu, log_sigma
 
 
-CONV3_FLATTEN = (
-    "BUG removal.py (shrink/remaining_parameters, used by report): conv3 (1x1 conv on a pooled residual map) -> "
-    "ReLU -> Flatten -> Linear: a removed conv3 channel must take its 16 input columns of fc with it "
-    "(9 + 16*32 = 521 parameters). cce71b8 removed one column only (41 parameters; the shrunk model "
-    "then failed: 4x48 @ 63x32); since 934c691 nothing is removed (0), so the compression is under-reported"
-)
-
-
 @pytest.mark.parametrize(
     "removed,expect",
     [
@@ -205,7 +197,7 @@ CONV3_FLATTEN = (
         ({"stem": [2]}, 0),  # tied to block.conv2 by the identity add: stays unless both go
         ({"stem": [2], "block.conv2": [2]}, (3 * 9 + 1) + 2 + 8 * 9 + 2 + 8 * 9 + 4),
         ({"attn.out": [1], "attn.fc2": [1]}, 0),  # tied to the token input by the residual adds
-        pytest.param({"conv3": [1]}, 8 + 1 + 16 * 32, marks=pytest.mark.xfail(reason=CONV3_FLATTEN, strict=False)),
+        ({"conv3": [1]}, 8 + 1 + 16 * 32),  # conv3 row + bias, its 16 columns of fc (through flatten)
     ],
 )
 def test_report_params_match_hand_count_mixed_model(removed, expect):
@@ -223,15 +215,6 @@ def test_report_params_match_hand_count_mixed_model(removed, expect):
         torch.testing.assert_close(small.eval()(*x), model.eval()(*x), rtol=1e-4, atol=1e-5)
 
 
-TOKEN_VIEW = (
-    "BUG removal.py (report -> remaining_parameters -> shrink): a Linear(12, 32) viewed as [B, 4, 8] tokens "
-    "with residual adds: masking feature j >= 8 of it raises IndexError (index j out of bounds for the 8-entry "
-    "mask of attn.out) in removal.py _remove_structures (line 234 at 934c691; line 158 at cce71b8); "
-    "expected: the feature stays (it is tied to token features), nothing removed"
-)
-
-
-@pytest.mark.xfail(reason=TOKEN_VIEW, strict=False)
 def test_report_linear_viewed_as_tokens():
     torch.manual_seed(0)
     model = TokenViewNet()

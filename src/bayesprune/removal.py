@@ -32,12 +32,17 @@ from the original architecture (used by :mod:`bayesprune.export`).
 from __future__ import annotations
 
 import copy
+import math
+import weakref
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning import ops as _tp_ops
+from torch_pruning.dependency import shape_infer as _tp_shape_infer
+from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
-from .noise import _BN_TYPES, PRUNABLE_TYPES, noise_layers, remove_noise
+from .noise import _BN_TYPES, PRUNABLE_TYPES, MultiplicativeNoise, noise_layers, remove_noise
 
 __all__ = ["shrink", "shrink_for_training", "count_parameters", "remaining_parameters", "replay_pruning"]
 
@@ -132,9 +137,118 @@ def _out_pruner(module):
     raise TypeError(f"cannot remove output structures of {type(module).__name__}")
 
 
-def _pairs(idxs) -> list[tuple[int, int]]:
-    """(index in this module, index in the root layer) for a group item's indices."""
-    return [(int(getattr(h, "idx", h)), int(getattr(h, "root_idx", h))) for h in idxs]
+def _items(group):
+    """(dependency, [(index in this module, index in the root layer), ...]) per group item.
+
+    The root index is None where Torch-Pruning lost track of it (e.g. its GQA mapping)."""
+    for item in group.items:
+        roots = getattr(item, "root_idxs", None)
+        if roots is None or len(roots) != len(item.idxs):
+            roots = [None] * len(item.idxs)
+        yield item.dep, [(int(i), None if r is None else int(r)) for i, r in zip(item.idxs, roots)]
+
+
+def _dim_size(module, out: bool) -> int | None:
+    """Size of the dimension a Torch-Pruning out/in handler indexes in ``module`` (None: unknown)."""
+    if isinstance(module, nn.Linear):
+        return module.out_features if out else module.in_features
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return module.out_channels if out else module.in_channels
+    if isinstance(module, _BN_TYPES):
+        return module.num_features
+    return None
+
+
+def _shapes(grad_fn):
+    """(input shape, output shape) of a view/reshape autograd node, or None."""
+    src = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    meta = getattr(grad_fn, "_input_metadata", None)
+    if src is None or not meta:
+        return None
+    try:
+        return tuple(int(v) for v in src), tuple(int(v) for v in meta[0].shape)
+    except Exception:  # symbolic sizes
+        return None
+
+
+_OP_TYPES = {_tp_ops.OPTYPE.ELEMENTWISE, _tp_ops.OPTYPE.RESHAPE, _tp_ops.OPTYPE.CONCAT, _tp_ops.OPTYPE.SPLIT,
+             _tp_ops.OPTYPE.EXPAND, _tp_ops.OPTYPE.SLICE, _tp_ops.OPTYPE.UNBIND}
+
+
+def _grad_name(node) -> str:
+    g = node.grad_fn
+    return g.name() if g is not None and hasattr(g, "name") else ""
+
+
+def _tied_to_untraced(node) -> bool:
+    """An element-wise add/sub/mul/div one of whose tensor operands Torch-Pruning cannot prune
+    (a model input or a buffer, e.g. ``tokens + attn(tokens)``): its channels cannot be removed."""
+    if node.type != _tp_ops.OPTYPE.ELEMENTWISE:
+        return False
+    name = _grad_name(node)
+    if not name.startswith(("AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0")):
+        return False
+    nexts = getattr(node.grad_fn, "next_functions", ())
+    for k, (f, _) in enumerate(nexts):
+        if f is not None:
+            continue
+        if name.startswith(("MulBackward0", "DivBackward0")):  # a scalar factor (e.g. 1/sqrt(d)) is harmless
+            try:
+                other = getattr(node.grad_fn, "_saved_other" if k == 1 else "_saved_self")
+            except Exception:
+                other = None
+            if torch.is_tensor(other) and other.numel() == 1:
+                continue
+        return True  # an add/sub with an untraced tensor (or a scalar: indistinguishable, so kept)
+    return False
+
+
+def _through_permute(node, limit: int = 64) -> bool:
+    """Whether a permute/transpose/reshape lies between ``node`` and the layers that produced it."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen or n.type not in _OP_TYPES:
+            continue  # a layer (conv, BN, ...) sets the channel dimension
+        seen.add(id(n))
+        name = _grad_name(n).lower()
+        if n.type == _tp_ops.OPTYPE.RESHAPE or "permute" in name or "transpose" in name or len(seen) > limit:
+            return True
+        stack.extend(n.inputs)
+    return False
+
+
+def _fix_flatten_mappings(graph) -> None:
+    """Map conv -> flatten -> linear indices where Torch-Pruning 1.6.1 does not.
+
+    Torch-Pruning reads the flattened shape from ``grad_fn._saved_self_sizes``, which current
+    PyTorch calls ``_saved_self_sym_sizes``; it then falls back to a global switch that turns the
+    mapping off for every reshape as soon as one Linear sees a 3-D input (a transformer part), so
+    a removed conv channel took one input column of the next Linear instead of H*W.  Here a
+    reshape [N, C, *spatial] -> [N, C*prod(spatial)] whose input comes from C channels without a
+    permute in between gets the block mapping (stride prod(spatial)).
+    """
+    if graph._2d_4d:
+        return  # Torch-Pruning maps flattens itself then
+    for node in list(graph.module2node.values()):
+        if node.type != _tp_ops.OPTYPE.RESHAPE or len(node.inputs) != 1:
+            continue
+        shapes = _shapes(node.grad_fn)
+        if shapes is None:
+            continue
+        src, dst = shapes
+        if len(src) < 3 or len(dst) != 2 or dst[0] != src[0] or dst[1] != math.prod(src[1:]) or dst[1] <= src[1]:
+            continue
+        in_node = node.inputs[0]
+        if _tp_shape_infer.infer_out_channels_recursively(graph, in_node, [0]) != src[1] or _through_permute(in_node):
+            continue
+        stride = dst[1] // src[1]
+        for dep in node.dependencies:
+            if dep.target is in_node:
+                dep.index_mapping[0] = _FlattenIndexMapping(stride=stride, reverse=True)
+        for dep in in_node.dependencies:
+            if dep.target is node:
+                dep.index_mapping[0] = _FlattenIndexMapping(stride=stride, reverse=False)
 
 
 def _build_graph(model, example_inputs):
@@ -142,9 +256,11 @@ def _build_graph(model, example_inputs):
     model.eval()
     try:
         with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
     finally:
         model.train(was_training)
+    _fix_flatten_mappings(graph)
+    return graph
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,16 +285,15 @@ def _fold_into_consumers(graph, layer, scale) -> None:
     """Scale the input weights that read structure i (column j of a consumer reads root i)."""
     group = graph.get_pruning_group(layer, _out_pruner(layer), idxs=list(range(len(scale))))
     found = False
-    for dep, idxs in group:
+    for dep, pairs in _items(group):
         mod = dep.target.module
         if mod is layer or not isinstance(mod, PRUNABLE_TYPES) or graph.is_out_channel_pruning_fn(dep.handler):
             continue
         if getattr(mod, "groups", 1) != 1:
             raise NotImplementedError(f"cannot fold noise into the grouped convolution {mod}")
-        cols, roots = torch.tensor(_pairs(idxs), dtype=torch.long).reshape(-1, 2).T
-        if len(cols) != len(scale):  # flatten: root i expands to a block of k consecutive columns
-            k = len(cols) // len(scale)
-            roots = torch.arange(len(scale)).repeat_interleave(k)
+        if any(r is None or not 0 <= r < len(scale) for _, r in pairs):
+            raise NotImplementedError(f"cannot map the structures of {type(layer).__name__} to the inputs of {mod}")
+        cols, roots = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).T
         w = mod.weight
         shape = (1, -1) + (1,) * (w.ndim - 2)
         w[:, cols] = w[:, cols] * scale[roots].to(w.dtype).view(shape)
@@ -225,24 +340,30 @@ def _remove_structures(model, example_inputs, entries, allowed) -> tuple[list, d
             continue
         layer, fn = model.get_submodule(name), _out_pruner(model.get_submodule(name))
         veto = set()
-        for dep, idxs in graph.get_pruning_group(layer, fn, idxs=removed):
-            mod = dep.target.module
-            if isinstance(mod, _CROSS_CHANNEL_NORMS):
-                veto.update(r for _, r in _pairs(idxs))
-            elif mod is not layer and isinstance(mod, PRUNABLE_TYPES) and graph.is_out_channel_pruning_fn(dep.handler):
+        for dep, pairs in _items(graph.get_pruning_group(layer, fn, idxs=removed)):
+            mod, out = dep.target.module, graph.is_out_channel_pruning_fn(dep.handler)
+            if any(r is None for _, r in pairs):  # Torch-Pruning lost the root indices: keep them all
+                veto.update(removed)
+                continue
+            size = _dim_size(mod, out)
+            if size is not None:  # an index mapping Torch-Pruning got wrong (e.g. a Linear viewed as tokens)
+                veto.update(r for i, r in pairs if not 0 <= i < size)
+            if isinstance(mod, _CROSS_CHANNEL_NORMS) or _tied_to_untraced(dep.target):
+                veto.update(r for _, r in pairs)
+            elif mod is not layer and isinstance(mod, PRUNABLE_TYPES) and out:
                 other = masks.get(name_of.get(id(mod)))
-                veto.update(r for i, r in _pairs(idxs) if other is None or other[i] != 0)
+                veto.update(r for i, r in pairs if other is None or not 0 <= i < len(other) or other[i] != 0)
         removing = [i for i in removed if i not in veto]
         if len(removing) >= layer.weight.shape[0]:
             removing = removing[1:]  # Torch-Pruning cannot empty a layer; one zeroed unit stays
         if not removing:
             continue
         group = graph.get_pruning_group(layer, fn, idxs=removing)
-        for dep, idxs in group:  # keep every stored mask aligned with its layer's remaining outputs
+        for dep, pairs in _items(group):  # keep every stored mask aligned with its layer's remaining outputs
             other = name_of.get(id(dep.target.module))
             if other is not None and graph.is_out_channel_pruning_fn(dep.handler):
                 keep = torch.ones(len(masks[other]), dtype=torch.bool)
-                keep[[i for i, _ in _pairs(idxs)]] = False
+                keep[[i for i, _ in pairs]] = False
                 masks[other], kept[other] = masks[other][keep], kept[other][keep]
         group.prune(record_history=False)
         steps.append([name, True, [int(i) for i in removing]])
@@ -273,7 +394,7 @@ def example_from_spec(spec: dict):
     return xs[0] if len(xs) == 1 else tuple(xs)
 
 
-def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool):
+def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, assume_safe=frozenset()):
     example_inputs = _example(model, example_inputs)
     m = copy.deepcopy(model)
     layers = noise_layers(m)
@@ -302,7 +423,10 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool):
 
     def attempt(allowed):
         trial = copy.deepcopy(m)
-        steps, kept = _remove_structures(trial, example_inputs, entries, allowed)
+        try:
+            steps, kept = _remove_structures(trial, example_inputs, entries, allowed)
+        except Exception as e:  # a removal Torch-Pruning cannot map: keep that layer's structures
+            return None, None, f"removal failed: {type(e).__name__}: {e}"
         if keep_noise:
             _reattach(trial, entries, kept)
         why = _mismatch(reference, trial, probe, values=fold or keep_noise) if verify else None
@@ -311,8 +435,11 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool):
     out, steps, why = attempt(set(names))
     if why is not None:  # find the layers whose removal breaks the network and keep theirs
         masked = {e["layer"] for e in entries if bool((e["mask"] == 0).any())}
-        safe = {n for n in names if n not in masked or attempt({n})[2] is None}
+        safe = {n for n in names if n not in masked or n in assume_safe or attempt({n})[2] is None}
         out, steps, why = attempt(safe)
+        if why is not None and assume_safe:  # the analysis was wrong: check every layer
+            safe = {n for n in names if n not in masked or attempt({n})[2] is None}
+            out, steps, why = attempt(safe)
         if why is not None:
             raise RuntimeError(f"shrink could not reproduce the masked model's eval output ({why})")
     out.train(model.training)
@@ -367,5 +494,182 @@ def shrink_for_training(model: nn.Module, example_inputs=None, verify: bool = Tr
 
 
 def remaining_parameters(model: nn.Module, example_inputs=None) -> int:
-    """Parameters left after physically removing the masked structures (noise excluded)."""
-    return count_parameters(shrink(model, example_inputs, fold=False))
+    """Parameters left after physically removing the masked structures (noise excluded).
+
+    Equals ``count_parameters(shrink(model, example_inputs, fold=False))``, but counted from the
+    dependency groups (computed once per model structure and cached) without copying or
+    pruning the model, unless a masked layer's removal is one Torch-Pruning may get wrong (its
+    group passes through a reshape, permute or matmul and removing one of its structures broke
+    the forward pass; e.g. attention heads) or touches a module type counted here: then the
+    model is shrunk and verified.
+    """
+    example_inputs = _example(model, example_inputs)
+    layers = noise_layers(model)
+    if not layers:
+        raise ValueError("model has no noise layers: nothing to shrink (call bayesprune.add_noise first)")
+    for n in layers:
+        n.check_finite()
+    an = _analysis(model, example_inputs)
+    masks = {n.layer_name: n.mask.detach().cpu() == 0 for n in layers}
+    if an.countable and not any(bool(masks[name].any()) for name in an.unsafe):
+        return count_parameters(model) - an.removed_parameters(masks)
+    with torch.no_grad():
+        small = _shrink(model, example_inputs, fold=False, keep_noise=False, verify=True,
+                        assume_safe=frozenset(an.layers) - an.unsafe)
+    return count_parameters(small)
+
+
+# ---------------------------------------------------------------------------------------------
+# counting without pruning: the dependency groups of every layer, once per model structure
+
+
+class _Analysis:
+    """Per noise layer and root structure r: the (module, out/in, index) entries Torch-Pruning
+    removes with r, the coupled output structures of other layers, and the static vetoes."""
+
+    def __init__(self, model, example_inputs):
+        m = copy.deepcopy(model)
+        names = [n.layer_name for n in noise_layers(m)]
+        remove_noise(m)
+        graph = _build_graph(m, example_inputs)
+        mod_name = {id(mod): name for name, mod in m.named_modules()}
+        self.layers = names
+        self.items: dict[str, list[list[tuple[str, bool, int]]]] = {}
+        self.coupled: dict[str, list[list[tuple[str | None, int]]]] = {}
+        self.veto: dict[str, set[int]] = {}
+        self.unsafe: set[str] = set()
+        self.modules: dict[str, nn.Module] = {}  # shapes only (the copy is pruned by no one)
+        self.countable = True
+        suspicious = []
+        for name in names:
+            layer = m.get_submodule(name)
+            n = _dim_size(layer, True)
+            items = [[] for _ in range(n)]
+            coupled = [[] for _ in range(n)]
+            veto, odd = set(), False
+            group = graph.get_pruning_group(layer, _out_pruner(layer), idxs=list(range(n)))
+            for dep, pairs in _items(group):
+                mod, out = dep.target.module, graph.is_out_channel_pruning_fn(dep.handler)
+                if any(r is None for _, r in pairs):
+                    veto.update(range(n))
+                    odd = True
+                    continue
+                if isinstance(mod, _CROSS_CHANNEL_NORMS) or _tied_to_untraced(dep.target):
+                    veto.update(r for _, r in pairs)
+                    continue
+                if dep.target.type in _OP_TYPES:
+                    odd = odd or self._odd_op(dep.target)
+                    continue
+                if not isinstance(mod, nn.Module) or id(mod) not in mod_name:
+                    self.countable = False  # an unwrapped nn.Parameter or similar
+                    continue
+                mname = mod_name[id(mod)]
+                size = _dim_size(mod, out)
+                grouped = isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.groups != 1
+                if size is None or grouped:
+                    if any(True for _ in mod.parameters(recurse=False)):
+                        self.countable = False
+                    continue
+                self.modules[mname] = mod
+                bad = {r for i, r in pairs if not 0 <= i < size}
+                if bad:
+                    veto.update(bad)
+                    odd = True
+                for i, r in pairs:
+                    if r not in bad:
+                        items[r].append((mname, out, i))
+                if mod is not layer and isinstance(mod, PRUNABLE_TYPES) and out:
+                    for i, r in pairs:
+                        coupled[r].append((mname if mname in names else None, i))
+            self.items[name], self.coupled[name], self.veto[name] = items, coupled, veto
+            if odd:
+                suspicious.append(name)
+        if suspicious:  # does removing one structure of the layer (and what it drags along) break it?
+            probe = _probe(example_inputs)
+            reference = _eval_outputs(m, probe)
+            for name in suspicious:
+                free = [r for r in range(len(self.items[name])) if r not in self.veto[name]]
+                if free and self._breaks(m, example_inputs, probe, reference, name, free[0]):
+                    self.unsafe.add(name)
+
+    @staticmethod
+    def _odd_op(node) -> bool:
+        """An operation whose index mapping Torch-Pruning may get wrong."""
+        name = _grad_name(node).lower()
+        if node.type == _tp_ops.OPTYPE.RESHAPE:
+            if any(isinstance(dep.index_mapping[0], _FlattenIndexMapping) for dep in node.dependencies):
+                return False
+            shapes = _shapes(node.grad_fn)
+            return shapes is None or shapes[0][-1] != shapes[1][-1]
+        if node.type == _tp_ops.OPTYPE.ELEMENTWISE:
+            return any(k in name for k in ("permute", "transpose", "bmm", "matmul", "unknown")) or name == ""
+        return node.type not in (_tp_ops.OPTYPE.CONCAT, _tp_ops.OPTYPE.SPLIT, _tp_ops.OPTYPE.EXPAND)
+
+    @staticmethod
+    def _breaks(base, example_inputs, probe, reference, name, root) -> bool:
+        trial = copy.deepcopy(base)
+        try:
+            graph = _build_graph(trial, example_inputs)
+            layer = trial.get_submodule(name)
+            graph.get_pruning_group(layer, _out_pruner(layer), idxs=[root]).prune(record_history=False)
+        except Exception:
+            return True
+        return _mismatch(reference, trial, probe, values=False) is not None
+
+    def removed_parameters(self, masks: dict[str, torch.Tensor]) -> int:
+        """Parameters that ``_remove_structures`` would remove for these masks (True = masked)."""
+        gone: dict[tuple[str, bool], set[int]] = {}
+        for name in self.layers:
+            mask = masks[name]
+            own = gone.get((name, True), set())
+            cand = [i for i in torch.nonzero(mask).flatten().tolist() if i not in own]
+            if not cand:
+                continue
+            veto = self.veto[name]
+            removing = [
+                i for i in cand
+                if i not in veto and all(o is not None and bool(masks[o][j]) for o, j in self.coupled[name][i])
+            ]
+            if len(removing) >= len(mask) - len(own):
+                removing = removing[1:]  # Torch-Pruning cannot empty a layer; one zeroed unit stays
+            for r in removing:
+                for mname, out, i in self.items[name][r]:
+                    gone.setdefault((mname, out), set()).add(i)
+        total = 0
+        for mname in {k for k, _ in gone}:
+            mod = self.modules[mname]
+            ro, ri = gone.get((mname, True), set()), gone.get((mname, False), set())
+            full = sum(p.numel() for p in mod.parameters(recurse=False))
+            if isinstance(mod, _BN_TYPES):
+                kept = (mod.num_features - len(ro | ri)) * (2 if mod.affine else 0)
+            else:
+                o, i = mod.weight.shape[0], mod.weight.shape[1]
+                k = mod.weight[0, 0].numel()
+                kept = (o - len(ro)) * (i - len(ri)) * k + (o - len(ro) if mod.bias is not None else 0)
+            total += full - kept
+        return total
+
+
+_ANALYSES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _signature(model, example_inputs) -> tuple:
+    mods = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, MultiplicativeNoise):
+            mods.append((name, mod.layer_name, tuple(mod.chain or ()), mod.num_structures, mod.order))
+        else:
+            mods.append((name, type(mod), tuple((k, tuple(p.shape)) for k, p in mod._parameters.items() if p is not None)))
+    ins = tuple((tuple(t.shape), t.dtype, str(t.device)) for t in _tensors(example_inputs))
+    return tuple(mods), ins, type(example_inputs).__name__
+
+
+def _analysis(model, example_inputs) -> _Analysis:
+    """The cached :class:`_Analysis` of ``model`` (rebuilt when its structure changes)."""
+    sig = _signature(model, example_inputs)
+    hit = _ANALYSES.get(model)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    an = _Analysis(model, example_inputs)
+    _ANALYSES[model] = (sig, an)
+    return an
