@@ -15,6 +15,7 @@ from bayesprune.bayes_factor import (
     magnitude_prune,
     prunable_weights,
     random_prune,
+    shrink_dead,
     train_bayes_factor,
 )
 
@@ -280,6 +281,9 @@ def test_train_bayes_factor_smoke_on_digits():
         nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), splits, epochs=1, pruner=None, progress=False
     )
     assert base["sparsity"][0] == 0.0 and math.isnan(base["log_bf"][0])
+    rep = hist["shrink_dead"]
+    assert "error" not in rep and rep["params_before"] == 64 * 32 + 32 + 32 * 10 + 10
+    assert rep["params_after"] == rep["params_before"] - rep["removed"] * (64 + 1 + 10)
 
 
 def test_skip_policies():
@@ -299,3 +303,51 @@ def test_skip_policies():
     assert real.end_of_epoch(1)["log_bf"] == pytest.approx(rec["log_bf"], rel=1e-9)
     with pytest.raises(ValueError, match="on_skip"):
         BayesFactorPruner(conv_net(), on_skip="never")
+
+
+def test_shrink_dead_removes_dead_neurons_and_keeps_outputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 10)
+    )
+    with torch.no_grad():
+        model[1].weight[[0, 3, 5]] = 0.0  # dead, biases kept (relu(b) folded into layer 3's bias)
+        model[1].bias[0] = 0.7
+        model[1].bias[3] = -1.0  # relu(-1) = 0
+        model[3].weight[[1, 2]] = 0.0
+        model[3].bias[[1, 2]] = 0.0  # weights and bias zero
+        model[5].weight[4] = 0.0  # an output row: never removed
+    x = torch.randn(24, 1, 8, 8)
+    before = [p.detach().clone() for p in model.parameters()]
+    small, rep = shrink_dead(model, x[:4], x[4:])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # input model untouched
+    assert rep["dead"] == 6 and rep["removed"] == 5 and rep["kept_layers"] == {}
+    assert rep["removed_per_layer"] == {"1": 3, "3": 2, "5": 0}
+    # by hand: 64->13, 13->6, 6->10
+    assert rep["params_before"] == 64 * 16 + 16 + 16 * 8 + 8 + 8 * 10 + 10
+    assert rep["params_after"] == 64 * 13 + 13 + 13 * 6 + 6 + 6 * 10 + 10
+    assert sum(p.numel() for p in small.parameters()) == rep["params_after"]
+    model.eval()
+    assert torch.allclose(small(x), model(x), atol=1e-5)
+
+
+def test_shrink_dead_keeps_what_cannot_be_folded_exactly():
+    # A dead conv filter with relu(bias) > 0 feeds a padded conv: the border sees the zero padding,
+    # not the constant, so that layer's dead filters stay; the conv -> flatten -> linear one goes.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(6 * 16, 10),
+    )
+    with torch.no_grad():
+        model[0].weight[1] = 0.0
+        model[0].bias[1] = 0.5
+        model[2].weight[[0, 4]] = 0.0
+    x = torch.randn(16, 1, 8, 8)
+    small, rep = shrink_dead(model, x[:4], x[4:])
+    assert rep["removed_per_layer"] == {"0": 0, "2": 2, "6": 0}
+    assert "0" in rep["kept_layers"]
+    assert small[2].out_channels == 4 and small[6].in_features == 4 * 16
+    model.eval()
+    assert torch.allclose(small(x), model(x), atol=1e-5)
