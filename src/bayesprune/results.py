@@ -319,7 +319,9 @@ def plot_sweep(sweeps: Sequence[dict], path: str | Path, title: str | None = Non
         ax.fill_between(x, np.subtract(y, e), np.add(y, e), color=line.get_color(), alpha=0.15)
         colors[c] = line.get_color()
     for c, (comp, acc, _n) in agg["stops"].items():
-        ax.plot([comp], [acc], marker="*", ms=14, color=colors.get(c, "k"), mec="k", ls="none", label=f"{c} stop")
+        base = c.split(" ")[0]
+        marker = "*" if base == c else "P"
+        ax.plot([comp], [acc], marker=marker, ms=14 if marker == "*" else 11, color=colors.get(base, "k"), mec="k", ls="none", label=f"{c} stop")
     ax.set_xlabel("parameter compression (%)")
     ax.set_ylabel("test accuracy (%)")
     n = len(sweeps)

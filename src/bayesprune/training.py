@@ -496,10 +496,13 @@ def run_sweep(cfg: RunConfig, progress: bool = True) -> dict:
             results.append(dict(criterion=criterion, target=point, param_compression=1 - rep.params_kept / params_dense, structure_compression=rep.structure_compression, test_acc=acc))
             bar.update(1)
         if criterion in ("bmrs_n", "bmrs_u"):
-            m = copy.deepcopy(model)
-            rep = crit.prune(m, criterion, precision=cfg.precision, example_inputs=example)
-            acc = _finetune_and_test(m, cfg, splits, device)
-            stops[criterion] = dict(param_compression=1 - rep.params_kept / params_dense, structure_compression=rep.structure_compression, test_acc=acc)
+            # the stop point: prune where dF >= 0 (and, for BMRS_N, at the reference code's threshold)
+            variants = [(criterion, 0.0)] + ([("bmrs_n (reference)", REFERENCE_THRESHOLD)] if criterion == "bmrs_n" else [])
+            for label, thr in variants:
+                m = copy.deepcopy(model)
+                rep = crit.prune(m, criterion, threshold=thr, precision=cfg.precision, example_inputs=example)
+                acc = _finetune_and_test(m, cfg, splits, device)
+                stops[label] = dict(param_compression=1 - rep.params_kept / params_dense, structure_compression=rep.structure_compression, test_acc=acc, threshold=thr)
     bar.close()
     summary = dict(config=asdict(cfg), points=results, stops=stops)
     out_path.write_text(json.dumps(summary, indent=2))
