@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("name", choices=TARGETS)
     rp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     rp.add_argument("--epochs", type=int, default=None, help="training epochs (default: the paper's)")
-    rp.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default: the paper's 10)")
+    rp.add_argument("--finetune-epochs", type=int, default=None,
+                    help="fine-tuning epochs (default: the paper's 10, or min(10, --epochs) when --epochs is given)")
     rp.add_argument("--data-dir", default=None, help="folder holding mnist/, fashion-mnist/, cifar10 data")
     rp.add_argument("--out-dir", default="runs/reproduce")
     rp.add_argument("--models", nargs="+", default=None, help="subset of models (default: all of the table)")

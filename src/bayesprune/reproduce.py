@@ -121,6 +121,8 @@ def reproduce(name: str, out: str | Path, seeds=(0,), epochs=None, finetune_epoc
     """Run (or resume) every run of target ``name``; returns {"summaries": [...], "wall_time_s": ...}."""
     if name not in TARGETS:
         raise ValueError(f"unknown reproduction {name!r}; valid: {', '.join(TARGETS)}")
+    if epochs is not None and finetune_epochs is None:
+        finetune_epochs = min(10, epochs)  # a short smoke run should not fine-tune 10 epochs
     t0 = time.time()
     out = Path(out)
     if name == "bmrs-table1":
