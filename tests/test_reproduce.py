@@ -1,0 +1,40 @@
+"""`bayesprune reproduce`: end to end on the embedded digits data, skip/resume, L2 matching."""
+
+import json
+
+from bayesprune.cli import main
+from bayesprune.reduction import REFERENCE_THRESHOLD
+from bayesprune.reproduce import reproduce
+
+
+def test_bmrs_table1_end_to_end_and_skips_finished_runs(tmp_path, capsys):
+    kw = dict(seeds=[0], epochs=2, models=["mlp"], datasets=["digits"], width=16, progress=False, threshold=REFERENCE_THRESHOLD)
+    res = reproduce("bmrs-table1", tmp_path, **kw)
+    names = sorted(p.parent.parent.name for p in tmp_path.rglob("summary.json"))
+    assert names == sorted(
+        f"mlp-digits-{m}" for m in ("none", "etheta", "snr", "bmrs_n", "bmrs_u-p8", "bmrs_u-p4", "bmrs_n-t-0.919", "l2")
+    )
+    by_dir = {p.parent.parent.name: json.loads(p.read_text()) for p in tmp_path.rglob("summary.json")}
+    # --epochs 2 without --finetune-epochs fine-tunes min(10, 2) epochs
+    assert by_dir["mlp-digits-none"]["config"]["finetune_epochs"] == 2
+    # L2 is pruned to the compression the thresholded BMRS_N run reached (same seed)
+    target = by_dir["mlp-digits-bmrs_n-t-0.919"]["param_compression"]
+    assert by_dir["mlp-digits-l2"]["config"]["compression"] == target
+    assert by_dir["mlp-digits-l2"]["param_compression"] >= target - 1e-9
+    # finished runs are skipped: a second call returns the same summaries without training
+    again = reproduce("bmrs-table1", tmp_path, **kw)
+    assert [s["test_acc"] for s in again["summaries"]] == [s["test_acc"] for s in res["summaries"]]
+    assert again["wall_time_s"] < res["wall_time_s"]
+    # the CLI prints the Table 1 layout
+    assert main(["table", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| method | mlp / digits |" in out and "BMRS_N (dF ≥ -0.919)" in out and "| L2 |" in out
+
+
+def test_bf_table1_on_digits(tmp_path, capsys):
+    code = main(["reproduce", "bf-table1", "--seeds", "0", "--epochs", "1", "--models", "fcn", "--datasets", "digits",
+                 "--out-dir", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "Bayes magnitude" in out and "| 0.99 |" in out
+    assert len(list(tmp_path.rglob("summary.json"))) == 21  # 5 r x 2 modes x 2 gates + unpruned
