@@ -467,14 +467,8 @@ def test_eval_cache_sees_loaded_and_in_place_changes():
         torch.testing.assert_close(model(*x), masked, atol=1e-6, rtol=0)
 
 
-STALE_CACHE = (
-    "BUG noise.py MultiplicativeNoise._eval_scale: the eval cache key uses mu._version/log_sigma._version/"
-    "data_ptr, and writes through .data (p.data.fill_/copy_) bump neither, so eval keeps the old "
-    "E[theta]*mask and skips check_finite"
-)
 
 
-@pytest.mark.xfail(reason=STALE_CACHE, strict=False)
 def test_eval_cache_sees_writes_through_data():
     model, x = make_net()
     model.eval()
@@ -546,14 +540,9 @@ def test_error_shape_mismatch_names_layer_and_shape():
         fc(torch.randn(2, 31))
 
 
-TRAIN_NAN = (
-    "BUG noise.py MultiplicativeNoise.forward (train branch) since 0999929 'fused noise multiply': "
-    "check_finite() is no longer called, so a NaN mu gives NaN activations silently instead of a "
-    "FloatingPointError naming the layer"
-)
 
 
-@pytest.mark.parametrize("train", [pytest.param(True, marks=pytest.mark.xfail(reason=TRAIN_NAN, strict=False)), False])
+@pytest.mark.parametrize("train", [True, False])
 def test_error_nan_parameters_in_forward(train):
     model, x = make_net()
     model.train(train)
@@ -566,7 +555,6 @@ def test_error_nan_parameters_in_forward(train):
         model(*x)
 
 
-@pytest.mark.xfail(reason=STALE_CACHE, strict=False)
 def test_error_nan_set_through_data_in_eval():
     model, x = make_net()
     model.eval()
