@@ -20,62 +20,10 @@ from bayesprune import CRITERIA, add_noise, kl, noise_layers, prune, scores
 
 
 # ---------------------------------------------------------------------------------------------
-# models (the mixed model mirrors tests/test_noise.py; kept here so each file stands alone)
+# models (the mixed model is shared with tests/test_noise.py, in tests/mixed_model.py)
 
 
-class ResBlock(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-        self.relu = nn.ReLU()
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + x)
-
-
-class Attention(nn.Module):
-    def __init__(self, d: int):
-        super().__init__()
-        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
-        self.fc1 = nn.Linear(d, 2 * d)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(2 * d, d)
-
-    def forward(self, t):
-        q, k, v = self.q(t), self.k(t), self.v(t)
-        t = t + self.out(torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1) @ v)
-        return t + self.fc2(self.act(self.fc1(t)))
-
-
-class Net(nn.Module):
-    """(image [B,3,8,8], tokens [B,T,D]) -> conv/residual/flatten/linear path and attention path."""
-
-    T, D = 4, 8
-
-    def __init__(self, classes: int = 5):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.stem_bn = nn.BatchNorm2d(8)
-        self.stem_act = nn.ReLU()
-        self.block = ResBlock(8)
-        self.pool = nn.MaxPool2d(2)
-        self.conv3 = nn.Conv2d(8, 4, 1)
-        self.act3 = nn.ReLU()
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(4 * 4 * 4, 32)
-        self.fc_act = nn.ReLU()
-        self.attn = Attention(self.D)
-        self.head = nn.Linear(32 + self.D, classes)
-
-    def forward(self, img, tokens):
-        x = self.stem_act(self.stem_bn(self.stem(img)))
-        x = self.pool(self.block(x))
-        x = self.fc_act(self.fc(self.flatten(self.act3(self.conv3(x)))))
-        return self.head(torch.cat([x, self.attn(tokens).mean(1)], dim=1))
+from mixed_model import Attention, Net, ResBlock  # noqa: E402,F401
 
 
 class TokenViewNet(nn.Module):
