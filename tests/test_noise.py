@@ -424,12 +424,13 @@ def test_eval_cache_sees_writes_through_data():
     torch.testing.assert_close(after, masked, atol=1e-6, rtol=0)
 
 
-@CUDA_SKIP
-def test_cuda_end_to_end(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_end_to_end(tmp_path, device):
+    """Train, prune with every criterion, save and load on ``device`` (CUDA where there is one)."""
     model, x = make_net()
-    model, x = model.cuda(), tuple(t.cuda() for t in x)
-    assert all(n.mu.is_cuda and n.mask.is_cuda for n in noise_layers(model))
-    y = torch.randint(0, 5, (x[0].shape[0],), device="cuda")
+    model, x = model.to(device), tuple(t.to(device) for t in x)
+    assert all(n.mu.device.type == device and n.mask.device.type == device for n in noise_layers(model))
+    y = torch.randint(0, 5, (x[0].shape[0],), device=device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for sharing_model in (model,):
         sharing_model.train()
@@ -445,7 +446,7 @@ def test_cuda_end_to_end(tmp_path):
         want = model(*x)
     torch.save(model.state_dict(), tmp_path / "m.pt")
     fresh, _ = make_net(seed=5)
-    fresh.cuda().load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    fresh.to(device).load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
     with torch.no_grad():
         assert torch.equal(fresh.eval()(*x), want)
 

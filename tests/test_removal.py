@@ -229,3 +229,36 @@ def test_errors():
     model = bp.add_noise(MLP(4, 2, width=3, extra_layers=0))
     with pytest.raises(ValueError, match="example_inputs"):
         bp.shrink(model)
+
+
+class TwoInputNet(nn.Module):
+    """Two positional inputs; on request its forward raises a ValueError when gradients are on,
+    as they are only while the dependency graph is traced."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6 + 3, 2)
+        self.fail = False
+
+    def forward(self, x, extra):
+        if self.fail and torch.is_grad_enabled():
+            raise ValueError("forward refused this input")
+        return self.fc2(torch.cat([torch.relu(self.fc1(x)), extra], dim=1))
+
+
+def test_forward_errors_surface_and_remembered_example_follows_the_model():
+    """A forward error during tracing reaches the user as itself (Torch-Pruning's own retry
+    would turn it into a misleading "missing argument" TypeError), and the example inputs that
+    add_noise remembered are moved to the model's device/dtype holder before tracing."""
+    torch.manual_seed(0)
+    net = TwoInputNet()
+    ex = (torch.randn(3, 4), torch.randn(3, 3))
+    bp.add_noise(net, ex)
+    bp.noise_layers(net)[0].mask[:2] = 0
+    small = bp.shrink(net)  # remembered (x, extra) tuple, unpacked
+    net.eval()
+    torch.testing.assert_close(small(*ex), net(*ex), atol=1e-6, rtol=0)
+    assert small.fc1.out_features == 4 and small.fc2.in_features == 4 + 3
+    net.fail = True
+    with pytest.raises(RuntimeError, match="ValueError: forward refused this input"):
+        bp.shrink(net)

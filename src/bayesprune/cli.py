@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--sharing", choices=("channel", "element"), default=None, help="noise draws (default: channel)")
     rp.add_argument("--noise-lr", type=float, default=None, help="learning rate of the noise parameters (default: --lr)")
     rp.add_argument("--threshold", type=_threshold, default=None, help="BMRS_N/BMRS_U threshold (default 0; 'reference')")
+    rp.add_argument("--kl-weighting", choices=("mean", "elbo", "sum"), default=None, help="KL weighting (default: mean, the reference's)")
+    rp.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     rp.set_defaults(func=cmd_reproduce)
     return p
 
@@ -215,7 +217,8 @@ def cmd_reproduce(args) -> int:
     from .reproduce import reproduce
     from .results import bf_table, find_summaries, table1, table_csv, table_markdown
 
-    extra = {k: v for k, v in dict(sharing=args.sharing, noise_lr=args.noise_lr, threshold=args.threshold).items() if v is not None}
+    extra = {k: v for k, v in dict(sharing=args.sharing, noise_lr=args.noise_lr, threshold=args.threshold,
+                                                  kl_weighting=args.kl_weighting, device=args.device).items() if v is not None}
     out = Path(args.out_dir) / args.name
     res = reproduce(args.name, out, seeds=args.seeds, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                     data_dir=args.data_dir, jobs=args.jobs, models=args.models, datasets=args.datasets, **extra)

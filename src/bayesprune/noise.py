@@ -123,7 +123,10 @@ class MultiplicativeNoise(nn.Module):
             )
         shape = [1] * h.ndim
         shape[dim] = self.num_structures
-        self.check_finite()
+        if not (self.training and h.is_cuda):
+            # on CUDA the check would stall the GPU pipeline at every training step; there the
+            # training loop's finite-loss check (and prune, kl, eval) catch non-finite parameters
+            self.check_finite()
         if not self.training:
             return h * (self.expected_theta() * self.mask).to(h.dtype).view(shape)
         if self.sharing == "element":

@@ -57,6 +57,8 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def _example(model, example_inputs):
+    """The example inputs (given, or remembered by add_noise), on the model's device: a model
+    moved to CUDA after add_noise still finds its remembered CPU example usable."""
     if example_inputs is None:
         example_inputs = getattr(model, "bayes_example_inputs", None)
     if example_inputs is None:
@@ -64,7 +66,18 @@ def _example(model, example_inputs):
             "example_inputs is needed to trace the network's dependencies; pass a small input batch "
             "(or give it to add_noise(model, example_inputs), which remembers it)"
         )
-    return example_inputs
+    p = next(iter(model.parameters()), None)
+    return example_inputs if p is None else _to_device(example_inputs, p.device)
+
+
+def _to_device(inputs, device):
+    if torch.is_tensor(inputs):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return {k: _to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_to_device(v, device) for v in inputs)
+    return inputs
 
 
 def _run(model, inputs):
@@ -256,7 +269,10 @@ def _build_graph(model, example_inputs):
     model.eval()
     try:
         with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+            # forward_fn: Torch-Pruning's own call retries after a bare `except`, hiding the real error
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, forward_fn=_run, verbose=False
+            )
     finally:
         model.train(was_training)
     _fix_flatten_mappings(graph)

@@ -194,15 +194,17 @@ def _optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
 
 def _train_epoch(model, opt, loader, cfg: RunConfig, num_train: int, device, desc: str):
     model.train()
-    tot = ce_sum = kl_sum = 0.0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, CE, KL; read once an epoch
     steps = 0
     bar = tqdm(loader, desc=desc, leave=False, disable=None)
     for x, y in bar:
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         ce = F.cross_entropy(model(x), y)
         k = kl(model, cfg.kl_weighting, num_train)
         loss = ce + k
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss):  # the one host-device sync of a step
+            for n in noise_layers(model):
+                n.check_finite()  # names the layer whose parameters went non-finite
             raise TrainingDiverged(
                 f"loss became {loss.item()} (cross-entropy {ce.item()}, KL {k.item()}) in {desc}; "
                 "the run stopped and its last good checkpoint is kept (lower --lr and re-run)"
@@ -210,10 +212,9 @@ def _train_epoch(model, opt, loader, cfg: RunConfig, num_train: int, device, des
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        tot += float(loss.detach())
-        ce_sum += float(ce.detach())
-        kl_sum += float(k.detach())
+        sums += torch.stack([loss.detach(), ce.detach(), k.detach()]).to(sums.dtype)
         steps += 1
+    tot, ce_sum, kl_sum = sums.tolist()
     return tot / steps, ce_sum / steps, kl_sum / steps
 
 
