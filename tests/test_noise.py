@@ -522,3 +522,34 @@ def test_error_kl_weighting_and_num_train():
         kl(model, "elbo", num_train=0)
     with pytest.raises(ValueError, match="no noise layers"):
         kl(nn.Linear(2, 2))
+
+
+def test_channel_noise_moves_past_pooling_and_computes_the_same_function():
+    """With one draw per (example, channel), noise on LeNet5's convolutions goes after the
+    max-pool (pool(h theta) = pool(h) theta for theta > 0); the training output and every
+    gradient equal those of noise placed right after the convolution (ReLU commutes too)."""
+    from bayesprune.models import LeNet5
+
+    x = torch.randn(8, 1, 32, 32)
+    y = torch.randint(0, 10, (8,))
+    out, grads = {}, {}
+    for placement in ("auto", "layer"):
+        torch.manual_seed(0)
+        model = LeNet5(1, 10, 32)
+        bayesprune.add_noise(model, x[:2], sharing="channel", placement=placement, mu_init=-0.5, log_sigma_init=-1.0)
+        targets = [n.target_name for n in noise_layers(model)]
+        if placement == "auto":
+            assert targets == ["2", "5", "8", "10"]  # MaxPool2d, MaxPool2d, ReLU, ReLU
+        else:
+            assert targets == ["0", "3", "7", "9"]
+        torch.manual_seed(1)
+        loss = F.cross_entropy(model.train()(x), y)
+        loss.backward()
+        out[placement] = loss.detach()
+        grads[placement] = [p.grad.clone() for p in model.parameters()]
+    torch.testing.assert_close(out["auto"], out["layer"], rtol=1e-6, atol=0)
+    for ga, gb in zip(grads["auto"], grads["layer"]):
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+    # per-element draws do not commute with pooling: they stay after the activation
+    model = bayesprune.add_noise(LeNet5(1, 10, 32), x[:2], sharing="element")
+    assert [n.target_name for n in noise_layers(model)] == ["1", "4", "8", "10"]

@@ -9,7 +9,12 @@ Default placement (``placement="auto"``), following the layer's output through m
 layer -> BatchNorm (if its only consumer) -> activation module (if its only consumer and called
 once per forward).  Noise goes after the last module of that chain.  So an MLP or LeNet5 gets
 noise after its activations, a conv-BN-ReLU net after the ReLU, and a torchvision ResNet (whose
-ReLU module is shared) after every BatchNorm, as MATH.md section 4 prescribes.  With
+ReLU module is shared) after every BatchNorm, as MATH.md section 4 prescribes.
+
+With one draw per (example, channel) (``sharing="channel"``) of a convolution, the noise moves on
+past a pooling module that directly follows (max/average, adaptive or not): pooling commutes with
+a positive per-channel scale, ``pool(h * theta) = pool(h) * theta``, so the network computes the
+same function (max-pool ties aside) while the noise touches a quarter of the elements or fewer.  With
 ``placement="layer"`` noise follows the layer directly.  Pass ``example_inputs`` so that the
 chain is read from a real forward pass; without it, siblings in ``nn.Sequential`` are used.
 """
@@ -39,7 +44,25 @@ _ACTIVATION_TYPES = (
     nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.PReLU,
 )
+#: pooling that commutes with a positive per-(example, channel) scale
+_POOL_TYPES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+)
 SHARING = ("element", "channel")
+
+
+def _stages(layer: nn.Module, sharing: str) -> tuple:
+    """The module kinds the noise may move past, in order (see the module docstring)."""
+    stages = (_BN_TYPES, _ACTIVATION_TYPES)
+    if sharing == "channel" and isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        stages += (_POOL_TYPES,)
+    return stages
+
+
+def _is_stage(module: nn.Module, kinds) -> bool:
+    return isinstance(module, kinds) and not getattr(module, "return_indices", False)
 KL_WEIGHTINGS = ("mean", "elbo", "sum")
 
 
@@ -188,7 +211,7 @@ def _num_structures(layer: nn.Module) -> tuple[int, int]:
     return layer.out_channels, 1
 
 
-def _chain_from_trace(calls: list[_Call], layer_call: _Call, placement: str) -> list[str]:
+def _chain_from_trace(calls: list[_Call], layer_call: _Call, placement: str, sharing: str) -> list[str]:
     if placement == "layer":
         return [layer_call.name]
     counts: dict[int, int] = {}
@@ -197,9 +220,9 @@ def _chain_from_trace(calls: list[_Call], layer_call: _Call, placement: str) -> 
     n, _ = _num_structures(layer_call.module)
     cur = layer_call
     chain = [cur.name]
-    for kinds in (_BN_TYPES, _ACTIVATION_TYPES):
+    for kinds in _stages(layer_call.module, sharing):
         consumers = [c for c in calls if any(x is cur.output for x in c.inputs)]
-        if len(consumers) != 1 or not isinstance(consumers[0].module, kinds):
+        if len(consumers) != 1 or not _is_stage(consumers[0].module, kinds):
             continue
         nxt = consumers[0]
         if counts[id(nxt.module)] != 1:
@@ -211,7 +234,7 @@ def _chain_from_trace(calls: list[_Call], layer_call: _Call, placement: str) -> 
     return chain
 
 
-def _chain_from_sequential(model: nn.Module, layer_name: str, placement: str) -> list[str]:
+def _chain_from_sequential(model: nn.Module, layer_name: str, placement: str, sharing: str) -> list[str]:
     if placement == "layer" or "." not in layer_name and not isinstance(model, nn.Sequential):
         return [layer_name]
     parent_name, _, child = layer_name.rpartition(".")
@@ -225,11 +248,11 @@ def _chain_from_sequential(model: nn.Module, layer_name: str, placement: str) ->
         uses[id(m)] = uses.get(id(m), 0) + 1
     chain = [layer_name]
     n, _ = _num_structures(parent._modules[child])
-    for kinds in (_BN_TYPES, _ACTIVATION_TYPES):
+    for kinds in _stages(parent._modules[child], sharing):
         if idx + 1 >= len(keys):
             break
         nxt = parent._modules[keys[idx + 1]]
-        if not isinstance(nxt, kinds):
+        if not _is_stage(nxt, kinds):
             continue
         if isinstance(nxt, _BN_TYPES) and nxt.num_features != n:
             break
@@ -298,14 +321,15 @@ def add_noise(
         chosen = [n for n in candidates if n in wanted] + [n for n in wanted if n not in candidates]
     if not chosen:
         raise ValueError("no prunable layer (Linear/Conv) found to add noise to")
+    sharing = noise_kwargs.get("sharing", "element")
     for order, name in enumerate(chosen):
         layer = named[name]
         n, dim = _num_structures(layer)
         if calls is not None and name in [c.name for c in calls]:
             layer_call = next(c for c in calls if c.name == name)
-            chain = _chain_from_trace(calls, layer_call, placement)
+            chain = _chain_from_trace(calls, layer_call, placement, sharing)
         else:
-            chain = _chain_from_sequential(model, name, placement)
+            chain = _chain_from_sequential(model, name, placement, sharing)
         target_name = chain[-1]
         noise = MultiplicativeNoise(n, dim=dim, **noise_kwargs)
         noise.layer_name, noise.target_name, noise.order = name, target_name, order

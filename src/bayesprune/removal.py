@@ -42,11 +42,12 @@ from torch_pruning import ops as _tp_ops
 from torch_pruning.dependency import shape_infer as _tp_shape_infer
 from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
-from .noise import _BN_TYPES, PRUNABLE_TYPES, MultiplicativeNoise, noise_layers, remove_noise
+from .noise import _BN_TYPES, _POOL_TYPES, PRUNABLE_TYPES, MultiplicativeNoise, noise_layers, remove_noise
 
 __all__ = ["shrink", "shrink_for_training", "count_parameters", "remaining_parameters", "replay_pruning"]
 
-_HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity)
+#: f(s x) = s f(x) for a per-channel s >= 0: a scale after them folds into the module before them
+_HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity) + _POOL_TYPES
 _CROSS_CHANNEL_NORMS = (nn.LayerNorm, nn.GroupNorm)
 VERIFY_RTOL = 1e-4  # of the output scale; the fold itself is exact up to float rounding
 
@@ -320,19 +321,22 @@ def _fold_into_consumers(graph, layer, scale) -> None:
         )
 
 
-def _fold(graph, model, entry) -> None:
-    layer = model.get_submodule(entry["layer"])
+def _fold_site(model, entry) -> nn.Module | None:
+    """Where E[theta] * mask folds: the layer or its BatchNorm when only positively homogeneous
+    modules (ReLU, pooling, ...) follow it in the chain; None: into the consumers."""
     chain = [model.get_submodule(n) for n in entry["chain"]]
-    target, scale = chain[-1], entry["scale"]
-    if target is layer:
-        _scale_rows(layer, scale)
-    elif isinstance(target, _BN_TYPES):
-        _fold_into_bn(target, scale)
-    elif isinstance(target, _HOMOGENEOUS):
-        producer = chain[-2]
-        (_fold_into_bn if isinstance(producer, _BN_TYPES) else _scale_rows)(producer, scale)
+    while len(chain) > 1 and isinstance(chain[-1], _HOMOGENEOUS):
+        chain.pop()
+    site = chain[-1]
+    return site if site is chain[0] or isinstance(site, _BN_TYPES) else None
+
+
+def _fold(graph, model, entry) -> None:
+    site, scale = _fold_site(model, entry), entry["scale"]
+    if site is None:
+        _fold_into_consumers(graph, model.get_submodule(entry["layer"]), scale)
     else:
-        _fold_into_consumers(graph, layer, scale)
+        (_fold_into_bn if isinstance(site, _BN_TYPES) else _scale_rows)(site, scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,7 +436,7 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
     if fold:
         graph = None
         for e in entries:
-            if graph is None and not isinstance(m.get_submodule(e["chain"][-1]), _HOMOGENEOUS + _BN_TYPES + PRUNABLE_TYPES):
+            if graph is None and _fold_site(m, e) is None:
                 graph = _build_graph(m, example_inputs)  # only consumer folding needs the graph
             _fold(graph, m, e)
     names = [e["layer"] for e in entries]
