@@ -209,7 +209,8 @@ class _LogSpaceEntropy(torch.autograd.Function):
         log_lam = lambda t: -(t - d) * (t + d) / 2 - _HALF_LOG_2PI - r  # noqa: E731  log(phi(t)/Z)
         lam_b = torch.exp(log_lam(be))
         t_b = be / 2 * lam_b
-        t_a_mid = al / 2 * torch.exp(log_lam(al))
+        lam_a_mid = torch.exp(log_lam(al))
+        t_a_mid = al / 2 * lam_a_mid
         # tail: d^2/2 - T_a = (al/2)(al - lambda_a), lambda_a = 1/(R(al)(1 - rho))
         al_t = torch.where(tail, al, torch.ones_like(al))
         be_t = torch.where(tail, be, 2 * torch.ones_like(be))
@@ -224,7 +225,6 @@ class _LogSpaceEntropy(torch.autograd.Function):
         h = torch.log(sigma) + 0.5 + _HALF_LOG_2PI + r - quad - t_b
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             # A = al lambda_a - 1 - al^2, cancellation-free in the tail
-            lam_a_mid = torch.exp(log_lam(al))
             a_mid = al * lam_a_mid - 1 - al * al
             lam_a_tail = 1.0 / (ra * one_m_rho)
             a_tail = (_g_series(al_t) + (1 + al_t * al_t) * ra * rho) * lam_a_tail

@@ -63,6 +63,8 @@ def _stages(layer: nn.Module, sharing: str) -> tuple:
 
 def _is_stage(module: nn.Module, kinds) -> bool:
     return isinstance(module, kinds) and not getattr(module, "return_indices", False)
+
+
 KL_WEIGHTINGS = ("mean", "elbo", "sum")
 
 

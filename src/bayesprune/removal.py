@@ -68,17 +68,18 @@ def _example(model, example_inputs):
             "(or give it to add_noise(model, example_inputs), which remembers it)"
         )
     p = next(iter(model.parameters()), None)
-    return example_inputs if p is None else _to_device(example_inputs, p.device)
+    if p is None:
+        return example_inputs
+    return _map_inputs(lambda x: x.to(p.device) if torch.is_tensor(x) else x, example_inputs)
 
 
-def _to_device(inputs, device):
-    if torch.is_tensor(inputs):
-        return inputs.to(device)
+def _map_inputs(fn, inputs):
+    """``fn`` applied to a single input, or to each entry of a tuple/list/dict of inputs."""
     if isinstance(inputs, dict):
-        return {k: _to_device(v, device) for k, v in inputs.items()}
+        return {k: fn(v) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_to_device(v, device) for v in inputs)
-    return inputs
+        return type(inputs)(fn(v) for v in inputs)
+    return fn(inputs)
 
 
 def _run(model, inputs):
@@ -108,11 +109,7 @@ def _probe(example_inputs):
             return torch.randn(x.shape, generator=g, dtype=torch.float32).to(dtype=x.dtype, device=x.device)
         return x
 
-    if isinstance(example_inputs, dict):
-        return {k: rand(v) for k, v in example_inputs.items()}
-    if isinstance(example_inputs, (tuple, list)):
-        return type(example_inputs)(rand(v) for v in example_inputs)
-    return rand(example_inputs)
+    return _map_inputs(rand, example_inputs)
 
 
 @torch.no_grad()
