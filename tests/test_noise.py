@@ -553,3 +553,120 @@ def test_channel_noise_moves_past_pooling_and_computes_the_same_function():
     # per-element draws do not commute with pooling: they stay after the activation
     model = bayesprune.add_noise(LeNet5(1, 10, 32), x[:2], sharing="element")
     assert [n.target_name for n in noise_layers(model)] == ["1", "4", "8", "10"]
+
+
+# ---------------------------------------------------------------------------------------------
+# joint draw: one sampler call per training forward for all per-(example, channel) layers
+
+
+def _lenet(seed=0):
+    from bayesprune.models import LeNet5
+
+    torch.manual_seed(seed)
+    model = LeNet5(in_channels=1, num_classes=10, image_size=32)
+    x = torch.randn(5, 1, 32, 32)
+    add_noise(model, x[:2], sharing="channel")
+    with torch.no_grad():
+        for n in noise_layers(model):  # spread the posteriors: bounds, mirrored and plain cases
+            n.mu.copy_(torch.linspace(-21.0, 0.5, n.num_structures))
+            n.log_sigma.copy_(torch.linspace(-3.0, 1.0, n.num_structures))
+            n.mask[0] = 0
+    return model.train(), x
+
+
+def test_joint_draw_uses_one_uniform_block_and_gives_each_layer_its_exact_gradient():
+    """Outputs are h * theta with theta from one [batch, all structures] block of uniforms (the
+    layers' slices, in forward order); each layer's mu/log_sigma gradient equals the implicit
+    gradient of its own draw given the upstream gradient, computed separately."""
+    from bayesprune.distributions import draw_theta
+
+    model, x = _lenet()
+    layers = noise_layers(model)
+    seen = {}
+    for n in layers:
+        def hook(mod, inp, out, n=n):
+            seen[n.layer_name] = {"h": inp[0].detach()}
+            out.register_hook(lambda g, n=n: seen[n.layer_name].__setitem__("g", g.detach()))
+        n.register_forward_hook(hook)
+    torch.manual_seed(123)
+    (model(x) * torch.randn(5, 10, generator=torch.Generator().manual_seed(1))).sum().backward()
+    torch.manual_seed(123)
+    u_all = torch.rand(5, sum(n.num_structures for n in layers))
+    for n, u in zip(layers, u_all.split([n.num_structures for n in layers], dim=1)):
+        h, g = seen[n.layer_name]["h"], seen[n.layer_name]["g"]
+        shape = [1] * h.ndim
+        shape[1] = n.num_structures
+        ushape = list(shape)
+        ushape[0] = h.shape[0]
+        mu = n.mu.detach().clone().requires_grad_()
+        ls = n.log_sigma.detach().clone().requires_grad_()
+        theta = draw_theta(mu.view(shape), ls.clamp(*n.log_sigma_bounds).exp().view(shape), n.mask.view(shape), u.reshape(ushape))
+        out = h * theta
+        torch.autograd.backward(out, g)
+        assert mu.grad.abs().sum() > 0, n.layer_name
+        torch.testing.assert_close(n.mu.grad, mu.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(n.log_sigma.grad, ls.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_joint_draw_falls_back_to_own_draws():
+    """A module called twice per forward gets two different draws; a submodule called outside the
+    model's forward draws on its own; gradient accumulation over two forwards works; a failed
+    forward leaves no joint draw behind; eval draws nothing."""
+    from bayesprune import noise as noise_mod
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(self.fc(self.fc(x)))
+
+    torch.manual_seed(0)
+    model = Twice()
+    add_noise(model, torch.randn(2, 4), sharing="channel")
+    n = noise_layers(model)[0]
+    with torch.no_grad():
+        n.log_sigma.fill_(0.0)
+        n.mu.fill_(-1.0)
+    ratios = []
+    n.register_forward_hook(lambda m, i, o: ratios.append(o / i[0]))
+    model.train()
+    x = torch.rand(3, 4) + 0.5
+    model(x).sum().backward()
+    assert len(ratios) == 2 and not torch.allclose(ratios[0], ratios[1])
+    model(x).sum().backward()  # accumulate without an optimizer step
+    assert torch.isfinite(n.mu.grad).all()
+    # a submodule run directly (no model forward around it) still draws
+    with torch.no_grad():
+        r = model.fc(x) / F.linear(x, model.fc.weight, model.fc.bias)
+    assert bool(((r > 0) & (r <= 1 + 1e-6)).all()) and r.unique().numel() == r.numel()
+    assert getattr(noise_mod._DRAWS, "stack", []) == []
+    with torch.no_grad():
+        n.mu[1] = float("nan")
+    with pytest.raises(FloatingPointError, match="'fc'.*mu"):
+        model(x)  # the forward fails in the joint draw, naming the layer ...
+    assert noise_mod._DRAWS.stack == []  # ... and leaves no joint draw behind
+    with torch.no_grad():
+        n.mu[1] = -1.0
+    state = torch.random.get_rng_state()
+    model.eval()(x)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_joint_draw_hooks_follow_copies_and_go_with_remove_noise():
+    import copy
+
+    model, x = _lenet()
+    clone = copy.deepcopy(model)
+    clone(x).sum().backward()
+    assert all(n.mu.grad is not None for n in noise_layers(clone))
+    assert all(n.mu.grad is None for n in noise_layers(model))  # the copy drew from its own parameters
+    assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
+    bayesprune.remove_noise(model)
+    assert len(model._forward_pre_hooks) == 0 and len(model._forward_hooks) == 0
+    small = bayesprune.shrink_for_training(clone, x[:2])
+    assert len(small._forward_pre_hooks) == 1  # the smaller noisy copy draws jointly too
+    small.train()(x).sum().backward()
+    assert all(n.mu.grad is not None for n in noise_layers(small))

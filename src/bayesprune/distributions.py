@@ -387,10 +387,10 @@ def sample_log_theta(mu, sigma, u, a: float = DEFAULT_A, b: float = DEFAULT_B) -
     return torch.addcmul(mu, sigma * sign, z).clamp(a, b)
 
 
-class _NoiseMultiply(torch.autograd.Function):
-    """out = h * exp(x) * mask with x ~ N(mu, sigma^2) on [a, b] drawn from uniforms ``u``.
+class _ThetaDraw(torch.autograd.Function):
+    """theta = exp(x) * mask with x ~ N(mu, sigma^2) on [a, b] drawn from uniforms ``u``.
 
-    Fused for speed: the forward stores only ``z`` and ``u``; the backward uses the implicit
+    Fused for speed: the forward stores ``x``, ``u`` and ``theta``; the backward uses the implicit
     reparameterisation gradient of the truncated normal (u fixed, F = CDF):
     ``dx/dmu = 1 - (phi(alpha)(1-F) + phi(beta) F)/phi(z)``,
     ``dx/dsigma = z - (alpha phi(alpha)(1-F) + beta phi(beta) F)/phi(z)``,
@@ -398,54 +398,45 @@ class _NoiseMultiply(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, mu, sigma, mask, u, a, b):
+    def forward(ctx, mu, sigma, mask, u, a, b):
         with torch.no_grad():
             x = sample_log_theta(mu, sigma, u, a, b)
             theta = torch.exp(x) * mask
-            out = h * theta
-        ctx.save_for_backward(h, mu, sigma, theta, x, u)
+        ctx.save_for_backward(mu, sigma, theta, x, u)
         ctx.bounds = (a, b)
-        return out
+        return theta
 
     @staticmethod
-    def backward(ctx, grad_out):
-        h, mu, sigma, theta, x, u = ctx.saved_tensors
+    def backward(ctx, grad_theta):
+        mu, sigma, theta, x, u = ctx.saved_tensors
         a, b = ctx.bounds
-        grad_h = (grad_out * theta).sum_to_size(h.shape) if ctx.needs_input_grad[0] else None
-        grad_mu = grad_sigma = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            alpha = (a - mu) / sigma
-            beta = (b - mu) / sigma
-            z = (x - mu) / sigma
-            # F: the CDF value of this draw in the original orientation
-            flip = (alpha > 0).to(u.dtype)
-            cdf = u + flip * (1 - 2 * u)
-            ea = torch.exp(((z - alpha) * (z + alpha) / 2).clamp_max(80.0))
-            eb = torch.exp(((z - beta) * (z + beta) / 2).clamp_max(80.0))
-            wa = ea * (1 - cdf)
-            wb = eb * cdf
-            # d out / d x = h * theta, summed down to the shape of the draws first
-            g = (grad_out * h).sum_to_size(x.shape) * theta
-            inside = (x > a) & (x < b)
-            g = torch.where(inside, g, torch.zeros_like(g))
-            if ctx.needs_input_grad[1]:
-                grad_mu = (g * (1 - wa - wb)).sum_to_size(mu.shape)
-            if ctx.needs_input_grad[2]:
-                ga, gb = alpha, beta
-                if not (math.isfinite(a) and math.isfinite(b)):  # an infinite bound: phi(+-inf) = 0
-                    ga = torch.where(torch.isfinite(alpha), alpha, torch.zeros_like(alpha))
-                    gb = torch.where(torch.isfinite(beta), beta, torch.zeros_like(beta))
-                grad_sigma = (g * (z - ga * wa - gb * wb)).sum_to_size(sigma.shape)
-        return grad_h, grad_mu, grad_sigma, None, None, None, None
+        alpha = (a - mu) / sigma
+        beta = (b - mu) / sigma
+        z = (x - mu) / sigma
+        # F: the CDF value of this draw in the original orientation
+        cdf = torch.where(alpha > 0, 1 - u, u)
+        wa = torch.exp(((z - alpha) * (z + alpha) / 2).clamp_max(80.0)) * (1 - cdf)
+        wb = torch.exp(((z - beta) * (z + beta) / 2).clamp_max(80.0)) * cdf
+        # d theta / d x = theta, zero where the draw sits on a bound (clipped)
+        g = torch.where((x > a) & (x < b), grad_theta * theta, torch.zeros_like(theta))
+        grad_mu = (g * (1 - wa - wb)).sum_to_size(mu.shape) if ctx.needs_input_grad[0] else None
+        grad_sigma = None
+        if ctx.needs_input_grad[1]:
+            if not (math.isfinite(a) and math.isfinite(b)):  # an infinite bound: phi(+-inf) = 0
+                alpha = torch.where(torch.isfinite(alpha), alpha, torch.zeros_like(alpha))
+                beta = torch.where(torch.isfinite(beta), beta, torch.zeros_like(beta))
+            grad_sigma = (g * (z - alpha * wa - beta * wb)).sum_to_size(sigma.shape)
+        return grad_mu, grad_sigma, None, None, None, None
 
 
-def noisy_multiply(h, mu, sigma, mask, u, a: float = DEFAULT_A, b: float = DEFAULT_B) -> torch.Tensor:
-    """``h * theta * mask`` with theta = exp(x) drawn by :func:`sample_log_theta` from ``u``.
+def draw_theta(mu, sigma, mask, u, a: float = DEFAULT_A, b: float = DEFAULT_B) -> torch.Tensor:
+    """``theta * mask``, theta = exp(x) with x drawn by :func:`sample_log_theta` from ``u``.
 
-    ``mu``, ``sigma``, ``mask`` are shaped to broadcast against ``h`` (one entry per structure);
-    ``u`` against ``h`` too (per element, or shared over some dimensions).
+    ``mu``, ``sigma``, ``mask`` hold one entry per structure, shaped to broadcast against ``u``
+    (one uniform per draw: per element, or per (example, structure)).  Differentiable in ``mu``
+    and ``sigma`` through the implicit reparameterisation gradient.
     """
-    return _NoiseMultiply.apply(h, mu, sigma, mask, u, a, b)
+    return _ThetaDraw.apply(mu, sigma, mask, u, a, b)
 
 
 class LogUniform(Distribution):

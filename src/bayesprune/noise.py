@@ -21,13 +21,14 @@ chain is read from a real forward pass; without it, siblings in ``nn.Sequential`
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.distributions import kl_divergence
 
-from .distributions import DEFAULT_A, DEFAULT_B, LogUniform, TruncatedLogNormal, noisy_multiply
+from .distributions import DEFAULT_A, DEFAULT_B, LogUniform, TruncatedLogNormal, draw_theta
 
 __all__ = [
     "MultiplicativeNoise",
@@ -151,11 +152,8 @@ class MultiplicativeNoise(nn.Module):
             )
         shape = [1] * h.ndim
         shape[dim] = self.num_structures
-        if not (self.training and h.is_cuda):
-            # on CUDA the check would stall the GPU pipeline at every training step; there the
-            # training loop's finite-loss check (and prune, kl, eval) catch non-finite parameters
-            self.check_finite()
         if not self.training:
+            self._check_finite_unless_cuda_training(h)
             return h * (self.expected_theta() * self.mask).to(h.dtype).view(shape)
         if self.sharing == "element":
             u_shape = h.shape
@@ -164,13 +162,120 @@ class MultiplicativeNoise(nn.Module):
             u_shape[dim] = self.num_structures
             if dim != 0:
                 u_shape[0] = h.shape[0]
-        u = torch.rand(u_shape, dtype=h.dtype, device=h.device)
-        mu = self.mu.view(shape).to(h.dtype)
-        sigma = self.sigma.view(shape).to(h.dtype)
-        return noisy_multiply(h, mu, sigma, self.mask.view(shape).to(h.dtype), u, self.a, self.b)
+                theta = _JointDraw.take(self, h.shape[0], h.device)
+                if theta is not None:
+                    return h * theta.view(u_shape).to(h.dtype)
+        self._check_finite_unless_cuda_training(h)
+        u = torch.rand(u_shape, dtype=self.mu.dtype, device=h.device)
+        theta = draw_theta(self.mu.view(shape), self.sigma.view(shape), self.mask.view(shape), u, self.a, self.b)
+        return h * theta.to(h.dtype)
+
+    def _check_finite_unless_cuda_training(self, h: torch.Tensor) -> None:
+        # on CUDA the check would stall the GPU pipeline at every training step; there the
+        # training loop's finite-loss check (and prune, kl, eval) catch non-finite parameters
+        if not (self.training and h.is_cuda):
+            self.check_finite()
 
     def _hook(self, module, args, output):
         return self(output)
+
+
+_DRAWS = threading.local()  # per thread: the stack of forward passes with a joint draw
+
+
+class _JointDraw:
+    """One draw of theta for all per-(example, channel) noise layers of a model, per forward pass.
+
+    ``add_noise`` registers :meth:`begin`/:meth:`end` as forward pre-/post-hooks of the model.
+    The first noise layer that runs in a training forward draws theta for every layer of the
+    group (same bounds, device and dtype) in one call on a ``[batch, total structures]`` tensor,
+    and each layer takes its slice: the same distribution as one draw per layer, with one set of
+    sampler ops per step instead of one per layer.  A layer called twice in one forward, a batch
+    size that differs from the first layer's, or a layer run outside the model's forward draws
+    on its own.
+    """
+
+    def __init__(self, root: nn.Module):
+        self.root = root
+
+    def begin(self, module, args) -> None:
+        if not hasattr(_DRAWS, "stack"):
+            _DRAWS.stack = []
+        _DRAWS.stack.append(_Draws(self.root))
+
+    def end(self, module, args, output) -> None:
+        stack = getattr(_DRAWS, "stack", None)
+        if stack:
+            stack.pop()
+
+    @staticmethod
+    def take(layer: "MultiplicativeNoise", batch: int, device) -> torch.Tensor | None:
+        """This layer's ``[batch, structures]`` slice of the current joint draw, or None."""
+        for draws in reversed(getattr(_DRAWS, "stack", ())):
+            if draws.holds(layer):
+                return draws.take(layer, batch, device)
+        return None
+
+
+class _Draws:
+    """The joint draw of one forward pass (made lazily, on the first noise layer's call)."""
+
+    def __init__(self, root: nn.Module):
+        self.root = root
+        self.index: dict[int, int] | None = None
+        self.pieces = None
+        self.used: set[int] = set()
+
+    def holds(self, layer) -> bool:
+        if self.index is None:
+            group = [m for m in noise_layers(self.root) if m.sharing == "channel" and m.training]
+            key = lambda m: (m.a, m.b, m.log_sigma_bounds, m.mu.device, m.mu.dtype)  # noqa: E731
+            self.layers = [m for m in group if key(m) == key(group[0])] if group else []
+            self.index = {id(m): i for i, m in enumerate(self.layers)}
+        return id(layer) in self.index
+
+    def take(self, layer, batch: int, device) -> torch.Tensor | None:
+        if id(layer) in self.used:
+            return None
+        if self.pieces is None:
+            self.key = (batch, device)
+            self.pieces = self._draw(batch, device) if device == self.layers[0].mu.device else ()
+        if not self.pieces or (batch, device) != self.key:
+            return None
+        self.used.add(id(layer))
+        return self.pieces[self.index[id(layer)]]
+
+    def _draw(self, batch: int, device) -> tuple:
+        layers, first = self.layers, self.layers[0]
+        mu = torch.cat([m.mu for m in layers])
+        log_sigma = torch.cat([m.log_sigma for m in layers])
+        if not (first.training and device.type == "cuda"):  # as MultiplicativeNoise.forward
+            with torch.no_grad():
+                if not bool(torch.isfinite(mu.sum() + log_sigma.sum())):
+                    for m in layers:
+                        m.check_finite()  # names the layer
+        sigma = log_sigma.clamp(*first.log_sigma_bounds).exp()
+        mask = torch.cat([m.mask for m in layers])
+        u = torch.rand((batch, mu.numel()), dtype=mu.dtype, device=device)
+        theta = draw_theta(mu, sigma, mask, u, first.a, first.b)
+        return theta.split([m.num_structures for m in layers], dim=1)
+
+
+def _install_joint_draw(model: nn.Module) -> None:
+    """(Re)register the model's :class:`_JointDraw` hooks (after removing any old ones)."""
+    _remove_joint_draw(model)
+    joint = _JointDraw(model)
+    model.register_forward_pre_hook(joint.begin)
+    model.register_forward_hook(joint.end, always_call=True)
+
+
+def _remove_joint_draw(model: nn.Module) -> None:
+    for m in model.modules():
+        for hooks in (m._forward_pre_hooks, m._forward_hooks):
+            for key, fn in list(hooks.items()):
+                if isinstance(getattr(fn, "__self__", None), _JointDraw):
+                    del hooks[key]
+                    getattr(m, "_forward_hooks_always_called", {}).pop(key, None)
 
 
 @dataclass
@@ -343,6 +448,7 @@ def add_noise(
         noise.to(device=p.device)
         layer.add_module("bayes_noise", noise)
         noise._handle = named[target_name].register_forward_hook(noise._hook)
+    _install_joint_draw(model)
     model.bayes_example_inputs = example_inputs
     return model
 
@@ -367,6 +473,7 @@ def remove_noise(model: nn.Module) -> nn.Module:
                 if getattr(fn, "__self__", None) is noise:
                     del target._forward_hooks[key]
             del m._modules["bayes_noise"]
+    _remove_joint_draw(model)
     if hasattr(model, "bayes_example_inputs"):
         del model.bayes_example_inputs
     return model

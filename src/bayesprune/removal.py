@@ -42,7 +42,7 @@ from torch_pruning import ops as _tp_ops
 from torch_pruning.dependency import shape_infer as _tp_shape_infer
 from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
-from .noise import _BN_TYPES, _POOL_TYPES, PRUNABLE_TYPES, MultiplicativeNoise, noise_layers, remove_noise
+from .noise import _BN_TYPES, _POOL_TYPES, PRUNABLE_TYPES, MultiplicativeNoise, _install_joint_draw, noise_layers, remove_noise
 
 __all__ = ["shrink", "shrink_for_training", "count_parameters", "remaining_parameters", "replay_pruning"]
 
@@ -485,6 +485,7 @@ def _reattach(model, entries, kept) -> None:
                 setattr(noise, attr, None)
         model.get_submodule(e["layer"]).add_module("bayes_noise", noise)
         noise._handle = model.get_submodule(noise.target_name).register_forward_hook(noise._hook)
+    _install_joint_draw(model)
 
 
 @torch.no_grad()
