@@ -38,3 +38,24 @@ def test_bf_table1_on_digits(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Bayes magnitude" in out and "| 0.99 |" in out
     assert len(list(tmp_path.rglob("summary.json"))) == 21  # 5 r x 2 modes x 2 gates + unpruned
+
+
+def test_jobs_default_one_run_per_core_on_cpu_and_bad_jobs_refused(tmp_path, monkeypatch, capsys):
+    import os
+
+    import bayesprune.reproduce as rep
+
+    seen = {}
+
+    def fake(name, out, **kw):
+        seen.update(kw)
+        out.mkdir(parents=True, exist_ok=True)
+        return {"wall_time_s": 0.0}
+
+    monkeypatch.setattr(rep, "reproduce", fake)
+    main(["reproduce", "bf-table1", "--device", "cpu", "--out-dir", str(tmp_path)])
+    assert seen["jobs"] == (os.cpu_count() or 1)
+    main(["reproduce", "bf-table1", "--device", "cpu", "--jobs", "1", "--out-dir", str(tmp_path)])
+    assert seen["jobs"] == 1
+    assert main(["reproduce", "bf-table1", "--jobs", "0", "--out-dir", str(tmp_path)]) != 0
+    assert "--jobs must be >= 1, got 0" in capsys.readouterr().err
