@@ -7,9 +7,17 @@ least 0.8 x the MAC reduction.
 
     python benchmarks/shrink_speedup.py [--steps 50] [--emulate 0.6] [--threads N] [--data DIR]
     python benchmarks/shrink_speedup.py --runs RUN_DIR [RUN_DIR ...]   # masks of real BMRS runs
+    python benchmarks/shrink_speedup.py --runs RUN_DIR --layers       # + where the time goes
+    python benchmarks/shrink_speedup.py --runs RUN_DIR --runtimes     # + frozen TorchScript, onnxruntime
 
 With ``--runs``, each run directory (of ``bayesprune run`` / ``reproduce``) gives the network and
-the masks its continuous BMRS pruning set (checkpoint.pt, loaded with weights_only=True).
+the masks its continuous BMRS pruning set (checkpoint.pt, loaded with weights_only=True).  A run
+directory without a checkpoint (the small files committed under results/) gives only the number
+of structures each layer kept (the last line of metrics.jsonl): the first k structures of each
+layer are kept in a freshly initialised network, which has the same shapes, hence the same MACs
+and latency, but not the run's accuracy.  ``--layers`` prints, per layer, MACs and median latency
+of the original and the shrunk network at batch 128 (forward hooks).  ``--runtimes`` times both
+networks at batch 128 also as frozen TorchScript and under onnxruntime.
 Otherwise a short CPU run prunes nothing yet, so by default the posteriors of the lowest-SNR 60 %
 of each layer's structures are collapsed (mu = -19, sigma = 1) before ``prune(model, "bmrs_n")``
 decides; ``--emulate 0`` uses only the trained posteriors.
@@ -19,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import time
 
 import torch
@@ -70,6 +80,9 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores offered)")
     ap.add_argument("--budget", type=float, default=4.0, help="seconds of latency measurement per batch size")
     ap.add_argument("--runs", nargs="+", default=None, help="run directories whose trained masks to measure")
+    ap.add_argument("--layers", action="store_true", help="per-layer MACs and latency at batch 128")
+    ap.add_argument("--runtimes", action="store_true",
+                    help="also time both networks frozen (torch.jit.freeze) and under onnxruntime at batch 128")
     args = ap.parse_args()
     import os
 
@@ -98,6 +111,60 @@ def main():
         err = float((y_masked - y_shrunk).abs().max() / y_masked.abs().max())
         print(f"shrunk vs masked eval output: max abs diff / scale = {err:.2e}")
         report(name, model, shrunk, shape, args.budget)
+        if args.layers:
+            print(layer_table(model, shrunk, shape))
+        if args.runtimes:
+            print(runtime_table(model, shrunk, shape))
+
+
+def _leaf_calls(model, x, repeats):
+    """Median time (ms) and MACs per example of every leaf module call, over ``repeats`` forwards."""
+    times, macs, starts = {}, {}, {}
+    names = {m: n for n, m in model.named_modules()}
+    handles = []
+    for mod in model.modules():
+        if next(mod.children(), None) is not None:
+            continue
+
+        def pre(m, args):
+            starts[m] = time.perf_counter()
+
+        def post(m, args, out):
+            n = names[m]
+            times.setdefault(n, []).append(time.perf_counter() - starts[m])
+            per_out = out.numel() // out.shape[0]
+            if isinstance(m, torch.nn.modules.conv._ConvNd):
+                macs[n] = per_out * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+            elif isinstance(m, torch.nn.Linear):
+                macs[n] = per_out * m.in_features
+            else:
+                macs.setdefault(n, 0)
+
+        handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    with torch.no_grad():
+        for _ in range(3 + repeats):
+            model(x)
+    for h in handles:
+        h.remove()
+    return {n: (1e3 * statistics.median(t[3:]), macs[n], type(m).__name__) for (n, t), m in
+            zip(times.items(), [dict(model.named_modules())[n] for n in times])}
+
+
+def layer_table(model, shrunk, shape, batch=128, repeats=60):
+    """Where the batch-``batch`` time goes: MACs and median latency per layer, original vs shrunk."""
+    from bayesprune.benchmarking import _plain
+
+    a, b = _plain(model), _plain(shrunk)
+    x = torch.randn(batch, *shape)
+    la, lb = _leaf_calls(a, x, repeats), _leaf_calls(b, x, repeats)
+    lines = [f"{'layer':<8}{'type':<12}{'MACs/ex orig':>13}{'shrunk':>9}{'ms orig':>9}{'shrunk':>8}{'speed-up':>9}"]
+    for n, (ta, ma, kind) in la.items():
+        tb, mb, _ = lb.get(n, (float("nan"), 0, kind))
+        lines.append(f"{n:<8}{kind:<12}{ma:>13,}{mb:>9,}{ta:>9.3f}{tb:>8.3f}{ta / tb:>8.2f}x")
+    sa, sb = sum(v[0] for v in la.values()), sum(v[0] for v in lb.values())
+    lines.append(f"{'sum':<20}{sum(v[1] for v in la.values()):>13,}{sum(v[1] for v in lb.values()):>9,}"
+                 f"{sa:>9.3f}{sb:>8.3f}{sa / sb:>8.2f}x")
+    return "\n".join(lines)
 
 
 def report(name, model, shrunk, shape, budget):
@@ -120,8 +187,16 @@ def measure_run(run_dir, args):
     rc = resolve_config(**{k: cfg[k] for k in keep}, data_dir=args.data_dir, device="cpu")
     data = load_dataset(rc.dataset, args.data_dir)
     model, example = _build(rc, data, torch.device("cpu"))
-    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
-    model.load_state_dict(state)
+    if (run / "checkpoint.pt").exists():
+        state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+        model.load_state_dict(state)
+        source = "trained weights and masks"
+    else:  # committed small files: only how many structures each layer kept
+        kept = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["kept"]
+        for n, k in zip(bp.noise_layers(model), kept.values()):
+            n.mask.zero_()
+            n.mask[: int(k)] = 1.0
+        source = f"kept counts {list(kept.values())} from metrics.jsonl, fresh weights (no checkpoint)"
     model.eval()
     shrunk = bp.shrink(model, example)
     with torch.no_grad():
@@ -130,10 +205,59 @@ def measure_run(run_dir, args):
     err = float((y_masked - y_shrunk).abs().max() / y_masked.abs().max())
     name = f"{cfg['model']}/{cfg['dataset']}/{cfg['method']}"
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
-    print(f"\n== {name} ({run}): test acc {summary.get('test_acc', float('nan')):.4f}, "
+    print(f"\n== {name} ({run}; {source}): run's test acc {summary.get('test_acc', float('nan')):.4f}, "
           f"{bp.report(model, 'masks', example)}")
     print(f"shrunk vs masked eval output: max abs diff / scale = {err:.2e}")
     report(name, model, shrunk, data.input_shape, args.budget)
+    if args.layers:
+        print(layer_table(model, shrunk, data.input_shape))
+    if args.runtimes:
+        print(runtime_table(model, shrunk, data.input_shape))
+
+
+def _median_ms(fn, repeats=60):
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def runtime_table(model, shrunk, shape, batch=128):
+    """Batch-``batch`` latency of original and shrunk network in eager PyTorch, as frozen
+    TorchScript (``torch.jit.freeze`` + ``optimize_for_inference``) and under onnxruntime (CPU,
+    same thread count), each pair measured back to back."""
+    import io
+
+    from bayesprune.benchmarking import _plain
+
+    a, b = _plain(model), _plain(shrunk)
+    x = torch.randn(batch, *shape)
+    rows = []
+    with torch.no_grad():
+        rows.append(("eager", _median_ms(lambda: a(x)), _median_ms(lambda: b(x))))
+        fa, fb = (torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(m, x))) for m in (a, b))
+        rows.append(("frozen TorchScript", _median_ms(lambda: fa(x)), _median_ms(lambda: fb(x))))
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        ort = None
+    if ort is not None:
+        sessions = []
+        for m in (a, b):
+            f = io.BytesIO()
+            torch.onnx.export(m, (x,), f, input_names=["x"], dynamo=False)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = opts.inter_op_num_threads = torch.get_num_threads()
+            sessions.append(ort.InferenceSession(f.getvalue(), opts, providers=["CPUExecutionProvider"]))
+        xn = x.numpy()
+        rows.append(("onnxruntime", *(_median_ms(lambda s=s: s.run(None, {"x": xn})) for s in sessions)))
+    lines = [f"{'runtime (batch ' + str(batch) + ')':<22}{'orig ms':>9}{'shrunk ms':>11}{'speed-up':>10}"]
+    lines += [f"{name:<22}{ta:>9.3f}{tb:>11.3f}{ta / tb:>9.2f}x" for name, ta, tb in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-from bayesprune.results import bf_table, find_summaries, plot_sweep, table1, table_markdown
+from bayesprune.results import aggregate_sweeps, bf_table, find_summaries, plot_sweep, table1, table_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -93,6 +93,41 @@ def _variants_section(directory: Path) -> list[str]:
             "test accuracy %, mean ± std over seeds:\n", "\n".join(lines), ""]
 
 
+def _sweep_sections() -> list[str]:
+    """One section per ``*-sweep`` directory under results/ (post-training protocol): the plot, the
+    curve table and the BMRS stop points, mean over the seeds found."""
+    parts = []
+    for sweep_dir in sorted(RESULTS.rglob("*-sweep")):
+        sweeps = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("seed*/sweep.json"))]
+        if not sweeps:
+            continue
+        rel = sweep_dir.relative_to(RESULTS)
+        cfg = sweeps[0]["config"]
+        img = ROOT / "docs" / "img" / f"{sweep_dir.name}.png"
+        plot_sweep(sweeps, img, title=f"{cfg['model']} / {cfg['dataset']}, post-training, {len(sweeps)} seed(s)")
+        agg = aggregate_sweeps(sweeps)
+        parts.append(f"## Post-training sweep: {cfg['model']} / {cfg['dataset']} (results/{rel})\n")
+        parts.append(f"{len(sweeps)} seed(s); trained {cfg['epochs']} epochs without pruning (noise and KL on), then "
+                     f"each criterion pruned to each target and fine-tuned {cfg['sweep_finetune_epochs']} epoch(s). "
+                     f"Test accuracy (mean ± sd over seeds) against the share of parameters removed.\n")
+        parts.append(f"![sweep](img/{img.name})\n")
+        crits = list(agg["curves"])
+        targets = sorted({r[0] for rows in agg["curves"].values() for r in rows})
+        lines = ["| target | " + " | ".join(crits) + " |", "|---|" + "---|" * len(crits)]
+        for t in targets:
+            cells = []
+            for c in crits:
+                r = next((r for r in agg["curves"][c] if r[0] == t), None)
+                cells.append("-" if r is None else f"{r[1]:.1f} % / {r[2]:.2f} ± {r[3]:.2f}")
+            lines.append(f"| {100 * t:g} % | " + " | ".join(cells) + " |")
+        parts.append("Cells: parameters removed / test accuracy.\n")
+        parts.append("\n".join(lines) + "\n")
+        for label, (comp, acc, n) in agg["stops"].items():
+            parts.append(f"* stop point of {label} (n={n}): {comp:.2f} % of parameters removed, test accuracy {acc:.2f} %")
+        parts.append("")
+    return parts
+
+
 def copy_runs(src: Path) -> None:
     for f in src.rglob("*"):
         if f.name in SMALL_FILES and f.is_file():
@@ -126,16 +161,7 @@ def main() -> None:
         parts.append(_paper_table(sorted(columns)))
         parts.append("")
     parts += _variants_section(RESULTS / "variants")
-    for sweep_dir in sorted((RESULTS / "digits").glob("*-sweep")) if (RESULTS / "digits").exists() else []:
-        sweeps = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("seed*/sweep.json"))]
-        if sweeps:
-            img = ROOT / "docs" / "img" / f"{sweep_dir.name}.png"
-            plot_sweep(sweeps, img, title=sweep_dir.name.replace("-sweep", "").replace("-", " / "))
-            parts.append(f"## Post-training sweep: {sweep_dir.name}\n\n![sweep](img/{img.name})\n")
-            for label, st in sweeps[0].get("stops", {}).items():
-                parts.append(f"* stop point of {label}: {100 * st['param_compression']:.2f} % of parameters removed, "
-                             f"test accuracy {100 * st['test_acc']:.2f} %")
-            parts.append("")
+    parts += _sweep_sections()
     bf_dir = RESULTS / "repro" / "bf-table1"
     if bf_dir.exists():
         summaries = [s for _, s in find_summaries([bf_dir])]
