@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 
 import mpmath as mp
 import numpy as np
@@ -28,6 +27,7 @@ from scipy import integrate
 from torch.distributions import kl_divergence
 
 from bayesprune.distributions import LogUniform, TruncatedLogNormal, sample_log_theta
+from quadrature import mp_mass, quad_split  # tests/quadrature.py
 
 A, B = -20.0, 0.0
 MUS = sorted(set(np.linspace(A - 5, B + 5, 13).tolist() + [A - 1e-3, A + 1e-3, B - 1e-3, B + 1e-3, -19.5]))
@@ -42,19 +42,9 @@ RTOL = 1e-6
 # ---------------------------------------------------------------------------------------------
 # references
 # ---------------------------------------------------------------------------------------------
-def _mp_mass(l, h):
-    """Phi(h) - Phi(l) at the working precision, from the tail on the side of the interval."""
-    s2 = mp.sqrt(2)
-    if l > 0:
-        return (mp.erfc(l / s2) - mp.erfc(h / s2)) / 2
-    if h < 0:
-        return (mp.erfc(-h / s2) - mp.erfc(-l / s2)) / 2
-    return 1 - (mp.erfc(-l / s2) + mp.erfc(h / s2)) / 2
-
-
 def _mp_log_mass(l, h):
     if l > 0 or h < 0:
-        return mp.log(_mp_mass(l, h))
+        return mp.log(mp_mass(l, h))
     s2 = mp.sqrt(2)
     return mp.log1p(-(mp.erfc(-l / s2) + mp.erfc(h / s2)) / 2)  # Z ~ 1: keep log Z's digits
 
@@ -64,9 +54,9 @@ def mp_ref(mu: float, sigma: float, a: float = A, b: float = B) -> dict:
     with mp.workdps(80):
         mu, s = mp.mpf(mu), mp.mpf(sigma)
         al, be = (a - mu) / s, (b - mu) / s
-        z = _mp_mass(al, be)
-        e1 = mp.exp(mu + s**2 / 2) * _mp_mass(al - s, be - s) / z
-        e2 = mp.exp(2 * mu + 2 * s**2) * _mp_mass(al - 2 * s, be - 2 * s) / z
+        z = mp_mass(al, be)
+        e1 = mp.exp(mu + s**2 / 2) * mp_mass(al - s, be - s) / z
+        e2 = mp.exp(2 * mu + 2 * s**2) * mp_mass(al - 2 * s, be - 2 * s) / z
         var = e2 - e1**2
         ent = mp.log(s * mp.sqrt(2 * mp.pi * mp.e) * z) + (al * mp.npdf(al) - be * mp.npdf(be)) / (2 * z)
         return {
@@ -84,25 +74,6 @@ def _peak(mu, sigma, a=A, b=B):
     return p, (sigma if dist <= sigma else sigma * sigma / dist)
 
 
-def _quad_offset(f, lo, hi, scale, g):
-    """int_lo^hi f(y) dy (lo <= 0 <= hi) split at +-scale*2^k; ``g`` the (concave, max at 0)
-    log-density, used to drop pieces where the integrand is below e^-900.  Returns (value, abserr)."""
-    total, err, warned = 0.0, 0.0, False
-    for sign, end in ((1.0, hi), (-1.0, lo)):
-        start, width = 0.0, scale
-        while sign * start < sign * end:
-            stop = sign * min(sign * end, sign * start + width)
-            if g(start) < -900:
-                break
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", integrate.IntegrationWarning)
-                v, e = integrate.quad(f, min(start, stop), max(start, stop), epsabs=0, epsrel=1e-13, limit=200)
-            warned = warned or bool(caught)  # quad unsure of itself: mpmath covers this point
-            total, err = total + v, err + e
-            start, width = stop, (width if start == 0.0 else 2 * abs(stop))
-    return total, (math.inf if warned else err)
-
-
 @functools.lru_cache(maxsize=None)
 def quad_ref(mu: float, sigma: float, a: float = A, b: float = B):
     """scipy quad reference, or None where quad reports an error above 1e-10 relative."""
@@ -114,11 +85,11 @@ def quad_ref(mu: float, sigma: float, a: float = A, b: float = B):
         return -y * (y + c2) * inv
 
     lo, hi = a - p, b - p
-    i0, e0 = _quad_offset(lambda y: math.exp(g(y)), lo, hi, scale, g)
-    c, ec = _quad_offset(lambda y: math.expm1(y) * math.exp(g(y)), lo, hi, scale, g)
+    i0, e0 = quad_split(lambda y: math.exp(g(y)), lo, hi, scale, g)
+    c, ec = quad_split(lambda y: math.expm1(y) * math.exp(g(y)), lo, hi, scale, g)
     c /= i0
-    v, ev = _quad_offset(lambda y: (math.expm1(y) - c) ** 2 * math.exp(g(y)), lo, hi, scale, g)
-    eg, eeg = _quad_offset(lambda y: g(y) * math.exp(g(y)), lo, hi, scale, g)
+    v, ev = quad_split(lambda y: (math.expm1(y) - c) ** 2 * math.exp(g(y)), lo, hi, scale, g)
+    eg, eeg = quad_split(lambda y: g(y) * math.exp(g(y)), lo, hi, scale, g)
     # c = E[e^y] - 1 enters the mean as e^p (1 + c): its error counts relative to 1 + c
     if max(e0 / i0, ec / (i0 * (1 + c)), ev / v, eeg / abs(eg)) > 1e-10:
         return None
@@ -314,7 +285,7 @@ def test_gradcheck_mean_and_kl(mu, log_sigma):
 def _mp_kl(mu, log_sigma, a=A, b=B):
     s = mp.exp(log_sigma)
     al, be = (a - mu) / s, (b - mu) / s
-    z = _mp_mass(al, be)
+    z = mp_mass(al, be)
     ent = mp.log(s * mp.sqrt(2 * mp.pi * mp.e) * z) + (al * mp.npdf(al) - be * mp.npdf(be)) / (2 * z)
     return mp.log(b - a) - ent
 
@@ -349,7 +320,7 @@ def test_gradient_of_mean_matches_mpmath_derivative_near_bound():
     with mp.workdps(40):
         def e1(m, s):
             al, be = (A - m) / s, (B - m) / s
-            return mp.exp(m + s**2 / 2) * _mp_mass(al - s, be - s) / _mp_mass(al, be)
+            return mp.exp(m + s**2 / 2) * mp_mass(al - s, be - s) / mp_mass(al, be)
 
         rm = mp.diff(lambda m: e1(m, mp.mpf("0.3")), mp.mpf("-19.5"))
         rs = mp.diff(lambda s: e1(mp.mpf("-19.5"), s), mp.mpf("0.3"))
@@ -424,9 +395,9 @@ def test_sample_log_theta_is_the_inverse_cdf():
         x = sample_log_theta(torch.tensor(mu, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64), u, A, B)
         with mp.workdps(50):
             al = (A - mp.mpf(mu)) / sigma
-            z = _mp_mass(al, (B - mp.mpf(mu)) / sigma)
+            z = mp_mass(al, (B - mp.mpf(mu)) / sigma)
             for ui, xi in zip(u.tolist(), x.tolist()):
-                cdf = _mp_mass(al, (mp.mpf(xi) - mu) / sigma) / z
+                cdf = mp_mass(al, (mp.mpf(xi) - mu) / sigma) / z
                 want = 1 - ui if A - mu > 0 else ui
                 assert abs(float(cdf) - want) <= 1e-7 * max(want, 1e-3), (mu, sigma, ui, xi, float(cdf))
 

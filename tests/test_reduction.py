@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 
 import mpmath as mp
 import numpy as np
 import pytest
 import torch
-from scipy import integrate, special
+from scipy import special
 
 from bayesprune.reduction import FLOAT32_MANTISSA_LOG, delta_f_normal, delta_f_uniform
+from quadrature import mp_mass, quad_split  # tests/quadrature.py
 
 A, B = -20.0, 0.0
 MUS = sorted(set(np.linspace(A - 5, B + 5, 13).tolist() + [A - 1e-3, A + 1e-3, B - 1e-3, B + 1e-3, -19.5]
@@ -49,24 +49,15 @@ def _close(got, ref, rtol=RTOL, atol=TINY_ABS):
 # ---------------------------------------------------------------------------------------------
 # references
 # ---------------------------------------------------------------------------------------------
-def _mp_mass(l, h):
-    s2 = mp.sqrt(2)
-    if l > 0:
-        return (mp.erfc(l / s2) - mp.erfc(h / s2)) / 2
-    if h < 0:
-        return (mp.erfc(-h / s2) - mp.erfc(-l / s2)) / 2
-    return 1 - (mp.erfc(-l / s2) + mp.erfc(h / s2)) / 2
-
-
 @functools.lru_cache(maxsize=None)
 def mp_dfn(mu, sigma, s=1e-6, m=A, a=A, b=B):
     with mp.workdps(80):
         mu, sg, s, m = mp.mpf(mu), mp.mpf(sigma), mp.mpf(s), mp.mpf(m)
         tot = sg**2 + s**2
         sq, mq = sg * s / mp.sqrt(tot), (mu * s**2 + m * sg**2) / tot
-        z = _mp_mass((a - mu) / sg, (b - mu) / sg)
-        zq = _mp_mass((a - mq) / sq, (b - mq) / sq)
-        zp = _mp_mass((a - m) / s, (b - m) / s)
+        z = mp_mass((a - mu) / sg, (b - mu) / sg)
+        zq = mp_mass((a - mq) / sq, (b - mq) / sq)
+        zp = mp_mass((a - m) / s, (b - m) / s)
         return float(mp.log(b - a) + mp.log(zq) - mp.log(z) - mp.log(zp) - (mu - m) ** 2 / (2 * tot) - mp.log(2 * mp.pi * tot) / 2)
 
 
@@ -75,28 +66,15 @@ def mp_dfu(mu, sigma, precision, a=A, b=B):
     with mp.workdps(80):
         mu, sg = mp.mpf(mu), mp.mpf(sigma)
         a1, b1 = mp.mpf(FLOAT32_MANTISSA_LOG), mp.mpf(-precision * math.log(2))
-        q = _mp_mass((a1 - mu) / sg, (b1 - mu) / sg) / _mp_mass((a - mu) / sg, (b - mu) / sg)
+        q = mp_mass((a1 - mu) / sg, (b1 - mu) / sg) / mp_mass((a - mu) / sg, (b - mu) / sg)
         return float(mp.log(q) - mp.log((b1 - a1) / (b - a)))
 
 
 def _log_int_quad(dexp, lo, hi, scale):
     """log int_lo^hi exp(dexp(y)) dy for lo <= 0 <= hi, dexp concave with dexp(0) = 0 its max
-    (up to rounding), split at +-scale*2^k.  Returns (value, relative error estimate)."""
-    total, err, warned = 0.0, 0.0, False
-    for sign, end in ((1.0, hi), (-1.0, lo)):
-        start, width = 0.0, scale
-        while sign * start < sign * end:
-            stop = sign * min(sign * end, sign * start + width)
-            if dexp(start) < -900:
-                break
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", integrate.IntegrationWarning)
-                v, e = integrate.quad(lambda y: math.exp(dexp(y)), min(start, stop), max(start, stop),
-                                      epsabs=0, epsrel=1e-13, limit=200)
-            warned = warned or bool(caught)  # quad unsure of itself: mpmath covers this point
-            total, err = total + v, err + e
-            start, width = stop, (width if start == 0.0 else 2 * abs(stop))
-    return math.log(total), (math.inf if warned else err / total)
+    (up to rounding).  Returns (value, relative error estimate)."""
+    total, err = quad_split(lambda y: math.exp(dexp(y)), lo, hi, scale, dexp)
+    return math.log(total), err / total
 
 
 def _gauss_log_int(mu, sigma, lo, hi):
@@ -287,7 +265,7 @@ def test_savage_dickey_limit(mu, sigma):
     """s -> 0: dF_N -> log((b - a) q(a)), q the density of x at the spike."""
     with mp.workdps(50):
         al, be = (A - mp.mpf(mu)) / sigma, (B - mp.mpf(mu)) / sigma
-        sd = float(mp.log((B - A) * mp.npdf(al) / (sigma * _mp_mass(al, be))))
+        sd = float(mp.log((B - A) * mp.npdf(al) / (sigma * mp_mass(al, be))))
     errs = [abs(delta_f_normal(mu, sigma, s=s).item() - sd) for s in (1e-3, 1e-5, 1e-7, 1e-9)]
     assert errs[-1] <= 1e-6 * max(1.0, abs(sd)), (errs, sd)
     for e_big, e_small in zip(errs, errs[1:]):  # converges (roughly linearly in s)
