@@ -12,7 +12,7 @@ def test_bmrs_table1_end_to_end_and_skips_finished_runs(tmp_path, capsys):
     res = reproduce("bmrs-table1", tmp_path, **kw)
     names = sorted(p.parent.parent.name for p in tmp_path.rglob("summary.json"))
     assert names == sorted(
-        f"mlp-digits-{m}" for m in ("none", "etheta", "snr", "bmrs_n", "bmrs_u-p8", "bmrs_u-p4", "bmrs_n-t-0.919", "l2")
+        f"mlp-digits-{m}" for m in ("none", "etheta", "snr", "bmrs_n", "bmrs_u-p8", "bmrs_u-p4", "dense", "bmrs_n-t-0.919", "l2")
     )
     by_dir = {p.parent.parent.name: json.loads(p.read_text()) for p in tmp_path.rglob("summary.json")}
     # --epochs 2 without --finetune-epochs fine-tunes min(10, 2) epochs

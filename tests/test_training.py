@@ -90,6 +90,29 @@ def test_config_errors(tmp_path):
         tr.RunDir(tmp_path / "x").write_config(_cfg(tmp_path, "x", seed=5))
 
 
+def test_dense_method_trains_the_network_without_noise(tmp_path):
+    """method "dense": the plain network (no noise layers, no KL), nothing pruned; its table row
+    is "None (no noise)"; --shrink and plot refuse it with a clear message."""
+    from bayesprune.cli import load_run_model, main
+    from bayesprune.noise import noise_layers
+    from bayesprune.results import method_label
+
+    cfg = _cfg(tmp_path, "dense", method="dense", epochs=2, finetune_epochs=0)
+    s = tr.run_continuous(cfg, progress=False)
+    rows = _metrics(tmp_path / "dense")
+    assert len(rows) == 2 and all(r["kl"] == 0.0 and r["train_loss"] == r["train_ce"] for r in rows)
+    assert s["param_compression"] == 0.0 and s["params_kept"] == s["params_dense"] == 64 * 32 + 32 + 33 * 32 + 33 * 10
+    assert s["test_acc"] > 0.5 and s["size_speed"] is None
+    state = torch.load(tmp_path / "dense" / "checkpoint.pt", weights_only=True)
+    assert not any("bayes_noise" in k for k in state["model"])
+    model, _, _ = load_run_model(tmp_path / "dense", None)
+    assert noise_layers(model) == []
+    assert method_label(s["config"]) == "None (no noise)"
+    with pytest.raises(ValueError, match="--shrink does not apply"):
+        _cfg(tmp_path, "d2", method="dense", shrink=True)
+    assert main(["plot", str(tmp_path / "dense")]) != 0
+
+
 @pytest.mark.slow
 def test_bmrs_n_prunes_on_digits_within_margin_of_none(tmp_path):
     """The reference threshold (exact dF_N + 0.919 >= 0) removes structures at None's accuracy.

@@ -439,6 +439,8 @@ def cmd_plot(args) -> int:
     )
 
     model, cfg, rd = load_run_model(args.run_dir, args.data_dir)
+    if cfg.method == "dense":
+        raise CLIError(f"{args.run_dir} is a 'dense' run (no noise layers): it has no E[θ] or dF to plot")
     out = Path(args.out) if args.out else Path(args.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     stats = structure_stats(model, precision=cfg.precision)

@@ -50,11 +50,11 @@ __all__ = [
 ]
 
 #: Row order of the BMRS paper's Table 1 (other methods, e.g. Grad or other precisions, follow).
-METHOD_ROWS: tuple[str, ...] = ("None", "L2", "E[θ]", "SNR", "BMRS_N", "BMRS_U-8", "BMRS_U-4")
+METHOD_ROWS: tuple[str, ...] = ("None", "None (no noise)", "L2", "E[θ]", "SNR", "BMRS_N", "BMRS_U-8", "BMRS_U-4")
 #: Column order of the Bayes-factor paper's Table 1 (per model and data set).
 BF_COLUMNS: tuple[str, ...] = ("unpruned", "random", "Bayes random", "magnitude", "Bayes magnitude")
 
-_LABELS = {"none": "None", "l2": "L2", "etheta": "E[θ]", "snr": "SNR", "bmrs_n": "BMRS_N", "grad": "Grad"}
+_LABELS = {"none": "None", "dense": "None (no noise)", "l2": "L2", "etheta": "E[θ]", "snr": "SNR", "bmrs_n": "BMRS_N", "grad": "Grad"}
 
 
 def method_label(config: dict) -> str:

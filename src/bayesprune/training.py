@@ -40,8 +40,10 @@ from .removal import count_parameters
 
 __all__ = ["RunConfig", "PAPER_DEFAULTS", "run_continuous", "run_sweep", "TrainingDiverged", "resolve_config", "METHODS"]
 
-#: pruning methods of a continuous run: "none" trains the same noisy network without pruning
-METHODS = ("none", "bmrs_n", "bmrs_u", "snr", "etheta", "l2", "grad")
+#: methods of a continuous run: "none" trains the same noisy network (noise + KL) without pruning;
+#: "dense" trains the network without noise layers at all (plain cross-entropy), the reference
+#: point for what the noise and the KL cost in accuracy
+METHODS = ("none", "bmrs_n", "bmrs_u", "snr", "etheta", "l2", "grad", "dense")
 
 #: (model, dataset) -> hyperparameters of the BMRS paper (MATH.md section 4); epochs 50 + 10
 PAPER_DEFAULTS: dict[tuple[str, str], dict] = {
@@ -112,6 +114,8 @@ class RunConfig:
             raise ValueError(f"compression must be in [0, 1], got {self.compression}")
         if self.method == "bmrs_u" and not self.precision > 0:
             raise ValueError(f"precision must be > 0, got {self.precision}")
+        if self.method == "dense" and self.shrink:
+            raise ValueError("method 'dense' has no noise layers and prunes nothing: --shrink does not apply")
 
 
 def resolve_config(**overrides) -> RunConfig:
@@ -162,7 +166,8 @@ def _build(cfg: RunConfig, splits, device):
             kwargs["extra_layers"] = cfg.extra_layers
     model = build_model(cfg.model, splits.in_channels, splits.image_size, splits.num_classes, **kwargs).to(device)
     example = splits.example_inputs(2).to(device)
-    add_noise(model, example, sharing=cfg.sharing)
+    if cfg.method != "dense":
+        add_noise(model, example, sharing=cfg.sharing)
     return model, example
 
 
@@ -196,11 +201,12 @@ def _train_epoch(model, opt, loader, cfg: RunConfig, num_train: int, device, des
     model.train()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, CE, KL; read once an epoch
     steps = 0
+    noisy = bool(noise_layers(model))
     bar = tqdm(loader, desc=desc, leave=False, disable=None)
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         ce = F.cross_entropy(model(x), y)
-        k = kl(model, cfg.kl_weighting, num_train)
+        k = kl(model, cfg.kl_weighting, num_train) if noisy else torch.zeros((), device=ce.device)
         loss = ce + k
         if not torch.isfinite(loss):  # the one host-device sync of a step
             for n in noise_layers(model):
@@ -218,10 +224,18 @@ def _train_epoch(model, opt, loader, cfg: RunConfig, num_train: int, device, des
     return tot / steps, ce_sum / steps, kl_sum / steps
 
 
+def _report(model, cfg: RunConfig, example) -> crit.PruneReport:
+    """The masks' report; for a network without noise layers ("dense"), all parameters kept."""
+    if cfg.method == "dense":
+        n = count_parameters(model)
+        return crit.PruneReport("dense", params_total=n, params_kept=n)
+    return crit.report(model, cfg.method, example)
+
+
 def _prune(model, cfg: RunConfig, example):
     method = cfg.method
-    if method == "none":
-        return crit.report(model, "none", example)
+    if method in ("none", "dense"):
+        return _report(model, cfg, example)
     return crit.prune(
         model,
         method,
@@ -355,7 +369,7 @@ def run_continuous(cfg: RunConfig, progress: bool = True) -> dict:
         if phase == "prune" or epoch == cfg.epochs - 1:
             rep = _prune(model, cfg, example)
         else:
-            rep = crit.report(model, cfg.method, example)
+            rep = _report(model, cfg, example)
         if cfg.shrink and phase == "prune" and rep.structures_kept < sum(n.num_structures for n in noise_layers(model)):
             model, opt, kept_index = _shrink_step(model, opt, example, cfg, kept_index)
         val_loss, val_acc = evaluate(model, splits.val, device)
@@ -395,7 +409,7 @@ def run_continuous(cfg: RunConfig, progress: bool = True) -> dict:
     if best is not None:
         model.load_state_dict(best["model"])
     test_loss, test_acc = evaluate(model, splits.test, device)
-    rep = crit.report(model, cfg.method, example)
+    rep = _report(model, cfg, example)
     summary = dict(
         config=asdict(cfg),
         test_acc=test_acc,
@@ -418,7 +432,7 @@ def run_continuous(cfg: RunConfig, progress: bool = True) -> dict:
             param_compression=1 - ref.params_kept / params_dense,
             structure_compression=ref.structure_compression,
         )
-    summary["size_speed"] = _size_speed(model, example, splits)
+    summary["size_speed"] = _size_speed(model, example, splits) if cfg.method != "dense" else None
     rd.summary.write_text(json.dumps(summary, indent=2))
     return summary
 
