@@ -96,6 +96,7 @@ def test_sweep(tmp_path, capsys):
     sw = json.loads((group / "seed0" / "sweep.json").read_text())
     assert [p["target"] for p in sw["points"]] == [0.0, 0.5]
     assert "bmrs_n" in sw["stops"]
+    assert sw["train_wall_time_s"] > 0 and sw["sweep_wall_time_s"] > 0
     assert (group / "accuracy_vs_compression.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "bmrs_n stop" in out

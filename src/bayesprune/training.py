@@ -488,11 +488,12 @@ def run_sweep(cfg: RunConfig, progress: bool = True) -> dict:
     base_cfg.method = "none"
     base_cfg.finetune_epochs = 0
     base_cfg.out_dir = str(Path(cfg.out_dir) / "train")
-    run_continuous(base_cfg, progress=progress)
+    train = run_continuous(base_cfg, progress=progress)
     rd = RunDir(cfg.out_dir)
     out_path = rd.path / "sweep.json"
     if out_path.exists():
         return json.loads(out_path.read_text())
+    t_sweep = time.time()
     device = _device(cfg.device)
     splits = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
     _seed_all(cfg.seed)
@@ -519,7 +520,8 @@ def run_sweep(cfg: RunConfig, progress: bool = True) -> dict:
                 acc = _finetune_and_test(m, cfg, splits, device)
                 stops[label] = dict(param_compression=1 - rep.params_kept / params_dense, structure_compression=rep.structure_compression, test_acc=acc, threshold=thr)
     bar.close()
-    summary = dict(config=asdict(cfg), points=results, stops=stops)
+    summary = dict(config=asdict(cfg), points=results, stops=stops,
+                   train_wall_time_s=train.get("wall_time_s"), sweep_wall_time_s=time.time() - t_sweep)
     out_path.write_text(json.dumps(summary, indent=2))
     return summary
 
