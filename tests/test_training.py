@@ -90,6 +90,17 @@ def test_config_errors(tmp_path):
         tr.RunDir(tmp_path / "x").write_config(_cfg(tmp_path, "x", seed=5))
 
 
+def test_finished_run_with_another_configuration_is_not_reused(tmp_path):
+    """A finished run directory is skipped only for the same configuration: asking it for another
+    threshold (or any other setting) is an error naming the difference, not a silent re-use."""
+    cfg = _cfg(tmp_path, "r", epochs=1, finetune_epochs=0)
+    first = tr.run_continuous(cfg, progress=False)
+    again = tr.run_continuous(cfg, progress=False)  # same configuration: skipped, summary re-read
+    assert (again["test_acc"], again["wall_time_s"]) == (first["test_acc"], first["wall_time_s"])
+    with pytest.raises(ValueError, match="another configuration.*threshold"):
+        tr.run_continuous(_cfg(tmp_path, "r", epochs=1, finetune_epochs=0, threshold=REFERENCE_THRESHOLD), progress=False)
+
+
 def test_dense_method_trains_the_network_without_noise(tmp_path):
     """method "dense": the plain network (no noise layers, no KL), nothing pruned; its table row
     is "None (no noise)"; --shrink and plot refuse it with a clear message."""

@@ -34,11 +34,15 @@ def _safe(name: str) -> str:
     return name.replace(":", "_").replace("/", "_")
 
 
-def run_dir_name(model: str, dataset: str, method: str, precision: float | None = None) -> str:
-    """``<model>-<dataset>-<method>[-p<precision> for bmrs_u]`` (":" of ``tv:`` names -> "_")."""
+def run_dir_name(model: str, dataset: str, method: str, precision: float | None = None,
+                 threshold: float | None = None) -> str:
+    """``<model>-<dataset>-<method>[-p<precision> for bmrs_u][-t<threshold> when one is set]``
+    (":" and "/" of ``tv:`` names become "_"); ``reproduce`` names its runs the same way."""
     name = f"{_safe(model)}-{dataset}-{method}"
     if method == "bmrs_u":
         name += f"-p{float(precision if precision is not None else 8.0):g}"
+    if threshold is not None:
+        name += f"-t{float(threshold):.3f}"
     return name
 
 
@@ -273,7 +277,7 @@ def cmd_run(args) -> int:
     from .training import run_continuous
 
     base = _resolved(args, seed=args.seeds[0])
-    group = Path(args.out_dir) / run_dir_name(base.model, base.dataset, base.method, base.precision)
+    group = Path(args.out_dir) / run_dir_name(base.model, base.dataset, base.method, base.precision, base.threshold)
     print(f"{base.method} on {base.model}/{base.dataset}: epochs {base.epochs} + fine-tune {base.finetune_epochs}, "
           f"batch {base.batch_size}, lr {base.lr:g}, seeds {' '.join(map(str, args.seeds))} -> {group}", flush=True)
     _maybe_download(args, base.dataset)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import run_dir_name
 from .training import RunConfig, resolve_config, run_continuous, run_sweep
 
 __all__ = ["TARGETS", "bmrs_table1_configs", "reproduce"]
@@ -34,11 +35,6 @@ BMRS_DATASETS = ("mnist", "fashion-mnist", "cifar10")
 BMRS_METHODS = (("none", None), ("etheta", None), ("snr", None), ("bmrs_n", None), ("bmrs_u", 8.0), ("bmrs_u", 4.0), ("dense", None))
 
 
-def _run_name(model, dataset, method, precision):
-    name = f"{model}-{dataset}-{method}"
-    return name + (f"-p{precision:g}" if method == "bmrs_u" else "")
-
-
 def bmrs_table1_configs(out, seeds, epochs=None, finetune_epochs=None, data_dir=None, models=BMRS_MODELS, datasets=BMRS_DATASETS, threshold=None, **extra) -> list[RunConfig]:
     """The runs of the BMRS Table 1 except L2.  BMRS_N runs with the exact threshold 0 and, if
     ``threshold`` is given (e.g. the reference code's -0.919), once more with it."""
@@ -49,7 +45,7 @@ def bmrs_table1_configs(out, seeds, epochs=None, finetune_epochs=None, data_dir=
             for method, precision in methods:
                 thr = threshold if precision == "thr" else None
                 precision = None if precision == "thr" else precision
-                name = _run_name(model, dataset, method, precision) + (f"-t{thr:.3f}" if thr is not None else "")
+                name = run_dir_name(model, dataset, method, precision, thr)
                 for seed in seeds:
                     cfgs.append(
                         resolve_config(
@@ -136,7 +132,7 @@ def reproduce(name: str, out: str | Path, seeds=(0,), epochs=None, finetune_epoc
             key = (cfg.model, cfg.dataset, cfg.seed)
             if cfg.method == "bmrs_n" and ((cfg.threshold is not None) == (key in thresholded)):
                 d = asdict(cfg)
-                d.update(method="l2", threshold=None, compression=float(s["param_compression"]), out_dir=str(out / _run_name(cfg.model, cfg.dataset, "l2", None) / f"seed{cfg.seed}"))
+                d.update(method="l2", threshold=None, compression=float(s["param_compression"]), out_dir=str(out / run_dir_name(cfg.model, cfg.dataset, "l2") / f"seed{cfg.seed}"))
                 l2.append(RunConfig(**d))
         summaries += _map(_run_one, l2, jobs, progress)
     elif name == "bmrs-posttrain":

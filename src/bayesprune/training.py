@@ -268,7 +268,8 @@ class RunDir:
         new = asdict(cfg)
         if cfg_path.exists():
             old = json.loads(cfg_path.read_text())
-            diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v and k != "out_dir"}
+            # keys the old file lacks were added to RunConfig later: they cannot differ
+            diff = {k: (old[k], v) for k, v in new.items() if k in old and old[k] != v and k != "out_dir"}
             if diff:
                 raise ValueError(
                     f"{cfg_path} holds a run with another configuration ({diff}); "
@@ -330,9 +331,9 @@ def run_continuous(cfg: RunConfig, progress: bool = True) -> dict:
     """Continuous pruning (the BMRS paper's Table 1 protocol).  Returns the summary dict."""
     cfg.validate()
     rd = RunDir(cfg.out_dir)
+    rd.write_config(cfg)  # raises if the directory holds a run with another configuration
     if rd.summary.exists():
         return json.loads(rd.summary.read_text())
-    rd.write_config(cfg)
     device = _device(cfg.device)
     t_start = time.time()
     splits = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
