@@ -97,6 +97,9 @@ def test_finished_run_with_another_configuration_is_not_reused(tmp_path):
     first = tr.run_continuous(cfg, progress=False)
     again = tr.run_continuous(cfg, progress=False)  # same configuration: skipped, summary re-read
     assert (again["test_acc"], again["wall_time_s"]) == (first["test_acc"], first["wall_time_s"])
+    # another data directory or device is the same experiment
+    moved = tr.run_continuous(_cfg(tmp_path, "r", epochs=1, finetune_epochs=0, data_dir=str(tmp_path / "elsewhere")), progress=False)
+    assert moved["test_acc"] == first["test_acc"]
     with pytest.raises(ValueError, match="another configuration.*threshold"):
         tr.run_continuous(_cfg(tmp_path, "r", epochs=1, finetune_epochs=0, threshold=REFERENCE_THRESHOLD), progress=False)
 

@@ -268,8 +268,10 @@ class RunDir:
         new = asdict(cfg)
         if cfg_path.exists():
             old = json.loads(cfg_path.read_text())
+            # where the data and outputs live and which device runs it do not change the experiment;
             # keys the old file lacks were added to RunConfig later: they cannot differ
-            diff = {k: (old[k], v) for k, v in new.items() if k in old and old[k] != v and k != "out_dir"}
+            free = ("out_dir", "data_dir", "device")
+            diff = {k: (old[k], v) for k, v in new.items() if k in old and old[k] != v and k not in free}
             if diff:
                 raise ValueError(
                     f"{cfg_path} holds a run with another configuration ({diff}); "
