@@ -118,19 +118,17 @@ def main():
 
 
 def _leaf_calls(model, x, repeats):
-    """Median time (ms) and MACs per example of every leaf module call, over ``repeats`` forwards."""
-    times, macs, starts = {}, {}, {}
-    names = {m: n for n, m in model.named_modules()}
+    """{leaf module name: (median ms, MACs per example, type name)} over ``repeats`` forwards."""
+    times, macs, kinds, starts = {}, {}, {}, {}
     handles = []
-    for mod in model.modules():
+    for name, mod in model.named_modules():
         if next(mod.children(), None) is not None:
             continue
 
         def pre(m, args):
             starts[m] = time.perf_counter()
 
-        def post(m, args, out):
-            n = names[m]
+        def post(m, args, out, n=name):
             times.setdefault(n, []).append(time.perf_counter() - starts[m])
             per_out = out.numel() // out.shape[0]
             if isinstance(m, torch.nn.modules.conv._ConvNd):
@@ -138,7 +136,8 @@ def _leaf_calls(model, x, repeats):
             elif isinstance(m, torch.nn.Linear):
                 macs[n] = per_out * m.in_features
             else:
-                macs.setdefault(n, 0)
+                macs[n] = 0
+            kinds[n] = type(m).__name__
 
         handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
     with torch.no_grad():
@@ -146,8 +145,7 @@ def _leaf_calls(model, x, repeats):
             model(x)
     for h in handles:
         h.remove()
-    return {n: (1e3 * statistics.median(t[3:]), macs[n], type(m).__name__) for (n, t), m in
-            zip(times.items(), [dict(model.named_modules())[n] for n in times])}
+    return {n: (1e3 * statistics.median(t[3:]), macs[n], kinds[n]) for n, t in times.items()}
 
 
 def layer_table(model, shrunk, shape, batch=128, repeats=60):
@@ -215,46 +213,38 @@ def measure_run(run_dir, args):
         print(runtime_table(model, shrunk, data.input_shape))
 
 
-def _median_ms(fn, repeats=60):
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
-
-
-def runtime_table(model, shrunk, shape, batch=128):
+def runtime_table(model, shrunk, shape, batch=128, budget=2.0):
     """Batch-``batch`` latency of original and shrunk network in eager PyTorch, as frozen
     TorchScript (``torch.jit.freeze`` + ``optimize_for_inference``) and under onnxruntime (CPU,
-    same thread count), each pair measured back to back."""
-    import io
+    same thread count; exported and checked by ``bayesprune.export_onnx``), each pair timed
+    interleaved by the size/speed report's ``_latencies``."""
+    import tempfile
+    from pathlib import Path
 
-    from bayesprune.benchmarking import _plain
+    from bayesprune.benchmarking import _latencies, _plain
 
     a, b = _plain(model), _plain(shrunk)
     x = torch.randn(batch, *shape)
-    rows = []
+    pairs = [("eager", a, b)]
     with torch.no_grad():
-        rows.append(("eager", _median_ms(lambda: a(x)), _median_ms(lambda: b(x))))
         fa, fb = (torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(m, x))) for m in (a, b))
-        rows.append(("frozen TorchScript", _median_ms(lambda: fa(x)), _median_ms(lambda: fb(x))))
+    pairs.append(("frozen TorchScript", fa, fb))
     try:
         import onnxruntime as ort
     except ImportError:
         ort = None
     if ort is not None:
-        sessions = []
-        for m in (a, b):
-            f = io.BytesIO()
-            torch.onnx.export(m, (x,), f, input_names=["x"], dynamo=False)
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = opts.inter_op_num_threads = torch.get_num_threads()
-            sessions.append(ort.InferenceSession(f.getvalue(), opts, providers=["CPUExecutionProvider"]))
-        xn = x.numpy()
-        rows.append(("onnxruntime", *(_median_ms(lambda s=s: s.run(None, {"x": xn})) for s in sessions)))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = opts.inter_op_num_threads = torch.get_num_threads()
+        runners = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, m in enumerate((a, b)):
+                path = Path(tmp) / f"{i}.onnx"
+                bp.export_onnx(m, x[:8], path)
+                sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+                runners.append(lambda t, sess=sess: sess.run(None, {"input": t.numpy()}))
+        pairs.append(("onnxruntime", *runners))
+    rows = [(name, *(1e3 * t for t in _latencies(fa_, fb_, x, 10, budget))) for name, fa_, fb_ in pairs]
     lines = [f"{'runtime (batch ' + str(batch) + ')':<22}{'orig ms':>9}{'shrunk ms':>11}{'speed-up':>10}"]
     lines += [f"{name:<22}{ta:>9.3f}{tb:>11.3f}{ta / tb:>9.2f}x" for name, ta, tb in rows]
     return "\n".join(lines)
