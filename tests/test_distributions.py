@@ -479,3 +479,56 @@ def test_draw_theta_implicit_gradient_matches_autograd_through_the_sampler(mu, s
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-12)
     assert fm[2] == 0 and fs[2] == 0  # a masked structure gets no gradient
+
+
+@pytest.mark.parametrize("a,b,mu,sigma", [(-math.inf, 0.0, -0.5, 0.3), (-20.0, math.inf, -19.5, 0.3), (-math.inf, math.inf, 0.0, 1.0)])
+def test_draw_theta_gradient_with_infinite_bounds_matches_finite_differences(a, b, mu, sigma):
+    """An infinite bound contributes nothing (phi(+-inf) = 0); autograd through the sampler is
+    NaN there, so the reference is a central difference of the sampler at fixed u (float64)."""
+    from bayesprune.distributions import draw_theta
+
+    g = torch.Generator().manual_seed(3)
+    u = torch.rand(300, 1, generator=g, dtype=torch.float64)
+    w = torch.randn(300, 2, generator=g, dtype=torch.float64)
+    m0 = torch.tensor([mu, mu + 0.1], dtype=torch.float64)
+    s0 = torch.tensor([sigma, sigma * 1.5], dtype=torch.float64)
+    m, s = m0.clone().requires_grad_(), s0.clone().requires_grad_()
+    gm, gs = torch.autograd.grad((w * draw_theta(m, s, torch.ones(2, dtype=torch.float64), u, a, b)).sum(), [m, s])
+
+    def f(mm, ss):
+        return (w * torch.exp(sample_log_theta(mm, ss, u, a, b))).sum(0)
+
+    h = 1e-6
+    for i in range(2):
+        e = torch.zeros(2, dtype=torch.float64)
+        e[i] = h
+        fd_m = (f(m0 + e, s0) - f(m0 - e, s0))[i] / (2 * h)
+        fd_s = (f(m0, s0 + e) - f(m0, s0 - e))[i] / (2 * h)
+        assert gm[i].item() == pytest.approx(fd_m.item(), rel=1e-5, abs=1e-8)
+        assert gs[i].item() == pytest.approx(fd_s.item(), rel=1e-5, abs=1e-8)
+
+
+def test_entropy_inside_fast_path_equals_the_general_path(monkeypatch):
+    """When every mu lies in [a, b] the entropy takes a short path; with one mu outside in the
+    same batch the general path runs.  Values and gradients of the inside entries agree."""
+    from bayesprune.distributions import _LogSpaceEntropy
+
+    calls = []
+    inside = _LogSpaceEntropy._inside
+    monkeypatch.setattr(_LogSpaceEntropy, "_inside", staticmethod(lambda *args: calls.append(1) or inside(*args)))
+    g = torch.Generator().manual_seed(2)
+    mu = torch.cat([torch.rand(200, generator=g, dtype=torch.float64) * 20 - 20, torch.tensor([A, B, -1e-12])])
+    log_sigma = torch.rand(203, generator=g, dtype=torch.float64) * 25 - 20  # sigma e^-20 .. e^5
+    outputs = []
+    for extra_mu in (None, 0.5):  # None: all inside (fast path); 0.5 > b: general path
+        m = mu.clone() if extra_mu is None else torch.cat([mu, torch.tensor([extra_mu], dtype=torch.float64)])
+        s = log_sigma.exp() if extra_mu is None else torch.cat([log_sigma.exp(), torch.tensor([0.3], dtype=torch.float64)])
+        m.requires_grad_(True)
+        s.requires_grad_(True)
+        h = TruncatedLogNormal(m, s, A, B).log_space_entropy()
+        gm, gs = torch.autograd.grad(h.sum(), [m, s])
+        outputs.append((h[:203], gm[:203], gs[:203]))
+    assert calls == [1]  # the fast path ran once, for the all-inside batch
+    for fast, general in zip(*outputs):
+        assert torch.isfinite(fast).all()
+        torch.testing.assert_close(fast, general, rtol=1e-12, atol=1e-300)

@@ -286,7 +286,10 @@ def test_monotone_masks_never_revive_and_overwrite_without():
 # KL and training
 
 
-def test_kl_weightings_match_hand_formula():
+@pytest.mark.parametrize("mixed_bounds", [False, True])
+def test_kl_weightings_match_hand_formula(mixed_bounds):
+    """The batched KL (one call on all structures) and the per-layer one (layers whose bounds
+    differ) both equal the per-layer formula."""
     model, x = make_net()
     layers = noise_layers(model)
     torch.manual_seed(6)
@@ -294,6 +297,8 @@ def test_kl_weightings_match_hand_formula():
         for n in layers:
             n.mu.copy_(torch.empty(n.num_structures).uniform_(-15, 0))
             n.log_sigma.copy_(torch.empty(n.num_structures).uniform_(-4, 1))
+    if mixed_bounds:
+        layers[0].a = -16.0
     per_layer = [n.kl() for n in layers]
     mean = sum(k.mean() for k in per_layer) / len(per_layer)
     total = sum(k.sum() for k in per_layer)

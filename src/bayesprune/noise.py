@@ -493,19 +493,35 @@ def kl(model: nn.Module, weighting: str = "mean", num_train: int | None = None) 
         raise ValueError(f"unknown KL weighting {weighting!r}; valid: {', '.join(KL_WEIGHTINGS)}")
     if weighting == "elbo" and (not num_train or num_train < 1):
         raise ValueError("weighting='elbo' needs num_train, the number of training examples")
-    per_layer = _kl_per_layer(layers)
-    if weighting == "mean":
-        return torch.stack([k.mean() for k in per_layer]).sum() / len(layers)
-    total = torch.stack([k.sum() for k in per_layer]).sum()
+    bounds = {(m.a, m.b) for m in layers}
+    if len(bounds) != 1:  # layers with different bounds: one KL call per layer
+        per_layer = [m.kl() for m in layers]
+        if weighting == "mean":
+            return torch.stack([k.mean() for k in per_layer]).sum() / len(layers)
+        total = torch.stack([k.sum() for k in per_layer]).sum()
+        return total / num_train if weighting == "elbo" else total
+    # one batched call on all structures (a few dozen operations, whatever the number of layers)
+    a, b = bounds.pop()
+    mu = torch.cat([m.mu for m in layers])
+    if len({m.log_sigma_bounds for m in layers}) == 1:
+        sigma = torch.cat([m.log_sigma for m in layers]).clamp(*layers[0].log_sigma_bounds).exp()
+    else:
+        sigma = torch.cat([m.sigma for m in layers])
+    q = TruncatedLogNormal(mu, sigma, a, b)
+    kl_all = kl_divergence(q, LogUniform(a, b, batch_shape=q.batch_shape))
+    if weighting == "mean":  # sum over layers of each layer's mean, / number of layers
+        return torch.dot(kl_all, _mean_weights(tuple(m.num_structures for m in layers), kl_all.device, kl_all.dtype))
+    total = kl_all.sum()
     return total / num_train if weighting == "elbo" else total
 
 
-def _kl_per_layer(layers: list[MultiplicativeNoise]) -> list[torch.Tensor]:
-    """Per-structure KL of every layer, computed in one batched call where the bounds agree."""
-    bounds = {(m.a, m.b) for m in layers}
-    if len(bounds) != 1:
-        return [m.kl() for m in layers]
-    a, b = bounds.pop()
-    q = TruncatedLogNormal(torch.cat([m.mu for m in layers]), torch.cat([m.sigma for m in layers]), a, b)
-    kl_all = kl_divergence(q, LogUniform(a, b, batch_shape=q.batch_shape))
-    return list(torch.split(kl_all, [m.num_structures for m in layers]))
+_MEAN_WEIGHTS: dict = {}
+
+
+def _mean_weights(sizes: tuple, device, dtype) -> torch.Tensor:
+    """1 / (n_layer * number of layers) per structure, cached per layout."""
+    key = (sizes, str(device), dtype)
+    if key not in _MEAN_WEIGHTS:
+        w = torch.cat([torch.full((n,), 1.0 / (n * len(sizes)), dtype=torch.float64) for n in sizes])
+        _MEAN_WEIGHTS[key] = w.to(device=device, dtype=dtype)
+    return _MEAN_WEIGHTS[key]
