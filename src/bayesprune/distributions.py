@@ -403,13 +403,13 @@ def _sample_standardised(mu, sigma, u, a: float, b: float) -> tuple[torch.Tensor
         logp = torch.minimum(logp, log_ph)
         z = ndtri(torch.exp(logp.clamp_min(-80.0)).clamp_max(one_minus))
         deep = logp < -80.0
-        lp = torch.where(deep, logp, torch.full_like(logp, -100.0))
+        lp = logp[deep]  # Newton only on the draws that need it (log_ndtr and erfcx are costly)
         t = -2 * lp
         zn = -torch.sqrt(t - torch.log(t) - math.log(2 * math.pi))
         for _ in range(3):
             # Newton on log Phi(z) = lp; Phi(z)/phi(z) = R(-z), the Mills ratio
             zn = zn - (log_ndtr(zn) - lp) * torch.exp(_log_mills(-zn))
-        z = torch.where(deep, zn, z)
+        z = z.masked_scatter(deep, zn)
     z = torch.minimum(torch.maximum(z, l), h)
     z = torch.where(flip, -z, z)
     return torch.addcmul(mu, sigma, z).clamp(a, b), z
