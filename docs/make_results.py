@@ -76,6 +76,9 @@ def _bmrs_section(directory: Path, heading: str, name: str, parallel: str) -> tu
              "prints) from the committed run summaries.\n", table_markdown(t)]
     parts.append(f"\nRun wall time on this machine (sum over the runs of each column; {parallel}): "
                  + "; ".join(f"{m}/{d}: {sum(v) / 60:.1f} min ({len(v)} runs)" for (m, d), v in sorted(walls.items())) + "\n")
+    if any(s["config"]["dataset"] == "cifar10" for s in summaries):
+        parts.append("CIFAR-10 columns come from the **JPEG copy** of CIFAR-10 in ../shared/datasets (lossy, "
+                     "quality 75), not the original images the paper used; n gives the number of seeds.\n")
     ref = [(s["config"]["model"], s["config"]["dataset"], s["config"]["seed"], s["reference_offset"])
            for s in summaries if "reference_offset" in s]
     if ref:
