@@ -146,12 +146,24 @@ def _sweep_sections() -> list[str]:
     return parts
 
 
+FINISHED_MARKERS = ("summary.json", "sweep.json")
+
+
 def copy_runs(src: Path) -> None:
-    for f in src.rglob("*"):
-        if f.name in SMALL_FILES and f.is_file():
-            dst = RESULTS / f.relative_to(src)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, dst)
+    """Copy the small files of every finished run directory (one with a summary.json or
+    sweep.json) under ``src`` into results/; unfinished ones (still running, or interrupted and
+    waiting to resume) are listed and left out, so a table never mixes in half-trained runs."""
+    folders = {f.parent for f in src.rglob("*") if f.name in SMALL_FILES and f.is_file()}
+    for folder in sorted(folders):
+        if not any((folder / m).is_file() for m in FINISHED_MARKERS):
+            print(f"skipped unfinished run directory {folder}")
+            continue
+        for name in SMALL_FILES:
+            f = folder / name
+            if f.is_file():
+                dst = RESULTS / f.relative_to(src)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, dst)
 
 
 def _paper_table(columns) -> str:
