@@ -422,7 +422,8 @@ class _ThetaDraw(torch.autograd.Function):
     backward uses the implicit reparameterisation gradient of the truncated normal (u fixed,
     F = CDF): ``dx/dmu = 1 - w_a - w_b``, ``dx/dsigma = z - alpha w_a - beta w_b`` with
     ``w_a = phi(alpha)(1-F)/phi(z)``, ``w_b = phi(beta) F/phi(z)``, and the ratios
-    ``phi(t)/phi(z) = exp(z^2/2 - t^2/2)`` (finite for t outside (-|z|, |z|)).  The exponent is
+    ``phi(t)/phi(z) = exp((z - t)(z + t)/2)`` (finite for t outside (-|z|, |z|); the product form
+    keeps its digits when z and t are large and close).  The exponent is
     clipped to [-80, 80]: below -80 the weight is 0 to working precision (e^-80 ~ 2e-35), and
     ``exp`` of huge negative arguments (|alpha| ~ 1e3 or more when sigma is small) takes a slow
     path on CPU, ~13x slower than in range.
