@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bayesprune import cli, training
+from bayesprune.training import run_dir_name
 
 TINY = ["--model", "mlp", "--width", "16", "--extra-layers", "0", "--epochs", "1", "--quiet", "--device", "cpu"]
 
@@ -50,12 +51,12 @@ def test_run_layout_and_output(runs, capsys):
 
 
 def test_run_dir_name():
-    assert cli.run_dir_name("lenet5", "mnist", "bmrs_u", 4) == "lenet5-mnist-bmrs_u-p4"
-    assert cli.run_dir_name("lenet5", "mnist", "bmrs_n", 4) == "lenet5-mnist-bmrs_n"
-    assert cli.run_dir_name("tv:resnet18", "cifar10", "l2") == "tv_resnet18-cifar10-l2"
+    assert run_dir_name("lenet5", "mnist", "bmrs_u", 4) == "lenet5-mnist-bmrs_u-p4"
+    assert run_dir_name("lenet5", "mnist", "bmrs_n", 4) == "lenet5-mnist-bmrs_n"
+    assert run_dir_name("tv:resnet18", "cifar10", "l2") == "tv_resnet18-cifar10-l2"
     # a threshold is part of the name (as in `reproduce`), so exact and thresholded runs differ
-    assert cli.run_dir_name("lenet5", "mnist", "bmrs_n", threshold=-0.9189385332046727) == "lenet5-mnist-bmrs_n-t-0.919"
-    assert cli.run_dir_name("mlp", "mnist", "bmrs_u", 4, 0.5) == "mlp-mnist-bmrs_u-p4-t0.500"
+    assert run_dir_name("lenet5", "mnist", "bmrs_n", threshold=-0.9189385332046727) == "lenet5-mnist-bmrs_n-t-0.919"
+    assert run_dir_name("mlp", "mnist", "bmrs_u", 4, 0.5) == "mlp-mnist-bmrs_u-p4-t0.500"
 
 
 def test_table_markdown_and_csv(runs, tmp_path, capsys):

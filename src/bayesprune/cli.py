@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["main", "build_parser", "run_dir_name"]
+__all__ = ["main", "build_parser"]
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 1
@@ -30,22 +30,6 @@ class CLIError(Exception):
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-def _safe(name: str) -> str:
-    return name.replace(":", "_").replace("/", "_")
-
-
-def run_dir_name(model: str, dataset: str, method: str, precision: float | None = None,
-                 threshold: float | None = None) -> str:
-    """``<model>-<dataset>-<method>[-p<precision> for bmrs_u][-t<threshold> when one is set]``
-    (":" and "/" of ``tv:`` names become "_"); ``reproduce`` names its runs the same way."""
-    name = f"{_safe(model)}-{dataset}-{method}"
-    if method == "bmrs_u":
-        name += f"-p{float(precision if precision is not None else 8.0):g}"
-    if threshold is not None:
-        name += f"-t{float(threshold):.3f}"
-    return name
-
-
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
     print("  ".join(str(h).rjust(w) for h, w in zip(header, widths)))
@@ -274,7 +258,7 @@ def _resolved(args, **extra):
 
 
 def cmd_run(args) -> int:
-    from .training import run_continuous
+    from .training import run_continuous, run_dir_name
 
     base = _resolved(args, seed=args.seeds[0])
     group = Path(args.out_dir) / run_dir_name(base.model, base.dataset, base.method, base.precision, base.threshold)
@@ -329,7 +313,9 @@ def cmd_sweep(args) -> int:
     if args.sweep_finetune_epochs is not None:
         extra["sweep_finetune_epochs"] = args.sweep_finetune_epochs
     base = _resolved(args, seed=args.seeds[0], **extra)
-    group = Path(args.out_dir) / f"{_safe(base.model)}-{base.dataset}-sweep"
+    from .training import run_dir_name
+
+    group = Path(args.out_dir) / run_dir_name(base.model, base.dataset, "sweep")
     print(f"sweep on {base.model}/{base.dataset}: train {base.epochs} epochs, criteria {' '.join(base.sweep_criteria)}, "
           f"{len(base.sweep_points)} points, seeds {' '.join(map(str, args.seeds))} -> {group}", flush=True)
     _maybe_download(args, base.dataset)

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import run_dir_name
-from .training import RunConfig, resolve_config, run_continuous, run_sweep
+from .training import RunConfig, resolve_config, run_continuous, run_dir_name, run_sweep
 
 __all__ = ["TARGETS", "bmrs_table1_configs", "reproduce"]
 
@@ -141,7 +140,7 @@ def reproduce(name: str, out: str | Path, seeds=(0,), epochs=None, finetune_epoc
             for dataset in datasets or BMRS_DATASETS:
                 for seed in seeds:
                     extra.pop("threshold", None)
-                    cfgs.append(resolve_config(model=model, dataset=dataset, method="none", seed=seed, epochs=epochs, finetune_epochs=0, data_dir=data_dir, out_dir=str(out / f"{model}-{dataset}-sweep" / f"seed{seed}"), **extra))
+                    cfgs.append(resolve_config(model=model, dataset=dataset, method="none", seed=seed, epochs=epochs, finetune_epochs=0, data_dir=data_dir, out_dir=str(out / run_dir_name(model, dataset, "sweep") / f"seed{seed}"), **extra))
         summaries = _map(_sweep_one, cfgs, jobs, progress)
     else:
         groups = [

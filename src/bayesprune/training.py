@@ -38,7 +38,7 @@ from .noise import add_noise, kl, noise_layers
 from .reduction import REFERENCE_THRESHOLD
 from .removal import count_parameters
 
-__all__ = ["RunConfig", "PAPER_DEFAULTS", "run_continuous", "run_sweep", "TrainingDiverged", "resolve_config", "METHODS"]
+__all__ = ["RunConfig", "PAPER_DEFAULTS", "run_continuous", "run_sweep", "run_dir_name", "TrainingDiverged", "resolve_config", "METHODS"]
 
 #: methods of a continuous run: "none" trains the same noisy network (noise + KL) without pruning;
 #: "dense" trains the network without noise layers at all (plain cross-entropy), the reference
@@ -248,6 +248,22 @@ def _prune(model, cfg: RunConfig, example):
 
 
 # ---------------------------------------------------------------------------------------------
+def _safe(name: str) -> str:
+    return name.replace(":", "_").replace("/", "_")
+
+
+def run_dir_name(model: str, dataset: str, method: str, precision: float | None = None,
+                 threshold: float | None = None) -> str:
+    """``<model>-<dataset>-<method>[-p<precision> for bmrs_u][-t<threshold> when one is set]``
+    (":" and "/" of ``tv:`` names become "_"); ``bayesprune run`` and ``reproduce`` both use it."""
+    name = f"{_safe(model)}-{dataset}-{method}"
+    if method == "bmrs_u":
+        name += f"-p{float(precision if precision is not None else 8.0):g}"
+    if threshold is not None:
+        name += f"-t{float(threshold):.3f}"
+    return name
+
+
 class RunDir:
     """config.json, metrics.jsonl, checkpoint.pt, summary.json of one run."""
 
