@@ -467,8 +467,10 @@ def test_bad_bounds_raise(a, b):
 
 @pytest.mark.parametrize(
     "mu,sigma",
-    # inside, near each bound, mirrored (mu < a), above b, wide, and a deep tail (log-space path)
-    [(-10.0, 1.0), (-19.5, 0.3), (-0.5, 0.2), (-21.0, 0.5), (1.5, 1.0), (-10.0, 20.0), (-24.0, 0.3), (3.0, 0.2)],
+    # inside, near each bound, mirrored (mu < a), above b, wide, a deep tail (log-space path), and
+    # far from both bounds (both weights skipped: t^2 - z^2 > 160; -0.5/0.2 skips the lower one only)
+    [(-10.0, 1.0), (-19.5, 0.3), (-0.5, 0.2), (-21.0, 0.5), (1.5, 1.0), (-10.0, 20.0), (-24.0, 0.3), (3.0, 0.2),
+     (-10.0, 0.05)],
 )
 def test_draw_theta_implicit_gradient_matches_autograd_through_the_sampler(mu, sigma):
     """The fused draw's backward (implicit reparameterisation, u fixed) equals autograd through
@@ -546,3 +548,22 @@ def test_entropy_inside_fast_path_equals_the_general_path(monkeypatch):
     for fast, general in zip(*outputs):
         assert torch.isfinite(fast).all()
         torch.testing.assert_close(fast, general, rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize("mu,sigma,exps", [(-10.0, 0.05, 0), (-0.5, 0.2, 1), (-10.0, 1.0, 2)])
+def test_draw_theta_backward_skips_bounds_far_from_every_draw(monkeypatch, mu, sigma, exps):
+    """A bound more than sqrt(160 + z^2) sd from every draw has weight < e^-80 and its exp is not
+    computed (the backward's ``exp_`` calls are counted); the gradients themselves are checked
+    against autograd through the sampler by the test above, on the same (mu, sigma)."""
+    from bayesprune.distributions import draw_theta
+
+    u = torch.rand(400, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    m = torch.tensor([mu, mu], dtype=torch.float64, requires_grad=True)
+    s = torch.tensor([sigma, sigma], dtype=torch.float64, requires_grad=True)
+    theta = draw_theta(m, s, torch.ones(2, dtype=torch.float64), u, A, B)
+    calls = []
+    exp_ = torch.Tensor.exp_
+    monkeypatch.setattr(torch.Tensor, "exp_", lambda self: calls.append(1) or exp_(self))
+    theta.sum().backward()
+    assert len(calls) == exps
+    assert torch.isfinite(m.grad).all() and torch.isfinite(s.grad).all()
