@@ -54,7 +54,14 @@ def test_jobs_default_one_run_per_core_on_cpu_and_bad_jobs_refused(tmp_path, mon
 
     monkeypatch.setattr(rep, "reproduce", fake)
     main(["reproduce", "bf-table1", "--device", "cpu", "--out-dir", str(tmp_path)])
-    assert seen["jobs"] == (os.cpu_count() or 1)
+    assert seen["jobs"] == len(os.sched_getaffinity(0))
+    # the cores the process may use (taskset, cgroup cpusets), not every core of the machine
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert rep.usable_cores() == 1
+    main(["reproduce", "bf-table1", "--device", "cpu", "--out-dir", str(tmp_path)])
+    assert seen["jobs"] == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert rep.usable_cores() == 4
     main(["reproduce", "bf-table1", "--device", "cpu", "--jobs", "1", "--out-dir", str(tmp_path)])
     assert seen["jobs"] == 1
     assert main(["reproduce", "bf-table1", "--jobs", "0", "--out-dir", str(tmp_path)]) != 0

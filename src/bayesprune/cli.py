@@ -9,7 +9,6 @@ and the same command resumes the run.
 from __future__ import annotations
 
 import argparse
-import os
 import json
 import math
 import sys
@@ -215,9 +214,10 @@ def cmd_reproduce(args) -> int:
     out = Path(args.out_dir) / args.name
     jobs = args.jobs
     if jobs is None:
+        from .reproduce import usable_cores
         from .training import _device
 
-        jobs = 1 if _device(args.device or "auto").type == "cuda" else (os.cpu_count() or 1)
+        jobs = 1 if _device(args.device or "auto").type == "cuda" else usable_cores()
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     res = reproduce(args.name, out, seeds=args.seeds, epochs=args.epochs, finetune_epochs=args.finetune_epochs,

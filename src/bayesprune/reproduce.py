@@ -8,7 +8,7 @@
   unpruned).
 
 Runs already finished are skipped, interrupted ones resume (their run directories are durable).
-``jobs`` runs go in parallel, each process with ``cpu_count // jobs`` threads.
+``jobs`` runs go in parallel, each process with ``usable_cores() // jobs`` threads.
 """
 
 from __future__ import annotations
@@ -92,9 +92,18 @@ def _bf_group(group) -> int:
     return code
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity (taskset, cgroup cpusets) where the OS
+    reports one, else ``os.cpu_count()``."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def _map(fn, cfgs, jobs: int, progress: bool):
     jobs = max(1, min(jobs, len(cfgs))) if cfgs else 1
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, usable_cores() // jobs)
     if jobs == 1:
         _init_worker(threads)
         out = []
