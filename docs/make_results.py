@@ -57,8 +57,14 @@ VARIANTS = [
     ("default", 'noise per (example, channel), KL "mean" (our default)'),
     ("element", 'noise per element (the reference), KL "mean"'),
     ("elbo", 'noise per (example, channel), KL "elbo"'),
+    ("finetune10", 'as our default, with `--shrink` and 10 fine-tuning epochs instead of 1'),
 ]
 VARIANT_ROWS = ["BMRS_N (dF ≥ -0.919)", "BMRS_U-8"]
+# (directory under results/, budget): the Bayes-factor Table 1 runs
+BF_SECTIONS = [
+    ("paper/bf-table1", "at the paper's 25 epochs"),
+    ("repro/bf-table1", "at a reduced budget (3 epochs)"),
+]
 
 
 def _bmrs_section(directory: Path, heading: str, name: str, parallel: str) -> tuple[list[str], set]:
@@ -192,11 +198,13 @@ def main() -> None:
         parts.append("")
     parts += _variants_section(RESULTS / "variants")
     parts += _sweep_sections()
-    bf_dir = RESULTS / "repro" / "bf-table1"
-    if bf_dir.exists():
-        summaries = [s for _, s in find_summaries([bf_dir])]
+    for bf_dir, budget in BF_SECTIONS:
+        summaries = [s for _, s in find_summaries([RESULTS / bf_dir])] if (RESULTS / bf_dir).exists() else []
         if summaries:
-            parts.append("## Bayes-factor pruning, Table 1 layout: ours\n")
+            walls = [s.get("wall_time_s", 0.0) for s in summaries]
+            parts.append(f"## Bayes-factor pruning, Table 1 layout: ours, {budget}\n")
+            parts.append(f"Generated from `results/{bf_dir}` by `bayesprune.results.bf_table`. Run wall time: "
+                         f"{sum(walls) / 60:.1f} min over {len(walls)} runs (sum).\n")
             parts.append(table_markdown(bf_table(summaries), row_header="r"))
             parts.append(f"\nThe paper (FCN, MNIST, 25 epochs, 5 repeats): {PAPER_BF_MNIST_FCN}.\n")
     tail = ROOT / "docs" / "RESULTS.tail.md"
