@@ -215,7 +215,7 @@ def test_shrink_for_training_continues_training():
     _random_masks(model)
     small = bp.removal.shrink_for_training(model, x[:1])
     assert small.training == model.training
-    opt = torch.optim.Adam(small.parameters(), lr=1e-3)  # a new optimizer: old state does not fit
+    opt = torch.optim.Adam(small.parameters(), lr=1e-3)  # new parameters: a new optimizer
     small.train()
     loss = F.cross_entropy(small(x), y) + bp.kl(small)
     loss.backward()
@@ -223,6 +223,85 @@ def test_shrink_for_training_continues_training():
     assert all(n.mu.grad is not None for n in bp.noise_layers(small))
     rep = bp.prune(small, "bmrs_n", example_inputs=x[:1])  # masks still work after shrinking
     assert rep.structures_total == sum(int(n.mask.sum()) for n in bp.noise_layers(model))
+
+
+@pytest.mark.parametrize("build", [lambda: LeNet5(1, 10, image_size=16), lambda: cifar_resnet18(10)])
+def test_parameter_origins_map_every_shrunk_parameter_to_its_source(build):
+    """shrunk_param.flatten() == param.flatten()[origins[name]] for every parameter, noise
+    parameters included, on random weights (so equal values mean the right entries); the
+    ResNet's coupled residual channels keep some masked structures (zeroed, not removed)."""
+    from bayesprune.removal import parameter_origins, shrink_for_training
+
+    torch.manual_seed(0)
+    model = build()
+    x = torch.randn(2, 1, 16, 16) if isinstance(model, LeNet5) else torch.randn(2, 3, 8, 8)
+    bp.add_noise(model, x)
+    _random_masks(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    small = shrink_for_training(model, x)
+    origins = parameter_origins(model, small)
+    old = dict(model.named_parameters())
+    names = [n for n, _ in small.named_parameters()]
+    assert set(origins) == set(names)
+    assert any(p.numel() < old[n].numel() for n, p in small.named_parameters())
+    for name, p in small.named_parameters():
+        assert torch.equal(p.detach().flatten(), old[name].detach().flatten()[origins[name]]), name
+
+
+def _train_eval_mode(model, opt, batches):
+    """Adam steps on CE + KL("mean") with the deterministic eval forward (theta = E[theta] mask)."""
+    model.eval()
+    for x, y in batches:
+        opt.zero_grad()
+        (F.cross_entropy(model(x), y) + bp.kl(model)).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("build,shape", [(lambda: MLP(12, 5, width=16, extra_layers=1), (12,)),
+                                         (lambda: LeNet5(1, 5, image_size=12), (1, 12, 12))])
+def test_training_on_after_shrinking_follows_the_masked_network(build, shape):
+    """Shrinking mid-training (shrink_for_training + carry_optimizer_state) changes nothing but
+    the size: Adam steps on the shrunk network give the outputs the same steps give on the masked
+    one.  Both ingredients are needed, which the test checks too: a fresh Adam state, or a KL mean
+    over the remaining structures instead of the initial ones, gives other outputs."""
+    from bayesprune.removal import shrink_for_training
+    from bayesprune.training import carry_optimizer_state
+
+    torch.manual_seed(0)
+    model = build().double()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, *shape, generator=g, dtype=torch.float64), torch.randint(0, 5, (16,), generator=g))
+               for _ in range(8)]
+    bp.add_noise(model, batches[0][0][:1])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _train_eval_mode(model, opt, batches[:3])  # Adam state that matters
+    _random_masks(model, p=0.4, seed=3)
+    with torch.no_grad():
+        for n in bp.noise_layers(model):
+            n.mu.clamp_(-1.0, -0.01)  # posteriors inside [a, b]: E[theta] of the kept ones is O(1)
+
+    variants = {}
+    for name in ("carried", "fresh", "kl over remaining"):
+        masked = copy.deepcopy(model)
+        masked_opt = torch.optim.Adam(masked.parameters(), lr=1e-2)
+        masked_opt.load_state_dict(opt.state_dict())
+        small = shrink_for_training(masked, batches[0][0][:1])
+        small_opt = torch.optim.Adam(small.parameters(), lr=1e-2)
+        if name != "fresh":
+            carry_optimizer_state(masked, masked_opt, small, small_opt)
+        if name == "kl over remaining":
+            for n in bp.noise_layers(small):
+                n.initial_structures = n.num_structures
+        _train_eval_mode(masked, masked_opt, batches[3:])
+        _train_eval_mode(small, small_opt, batches[3:])
+        with torch.no_grad():
+            ya, yb = masked(batches[0][0]), small(batches[0][0])
+        variants[name] = ((ya - yb).abs().max() / ya.abs().max()).item()
+        assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in masked.parameters())
+    assert variants["carried"] < 1e-10, variants
+    assert variants["fresh"] > 1e-3 and variants["kl over remaining"] > 1e-4, variants
 
 
 def test_errors():

@@ -97,6 +97,9 @@ class MultiplicativeNoise(nn.Module):
         if num_structures < 1:
             raise ValueError(f"num_structures must be >= 1, got {num_structures}")
         self.num_structures, self.dim, self.a, self.b = int(num_structures), int(dim), float(a), float(b)
+        # structures when the noise was added; kl(..., "mean") divides by it, so removing masked
+        # structures (shrink_for_training) leaves the weight of the kept ones' KL unchanged
+        self.initial_structures = int(num_structures)
         self.log_sigma_bounds = tuple(float(v) for v in log_sigma_bounds)
         self.sharing = sharing
         self.mu = nn.Parameter(torch.full((num_structures,), float(mu_init)))
@@ -483,7 +486,10 @@ def kl(model: nn.Module, weighting: str = "mean", num_train: int | None = None) 
     """KL term of the loss.
 
     ``"mean"``: the reference's weighting, mean KL of each layer summed and divided by the
-    number of layers (no data-set scaling).  ``"elbo"``: summed KL / ``num_train`` (the ELBO per
+    number of layers (no data-set scaling); a layer's mean divides by its number of structures
+    when the noise was added (``initial_structures``: masked ones count, removed ones too, so
+    training on after :func:`~bayesprune.removal.shrink_for_training` optimises the kept
+    structures exactly as the masked network did).  ``"elbo"``: summed KL / ``num_train`` (the ELBO per
     example, matching a batch-mean cross-entropy).  ``"sum"``: the plain summed KL.
     """
     layers = noise_layers(model)
@@ -495,7 +501,7 @@ def kl(model: nn.Module, weighting: str = "mean", num_train: int | None = None) 
         raise ValueError("weighting='elbo' needs num_train, the number of training examples")
     kl_all = _kl_per_structure(layers)
     if weighting == "mean":  # sum over layers of each layer's mean, / number of layers
-        return torch.dot(kl_all, _mean_weights(tuple(m.num_structures for m in layers), kl_all.device, kl_all.dtype))
+        return torch.dot(kl_all, _mean_weights(tuple((m.num_structures, m.initial_structures) for m in layers), kl_all.device, kl_all.dtype))
     total = kl_all.sum()
     return total / num_train if weighting == "elbo" else total
 
@@ -520,9 +526,10 @@ _MEAN_WEIGHTS: dict = {}
 
 
 def _mean_weights(sizes: tuple, device, dtype) -> torch.Tensor:
-    """1 / (n_layer * number of layers) per structure, cached per layout."""
+    """1 / (initial n_layer * number of layers) for each of a layer's n structures, cached per
+    layout; ``sizes`` holds (n, initial n) per layer."""
     key = (sizes, str(device), dtype)
     if key not in _MEAN_WEIGHTS:
-        w = torch.cat([torch.full((n,), 1.0 / (n * len(sizes)), dtype=torch.float64) for n in sizes])
+        w = torch.cat([torch.full((n,), 1.0 / (n0 * len(sizes)), dtype=torch.float64) for n, n0 in sizes])
         _MEAN_WEIGHTS[key] = w.to(device=device, dtype=dtype)
     return _MEAN_WEIGHTS[key]

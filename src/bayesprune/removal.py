@@ -44,7 +44,7 @@ from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
 from .noise import _BN_TYPES, _POOL_TYPES, PRUNABLE_TYPES, MultiplicativeNoise, _install_joint_draw, noise_layers, remove_noise
 
-__all__ = ["shrink", "shrink_for_training", "count_parameters", "remaining_parameters", "replay_pruning"]
+__all__ = ["shrink", "shrink_for_training", "parameter_origins", "count_parameters", "remaining_parameters", "replay_pruning"]
 
 #: f(s x) = s f(x) for a per-channel s >= 0: a scale after them folds into the module before them
 _HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity) + _POOL_TYPES
@@ -509,6 +509,37 @@ def shrink_for_training(model: nn.Module, example_inputs=None, verify: bool = Tr
     EMA state that refers to parameters) after calling this.
     """
     return _shrink(model, example_inputs, fold=False, keep_noise=True, verify=verify)
+
+
+@torch.no_grad()
+def parameter_origins(model: nn.Module, shrunk: nn.Module) -> dict[str, torch.Tensor]:
+    """Where each parameter of ``shrunk = shrink_for_training(model, ...)`` comes from.
+
+    For every parameter name of ``shrunk``, the flat indices ``i`` into ``model``'s parameter of
+    that name with ``shrunk_param.flatten() == model_param.flatten()[i]``: found by replaying
+    the recorded removal steps on a float64 copy of ``model`` whose parameters hold their own
+    flat indices.  Used to carry optimiser state (Adam's moments) across a shrink.
+    """
+    spec = getattr(shrunk, "bayesprune_pruning", None)
+    if spec is None:
+        raise ValueError("the second model carries no removal steps: pass the result of shrink_for_training(model, ...)")
+    tagged = copy.deepcopy(model)
+    remove_noise(tagged)  # the steps were recorded on the network without its noise modules
+    tagged.double()
+    for p in tagged.parameters():
+        p.copy_(torch.arange(p.numel(), dtype=torch.float64, device=p.device).view_as(p))
+    device = next(tagged.parameters()).device
+    example = _map_inputs(lambda x: (x.double() if x.is_floating_point() else x).to(device) if torch.is_tensor(x) else x,
+                          example_from_spec(spec))
+    replay_pruning(tagged, example, spec["steps"])
+    origins = {name: p.long().flatten() for name, p in tagged.named_parameters()}
+    names = {id(m): name for name, m in shrunk.named_modules()}
+    for noise in noise_layers(shrunk):  # its structures are the kept outputs of its layer
+        row = model.get_submodule(noise.layer_name).weight[0].numel()
+        kept = tagged.get_submodule(noise.layer_name).weight.flatten(1)[:, 0].long() // row
+        for pname, p in noise.named_parameters(recurse=False):
+            origins[f"{names[id(noise)]}.{pname}"] = kept
+    return origins
 
 
 def remaining_parameters(model: nn.Module, example_inputs=None) -> int:

@@ -472,8 +472,11 @@ def _size_speed(model, example, splits) -> dict | None:
 
 
 def _shrink_step(model, opt, example, cfg, kept_index):
-    """Physically remove masked structures during training; the optimiser is rebuilt."""
+    """Physically remove masked structures during training.  The optimiser is rebuilt on the
+    new parameters with the old one's state (Adam's moments and step) at the kept entries, so
+    training goes on as it would have on the masked network."""
     before = {n.layer_name: (n.mask.detach().cpu() != 0) for n in noise_layers(model)}
+    old_model, old_opt = model, opt
     model = _shrink_for_training(model, example)
     after = {n.layer_name: n.num_structures for n in noise_layers(model)}
     if kept_index is not None:
@@ -489,7 +492,29 @@ def _shrink_step(model, opt, example, cfg, kept_index):
                 break
         kept_index = new
     opt = _optimizer(model, cfg)
+    carry_optimizer_state(old_model, old_opt, model, opt)
     return model, opt, kept_index
+
+
+def carry_optimizer_state(model, optimizer, shrunk, new_optimizer) -> None:
+    """Give ``new_optimizer`` (built on ``shrunk = shrink_for_training(model, ...)``) the state
+    ``optimizer`` holds for ``model``'s parameters, sliced to the entries that remain: per-entry
+    tensors (Adam's ``exp_avg``, ``exp_avg_sq``) are indexed by
+    :func:`~bayesprune.removal.parameter_origins`, scalars (``step``) are copied."""
+    from .removal import parameter_origins
+
+    origins = parameter_origins(model, shrunk)
+    old = dict(model.named_parameters())
+    for name, p in shrunk.named_parameters():
+        q = old.get(name)
+        state = optimizer.state.get(q) if q is not None else None
+        if not state or name not in origins:
+            continue
+        index = origins[name].to(p.device)
+        new_optimizer.state[p] = {
+            k: (v.flatten()[index].view_as(p).clone() if v.shape == q.shape else v.clone()) if torch.is_tensor(v) else v
+            for k, v in state.items()
+        }
 
 
 def _rebuild_shrunk(model, example, kept_index):
