@@ -168,3 +168,24 @@ def test_plot_bf_history(tmp_path):
     h = {"epoch": [1, 2, 3], "train_loss": [1.0, 0.5, 0.4], "val_loss": [1.1, 0.7, 0.6],
          "log_bf": [float("nan"), -3.0, 0.0], "sparsity": [0.5, 0.5, 0.5]}
     assert results.plot_bf_history(h, tmp_path / "c.png").stat().st_size > 0
+
+
+def test_plot_table1_writes_one_png_with_our_and_the_papers_points(tmp_path, monkeypatch):
+    runs = [_summary("bmrs_n", 0.98, 0.60), _summary("bmrs_n", 0.96, 0.70), _summary("none", 0.99, 0.0),
+            _summary("l2", 0.5, 0.9, model="mlp", dataset="cifar10")]
+    t = results.table1(runs)
+    drawn = []
+    import matplotlib.axes
+
+    real_errorbar, real_plot = matplotlib.axes.Axes.errorbar, matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda self, x, y, **kw: drawn.append(("ours", kw["label"], x, y)) or real_errorbar(self, x, y, **kw))
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, x, y, **kw: drawn.append(("paper", kw["label"], x, y)) or real_plot(self, x, y, **kw))
+    paper = {("lenet5", "mnist"): {"BMRS_N": (86.9, 95.59), "Other": (10.0, 50.0)}}
+    path = results.plot_table1(t, tmp_path / "t1.png", paper=paper, title="x")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ("ours", "BMRS_N (n=2)", pytest.approx(65.0), pytest.approx(97.0)) in drawn
+    assert ("ours", "L2 (n=1)", pytest.approx(90.0), pytest.approx(50.0)) in drawn
+    assert ("paper", "paper BMRS_N", 86.9, 95.59) in drawn and ("paper", "paper Other", 10.0, 50.0) in drawn
+    assert len([d for d in drawn if d[0] == "ours"]) == 3

@@ -304,6 +304,52 @@ def aggregate_sweeps(sweeps: Sequence[dict]) -> dict:
     return {"curves": curves, "stops": stop_out}
 
 
+def plot_table1(table: Table, path: str | Path, paper: dict | None = None, title: str | None = None) -> Path:
+    """Accuracy against parameter compression, one panel per (model, dataset) column of a
+    :func:`table1` table: our rows as filled markers with mean ± std bars, and the ``paper``'s
+    (``{(model, dataset): {row: (compression %, accuracy %)}}``) as hollow markers of the same
+    colour, so that each method's distance to the paper reads off the picture."""
+    plt = _plt()
+    cols = table.columns
+    ncol = min(3, len(cols))
+    nrow = -(-len(cols) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.9 * nrow), squeeze=False)
+    base = lambda row: row.split(" (")[0]  # noqa: E731  'BMRS_N (dF >= -0.919)' -> 'BMRS_N'
+    names = sorted({base(r) for r in table.rows} | {r for c in (paper or {}).values() for r in c})
+    color = {n: f"C{i % 10}" for i, n in enumerate(names)}
+    markers = "osD^v<>pP*Xh"
+    for ax, col in zip(axes.flat, cols):
+        for i, row in enumerate(table.rows):
+            cell = table.cells.get((row, col))
+            if cell is None:
+                continue
+            (cm, cs, _), (am, as_, n) = cell.values["compression"], cell.values["accuracy"]
+            ax.errorbar(cm, am, xerr=cs, yerr=as_, fmt=markers[i % len(markers)], color=color[base(row)],
+                        ms=6, capsize=2, label=f"{row} (n={n})")
+        for row, (cm, am) in (paper or {}).get(col, {}).items():
+            ax.plot(cm, am, marker="o", ms=9, mfc="none", mew=1.5, ls="none", color=color.get(row, "k"),
+                    label=f"paper {row}")
+        ax.set_title(" / ".join(col))
+        ax.set_xlabel("parameters removed (%)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(cols):]:
+        ax.axis("off")
+    legend = {}
+    for ax in axes.flat:  # one legend for the figure: every label once
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label.split(" (n=")[0], handle)
+    fig.legend(list(legend.values()), list(legend), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def plot_sweep(sweeps: Sequence[dict], path: str | Path, title: str | None = None) -> Path:
     """Accuracy against parameter compression for every criterion, mean over the ``sweeps``
     (one ``sweep.json`` dict per seed); BMRS stop points are marked with stars."""
