@@ -267,7 +267,7 @@ def test_training_on_after_shrinking_follows_the_masked_network(build, shape):
     one.  Both ingredients are needed, which the test checks too: a fresh Adam state, or a KL mean
     over the remaining structures instead of the initial ones, gives other outputs."""
     from bayesprune.removal import shrink_for_training
-    from bayesprune.training import carry_optimizer_state
+    from bayesprune.removal import carry_optimizer_state
 
     torch.manual_seed(0)
     model = build().double()

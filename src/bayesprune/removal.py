@@ -44,7 +44,7 @@ from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
 from .noise import _BN_TYPES, _POOL_TYPES, PRUNABLE_TYPES, MultiplicativeNoise, _install_joint_draw, noise_layers, remove_noise
 
-__all__ = ["shrink", "shrink_for_training", "parameter_origins", "count_parameters", "remaining_parameters", "replay_pruning"]
+__all__ = ["shrink", "shrink_for_training", "parameter_origins", "carry_optimizer_state", "count_parameters", "remaining_parameters", "replay_pruning"]
 
 #: f(s x) = s f(x) for a per-channel s >= 0: a scale after them folds into the module before them
 _HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity) + _POOL_TYPES
@@ -506,7 +506,8 @@ def shrink_for_training(model: nn.Module, example_inputs=None, verify: bool = Tr
     Masked structures are removed as in :func:`shrink` with their noise entries (``mu``,
     ``log_sigma``, ``mask``); nothing is folded, so the kept structures keep their posterior
     and mask.  The new model has new parameters: rebuild the optimizer (and any scheduler or
-    EMA state that refers to parameters) after calling this.
+    EMA state that refers to parameters) after calling this, and give it the old state with
+    :func:`carry_optimizer_state`.
     """
     return _shrink(model, example_inputs, fold=False, keep_noise=True, verify=verify)
 
@@ -540,6 +541,25 @@ def parameter_origins(model: nn.Module, shrunk: nn.Module) -> dict[str, torch.Te
         for pname, p in noise.named_parameters(recurse=False):
             origins[f"{names[id(noise)]}.{pname}"] = kept
     return origins
+
+
+def carry_optimizer_state(model, optimizer, shrunk, new_optimizer) -> None:
+    """Give ``new_optimizer`` (built on ``shrunk = shrink_for_training(model, ...)``) the state
+    ``optimizer`` holds for ``model``'s parameters, sliced to the entries that remain: per-entry
+    tensors (Adam's ``exp_avg``, ``exp_avg_sq``) are indexed by
+    :func:`~bayesprune.removal.parameter_origins`, scalars (``step``) are copied."""
+    origins = parameter_origins(model, shrunk)
+    old = dict(model.named_parameters())
+    for name, p in shrunk.named_parameters():
+        q = old.get(name)
+        state = optimizer.state.get(q) if q is not None else None
+        if not state or name not in origins:
+            continue
+        index = origins[name].to(p.device)
+        new_optimizer.state[p] = {
+            k: (v.flatten()[index].view_as(p).clone() if v.shape == q.shape else v.clone()) if torch.is_tensor(v) else v
+            for k, v in state.items()
+        }
 
 
 def remaining_parameters(model: nn.Module, example_inputs=None) -> int:

@@ -492,29 +492,10 @@ def _shrink_step(model, opt, example, cfg, kept_index):
                 break
         kept_index = new
     opt = _optimizer(model, cfg)
+    from .removal import carry_optimizer_state
+
     carry_optimizer_state(old_model, old_opt, model, opt)
     return model, opt, kept_index
-
-
-def carry_optimizer_state(model, optimizer, shrunk, new_optimizer) -> None:
-    """Give ``new_optimizer`` (built on ``shrunk = shrink_for_training(model, ...)``) the state
-    ``optimizer`` holds for ``model``'s parameters, sliced to the entries that remain: per-entry
-    tensors (Adam's ``exp_avg``, ``exp_avg_sq``) are indexed by
-    :func:`~bayesprune.removal.parameter_origins`, scalars (``step``) are copied."""
-    from .removal import parameter_origins
-
-    origins = parameter_origins(model, shrunk)
-    old = dict(model.named_parameters())
-    for name, p in shrunk.named_parameters():
-        q = old.get(name)
-        state = optimizer.state.get(q) if q is not None else None
-        if not state or name not in origins:
-            continue
-        index = origins[name].to(p.device)
-        new_optimizer.state[p] = {
-            k: (v.flatten()[index].view_as(p).clone() if v.shape == q.shape else v.clone()) if torch.is_tensor(v) else v
-            for k, v in state.items()
-        }
 
 
 def _rebuild_shrunk(model, example, kept_index):
