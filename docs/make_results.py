@@ -14,7 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-from bayesprune.results import aggregate_sweeps, bf_table, find_summaries, plot_sweep, plot_table1, table1, table_markdown
+from bayesprune.results import bf_table, find_summaries, plot_sweep, plot_table1, sweep_markdown, table1, table_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -138,29 +138,15 @@ def _sweep_sections() -> list[str]:
         cfg = sweeps[0]["config"]
         img = ROOT / "docs" / "img" / f"{sweep_dir.name}.png"
         plot_sweep(sweeps, img, title=f"{cfg['model']} / {cfg['dataset']}, post-training, {len(sweeps)} seed(s)")
-        agg = aggregate_sweeps(sweeps)
         parts.append(f"## Post-training sweep: {cfg['model']} / {cfg['dataset']} (results/{rel})\n")
         parts.append(f"{len(sweeps)} seed(s); trained {cfg['epochs']} epochs without pruning (noise and KL on), then "
                      f"each criterion pruned to each target and fine-tuned {cfg['sweep_finetune_epochs']} epoch(s). "
                      f"Test accuracy (mean ± sd over seeds) against the share of parameters removed.\n")
         parts.append(f"![sweep](img/{img.name})\n")
-        crits = list(agg["curves"])
-        targets = sorted({r[0] for rows in agg["curves"].values() for r in rows})
-        lines = ["| target | " + " | ".join(crits) + " |", "|---|" + "---|" * len(crits)]
-        for t in targets:
-            cells = []
-            for c in crits:
-                r = next((r for r in agg["curves"][c] if r[0] == t), None)
-                cells.append("-" if r is None else f"{r[1]:.1f} % / {r[2]:.2f} ± {r[3]:.2f}")
-            lines.append(f"| {100 * t:g} % | " + " | ".join(cells) + " |")
-        parts.append("Cells: parameters removed / test accuracy.\n")
-        parts.append("\n".join(lines) + "\n")
+        parts.append(sweep_markdown(sweeps))
         walls = [sw.get("train_wall_time_s", 0) + sw.get("sweep_wall_time_s", 0) for sw in sweeps]
         if all(walls):
             parts.append(f"Wall time (training + sweep, summed over seeds): {sum(walls) / 60:.1f} min.\n")
-        for label, (comp, acc, n) in agg["stops"].items():
-            parts.append(f"* stop point of {label} (n={n}): {comp:.2f} % of parameters removed, test accuracy {acc:.2f} %")
-        parts.append("")
     return parts
 
 

@@ -66,3 +66,34 @@ def test_jobs_default_one_run_per_core_on_cpu_and_bad_jobs_refused(tmp_path, mon
     assert seen["jobs"] == 1
     assert main(["reproduce", "bf-table1", "--jobs", "0", "--out-dir", str(tmp_path)]) != 0
     assert "--jobs must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_bmrs_posttrain_prints_curves_and_stop_points(tmp_path, monkeypatch, capsys):
+    import bayesprune.reproduce as rep
+
+    out = tmp_path / "bmrs-posttrain"
+    kw = dict(seeds=[0], epochs=1, models=["mlp"], datasets=["digits"], width=16, sweep_points=[0.5, 0.9],
+              sweep_criteria=["snr", "bmrs_n"], progress=False)
+    real = rep.reproduce("bmrs-posttrain", out, **kw)
+    # the CLI with --quiet: the (finished) sweeps are run through reproduce, then printed
+    seen = {}
+
+    def finished(name, out_dir, **cli_kw):
+        seen.update(cli_kw)
+        return real
+
+    monkeypatch.setattr(rep, "reproduce", finished)
+    assert main(["reproduce", "bmrs-posttrain", "--seeds", "0", "--jobs", "1", "--quiet", "--out-dir", str(tmp_path)]) == 0
+    assert seen["progress"] is False
+    printed = capsys.readouterr().out
+    group = out / "mlp-digits-sweep"
+    sweep = json.loads((group / "seed0" / "sweep.json").read_text())
+    # the printed table is the sweep's: one row per target, one column per criterion, then the stop points
+    assert "| target | snr | bmrs_n |" in printed
+    for p in sweep["points"]:
+        assert f"{100 * p['param_compression']:.1f} % / {100 * p['test_acc']:.2f} ± 0.00" in printed
+    assert {f"| {100 * p['target']:g} % |" for p in sweep["points"]} == {"| 50 % |", "| 90 % |"}
+    for label, stop in sweep["stops"].items():
+        assert f"stop point of {label} (n=1): {100 * stop['param_compression']:.2f} %" in printed
+    assert (out / "table.md").read_text().strip() in printed
+    assert (group / "accuracy_vs_compression.png").stat().st_size > 0

@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--threshold", type=_threshold, default=None, help="BMRS_N/BMRS_U threshold (default 0; 'reference')")
     rp.add_argument("--kl-weighting", choices=KL_WEIGHTINGS, default=None, help="KL weighting (default: mean, the reference's)")
     rp.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    rp.add_argument("--quiet", action="store_true", help="no per-run progress lines")
     rp.set_defaults(func=cmd_reproduce)
     return p
 
@@ -221,7 +222,8 @@ def cmd_reproduce(args) -> int:
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     res = reproduce(args.name, out, seeds=args.seeds, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
-                    data_dir=args.data_dir, jobs=jobs, models=args.models, datasets=args.datasets, **extra)
+                    data_dir=args.data_dir, jobs=jobs, models=args.models, datasets=args.datasets,
+                    progress=not args.quiet, **extra)
     summaries = [s for _, s in find_summaries([out])]
     print()
     if args.name == "bf-table1":
@@ -229,9 +231,7 @@ def cmd_reproduce(args) -> int:
     elif args.name == "bmrs-table1":
         table, header = table1(summaries), "method"
     else:
-        print(f"sweeps written under {out} (sweep.json per seed); plot them with `bayesprune sweep` options or results.plot_sweep")
-        print(f"wall time {res['wall_time_s']:.0f} s")
-        return 0
+        return _print_sweeps(out, res["wall_time_s"])
     md = table_markdown(table, row_header=header)
     print(md)
     _write_pair(str(out / "table"), md, table_csv(table, row_header=header))
@@ -288,6 +288,27 @@ def cmd_run(args) -> int:
         comp = mean_std(float(r[2]) for r in rows)
         print(f"mean ± std over {acc[2]} seeds: test acc {acc[0]:.2f} ± {acc[1]:.2f} %, "
               f"param compression {comp[0]:.2f} ± {comp[1]:.2f} %")
+    return 0
+
+
+def _print_sweeps(out: Path, wall_time_s: float) -> int:
+    """Print (and write to table.md beside them, with the plot) the curves and stop points of
+    every ``<model>-<dataset>-sweep`` group under ``out``."""
+    from .results import plot_sweep, sweep_markdown
+
+    parts = []
+    for group in sorted(out.glob("*-sweep")):
+        sweeps = [json.loads(p.read_text()) for p in sorted(group.glob("seed*/sweep.json"))]
+        if not sweeps:
+            continue
+        cfg = sweeps[0]["config"]
+        title = f"{cfg['model']} / {cfg['dataset']}, post-training, {len(sweeps)} seed(s)"
+        png = plot_sweep(sweeps, group / "accuracy_vs_compression.png", title=title)
+        parts.append(f"## {title}\n\n{sweep_markdown(sweeps)}\nplot: {png}\n")
+    md = "\n".join(parts)
+    print(md)
+    (out / "table.md").write_text(md)
+    print(f"wall time {wall_time_s:.0f} s; table written to {out / 'table.md'}")
     return 0
 
 

@@ -4,6 +4,8 @@
 * :func:`table1` / :func:`bf_table` aggregate them into the papers' Table 1 layouts
   (mean ± sample standard deviation over seeds, and n), written by :func:`table_markdown` and
   :func:`table_csv`.
+* :func:`aggregate_sweeps` / :func:`sweep_markdown`: the post-training curves and BMRS stop
+  points, mean over seeds.
 * :func:`plot_sweep` (accuracy vs compression), :func:`structure_stats` +
   :func:`plot_structure_histograms` (E[theta] before/after pruning, dF_N, dF_U),
   :func:`plot_bf_history` (learning curves of a Bayes-factor run).
@@ -38,6 +40,7 @@ __all__ = [
     "table_csv",
     "plot_sweep",
     "aggregate_sweeps",
+    "sweep_markdown",
     "structure_stats",
     "plot_structure_histograms",
     "SPEARMAN_CRITERIA",
@@ -348,6 +351,27 @@ def plot_table1(table: Table, path: str | Path, paper: dict | None = None, title
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def sweep_markdown(sweeps: Sequence[dict]) -> str:
+    """The post-training curves as a Markdown table (one row per target compression, one column
+    per criterion; cells ``parameters removed % / test accuracy % mean ± sd``), then one line per
+    BMRS stop point; means over the ``sweeps`` (one ``sweep.json`` dict per seed)."""
+    agg = aggregate_sweeps(sweeps)
+    crits = list(agg["curves"])
+    targets = sorted({r[0] for rows in agg["curves"].values() for r in rows})
+    lines = ["Cells: parameters removed / test accuracy.", "", "| target | " + " | ".join(crits) + " |",
+             "|---|" + "---|" * len(crits)]
+    for t in targets:
+        cells = []
+        for c in crits:
+            r = next((r for r in agg["curves"][c] if r[0] == t), None)
+            cells.append("-" if r is None else f"{r[1]:.1f} % / {r[2]:.2f} ± {r[3]:.2f}")
+        lines.append(f"| {100 * t:g} % | " + " | ".join(cells) + " |")
+    lines.append("")
+    for label, (comp, acc, n) in agg["stops"].items():
+        lines.append(f"* stop point of {label} (n={n}): {comp:.2f} % of parameters removed, test accuracy {acc:.2f} %")
+    return "\n".join(lines) + "\n"
 
 
 def plot_sweep(sweeps: Sequence[dict], path: str | Path, title: str | None = None) -> Path:
