@@ -1,9 +1,15 @@
 """Training-step overhead of the noise layers: LeNet5 with noise + KL against the plain LeNet5.
 
 One step = forward + backward + Adam step on a batch of 128 (cross-entropy, plus the KL for the
-noisy networks).  The plain network and the noisy ones ('channel' and 'element' sharing) are
+noisy networks).  The plain network and the noisy ones ('channel', 'structure' and 'element'
+sharing: one draw per (example, channel), per channel for the whole batch, per element) are
 measured side by side in one run: interleaved blocks of steps after a warm-up, so that drifts of a
 shared machine hit every variant alike; the medians of the per-step times are compared.
+
+A fifth variant, 'floor', is the cost of the noise machinery alone: 'structure' noise layers whose
+sampler and KL are replaced by the cheapest stand-ins (theta = exp(mu) * mask, KL = sum of mu^2
+and log_sigma^2), so it keeps the hooks, the multiplies, their backward and the optimizer's extra
+parameters.  No sampler or KL, however fast, can bring a variant below the floor.
 
     python benchmarks/noise_overhead.py [--steps 50] [--block 5] [--threads N] [--data PATH]
 
@@ -23,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import bayesprune
+import bayesprune.noise as noise_module
 
 try:
     from bayesprune.models import LeNet5
@@ -50,16 +57,26 @@ def make(variant: str, example):
     torch.manual_seed(0)
     model = LeNet5(in_channels=1, num_classes=10, image_size=32)
     if variant != "plain":
-        bayesprune.add_noise(model, example, sharing=variant)
+        bayesprune.add_noise(model, example, sharing="structure" if variant == "floor" else variant)
     model.train()
     return model, torch.optim.Adam(model.parameters(), lr=1.4e-3)
 
 
-def step(model, opt, x, y, noisy: bool, num_train: int) -> float:
+_DRAW = noise_module.draw_theta
+
+
+def _floor_draw(mu, sigma, mask, u, a, b):
+    return (torch.exp(mu) * mask).expand_as(u)
+
+
+def step(model, opt, x, y, variant: str) -> float:
     t0 = time.perf_counter()
+    noise_module.draw_theta = _floor_draw if variant == "floor" else _DRAW
     opt.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x), y)
-    if noisy:
+    if variant == "floor":
+        loss = loss + sum((n.mu ** 2).sum() + (n.log_sigma ** 2).sum() for n in bayesprune.noise_layers(model))
+    elif variant != "plain":
         loss = loss + bayesprune.kl(model, "mean")
     loss.backward()
     opt.step()
@@ -79,7 +96,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     data, source = batches(args.data, args.batch, 16)
-    variants = ["plain", "channel", "element"]
+    variants = ["plain", "channel", "structure", "element", "floor"]
     runs = {v: make(v, data[0][0][:2]) for v in variants}
     times: dict[str, list[float]] = {v: [] for v in variants}
 
@@ -89,19 +106,21 @@ def main() -> None:
     print(f"data: {source}; batch {args.batch}, CPU")
     for v in variants:  # warm-up
         for i in range(args.warmup):
-            step(*runs[v], *data[i % len(data)], v != "plain", 48000)
+            step(*runs[v], *data[i % len(data)], v)
     k = 0
     while min(len(t) for t in times.values()) < args.steps:
         for v in variants:  # interleaved A/B/C blocks
             for _ in range(args.block):
                 x, y = data[k % len(data)]
                 k += 1
-                times[v].append(step(*runs[v], x, y, v != "plain", 48000))
+                times[v].append(step(*runs[v], x, y, v))
     med = {v: statistics.median(t[: args.steps]) for v, t in times.items()}
     print(f"{'variant':<22} {'median ms/step':>15} {'ratio':>7}")
     print(f"{'plain LeNet5':<22} {1e3 * med['plain']:>15.2f} {1.0:>7.3f}")
-    for v in ("channel", "element"):
-        print(f"{'noise+KL ' + v:<22} {1e3 * med[v]:>15.2f} {med[v] / med['plain']:>7.3f}")
+    for v in variants[1:]:
+        label = "floor (no sampler/KL)" if v == "floor" else "noise+KL " + v
+        print(f"{label:<22} {1e3 * med[v]:>15.2f} {med[v] / med['plain']:>7.3f}")
+    noise_module.draw_theta = _DRAW
     print(f"({args.steps} steps per variant in blocks of {args.block}, {args.warmup} warm-up; target ratio <= 1.15)")
 
 

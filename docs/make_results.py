@@ -56,6 +56,7 @@ BMRS_SECTIONS = [
 VARIANTS = [
     ("default", 'noise per (example, channel), KL "mean" (our default)'),
     ("element", 'noise per element (the reference), KL "mean"'),
+    ("structure", 'noise per channel, one draw for the whole batch (`--sharing structure`), KL "mean"'),
     ("elbo", 'noise per (example, channel), KL "elbo"'),
     ("shrink", 'as our default, with `--shrink` (removed structures leave the network as it trains)'),
     ("finetune10", 'as our default, with `--shrink` and 10 fine-tuning epochs instead of 1'),

@@ -244,7 +244,30 @@ def test_sharing_channel_vs_element():
     assert r[:, 0, :].unique().numel() == 12
 
 
-@pytest.mark.parametrize("sharing", ["element", "channel"])
+def test_sharing_structure_one_draw_per_structure_for_the_whole_batch():
+    torch.manual_seed(4)
+    noise = MultiplicativeNoise(4, dim=1, sharing="structure")
+    with torch.no_grad():
+        noise.mu.copy_(torch.tensor([-1.0, -0.2, -4.0, -0.5]))
+        noise.log_sigma.copy_(torch.tensor([-0.5, 0.0, 0.5, -1.0]))
+    h = torch.rand(3, 4, 5, 6) + 0.5
+    r = noise.train()(h) / h
+    # one theta per channel, the same for every example and position ...
+    torch.testing.assert_close(r, r[:1, :, :1, :1].expand_as(r), rtol=1e-5, atol=0)
+    assert r[0, :, 0, 0].unique().numel() == 4
+    # ... redrawn at every forward, with mean E[theta] (Monte Carlo over 20,000 forwards)
+    with torch.no_grad():
+        draws = torch.stack([noise(torch.ones(1, 4))[0] for _ in range(20000)])
+    torch.testing.assert_close(draws.mean(0), noise.expected_theta().detach(), rtol=0.03, atol=1e-3)
+    # and it moves past pooling like per-(example, channel) noise
+    from bayesprune.models import LeNet5
+
+    model = add_noise(LeNet5(1, 10, 32), torch.randn(2, 1, 32, 32), sharing="structure")
+    assert [n.sharing for n in noise_layers(model)] == ["structure"] * 4
+    assert all("Pool" in type(model.get_submodule(n.target_name)).__name__ for n in noise_layers(model)[:2])
+
+
+@pytest.mark.parametrize("sharing", ["element", "channel", "structure"])
 def test_masked_structures_output_exact_zero(sharing):
     torch.manual_seed(5)
     model, x = make_net(sharing=sharing)
@@ -564,13 +587,13 @@ def test_channel_noise_moves_past_pooling_and_computes_the_same_function():
 # joint draw: one sampler call per training forward for all per-(example, channel) layers
 
 
-def _lenet(seed=0):
+def _lenet(seed=0, sharing="channel"):
     from bayesprune.models import LeNet5
 
     torch.manual_seed(seed)
     model = LeNet5(in_channels=1, num_classes=10, image_size=32)
     x = torch.randn(5, 1, 32, 32)
-    add_noise(model, x[:2], sharing="channel")
+    add_noise(model, x[:2], sharing=sharing)
     with torch.no_grad():
         for n in noise_layers(model):  # spread the posteriors: bounds, mirrored and plain cases
             n.mu.copy_(torch.linspace(-21.0, 0.5, n.num_structures))
@@ -579,13 +602,16 @@ def _lenet(seed=0):
     return model.train(), x
 
 
-def test_joint_draw_uses_one_uniform_block_and_gives_each_layer_its_exact_gradient():
-    """Outputs are h * theta with theta from one [batch, all structures] block of uniforms (the
-    layers' slices, in forward order); each layer's mu/log_sigma gradient equals the implicit
-    gradient of its own draw given the upstream gradient, computed separately."""
+@pytest.mark.parametrize("sharing", ["channel", "structure"])
+def test_joint_draw_uses_one_uniform_block_and_gives_each_layer_its_exact_gradient(sharing):
+    """Outputs are h * theta with theta from one [batch, all structures] block of uniforms
+    ([1, all structures] for sharing="structure"; the layers' slices, in forward order); each
+    layer's mu/log_sigma gradient equals the implicit gradient of its own draw given the upstream
+    gradient, computed separately."""
     from bayesprune.distributions import draw_theta
 
-    model, x = _lenet()
+    model, x = _lenet(sharing=sharing)
+    rows = 5 if sharing == "channel" else 1
     layers = noise_layers(model)
     seen = {}
     for n in layers:
@@ -596,13 +622,13 @@ def test_joint_draw_uses_one_uniform_block_and_gives_each_layer_its_exact_gradie
     torch.manual_seed(123)
     (model(x) * torch.randn(5, 10, generator=torch.Generator().manual_seed(1))).sum().backward()
     torch.manual_seed(123)
-    u_all = torch.rand(5, sum(n.num_structures for n in layers))
+    u_all = torch.rand(rows, sum(n.num_structures for n in layers))
     for n, u in zip(layers, u_all.split([n.num_structures for n in layers], dim=1)):
         h, g = seen[n.layer_name]["h"], seen[n.layer_name]["g"]
         shape = [1] * h.ndim
         shape[1] = n.num_structures
         ushape = list(shape)
-        ushape[0] = h.shape[0]
+        ushape[0] = rows
         mu = n.mu.detach().clone().requires_grad_()
         ls = n.log_sigma.detach().clone().requires_grad_()
         theta = draw_theta(mu.view(shape), ls.clamp(*n.log_sigma_bounds).exp().view(shape), n.mask.view(shape), u.reshape(ushape))

@@ -11,7 +11,8 @@ once per forward).  Noise goes after the last module of that chain.  So an MLP o
 noise after its activations, a conv-BN-ReLU net after the ReLU, and a torchvision ResNet (whose
 ReLU module is shared) after every BatchNorm, as MATH.md section 4 prescribes.
 
-With one draw per (example, channel) (``sharing="channel"``) of a convolution, the noise moves on
+With one draw per (example, channel) (``sharing="channel"``) or per channel for the whole batch
+(``sharing="structure"``) of a convolution, the noise moves on
 past a pooling module that directly follows (max/average, adaptive or not): pooling commutes with
 a positive per-channel scale, ``pool(h * theta) = pool(h) * theta``, so the network computes the
 same function (max-pool ties aside) while the noise touches a quarter of the elements or fewer.  With
@@ -51,13 +52,13 @@ _POOL_TYPES = (
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
 )
-SHARING = ("element", "channel")
+SHARING = ("element", "channel", "structure")
 
 
 def _stages(layer: nn.Module, sharing: str) -> tuple:
     """The module kinds the noise may move past, in order (see the module docstring)."""
     stages = (_BN_TYPES, _ACTIVATION_TYPES)
-    if sharing == "channel" and isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if sharing in ("channel", "structure") and isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         stages += (_POOL_TYPES,)
     return stages
 
@@ -73,8 +74,10 @@ class MultiplicativeNoise(nn.Module):
     """theta ~ TruncatedLogNormal(mu, sigma) per structure, multiplying its output along ``dim``.
 
     Training: ``h * theta * mask`` with theta drawn by reparameterisation, one draw per
-    activation element (``sharing="element"``, the BMRS reference) or per (example, structure)
-    (``sharing="channel"``, Neklyudov et al.).  Eval: ``h * E[theta] * mask``.
+    activation element (``sharing="element"``, the BMRS reference), per (example, structure)
+    (``sharing="channel"``, Neklyudov et al.) or per structure, one draw shared by the whole
+    batch (``sharing="structure"``: the cheapest, with the noisiest gradients).  Eval:
+    ``h * E[theta] * mask``.
     Parameters ``mu`` (init 0) and ``log_sigma`` (init -5, clamped to [-20, 5] when used).
     """
 
@@ -164,8 +167,9 @@ class MultiplicativeNoise(nn.Module):
             u_shape = [1] * h.ndim
             u_shape[dim] = self.num_structures
             if dim != 0:
-                u_shape[0] = h.shape[0]
-                theta = _JointDraw.take(self, h.shape[0], h.device)
+                if self.sharing == "channel":
+                    u_shape[0] = h.shape[0]
+                theta = _JointDraw.take(self, u_shape[0], h.device)
                 if theta is not None:
                     return h * theta.view(u_shape).to(h.dtype)
         self._check_finite_unless_cuda_training(h)
@@ -187,11 +191,13 @@ _DRAWS = threading.local()  # per thread: the stack of forward passes with a joi
 
 
 class _JointDraw:
-    """One draw of theta for all per-(example, channel) noise layers of a model, per forward pass.
+    """One draw of theta for all noise layers of a model that draw per (example, channel) or per
+    structure, per forward pass.
 
     ``add_noise`` registers :meth:`begin`/:meth:`end` as forward pre-/post-hooks of the model.
     The first noise layer that runs in a training forward draws theta for every layer of the
-    group (same bounds, device and dtype) in one call on a ``[batch, total structures]`` tensor,
+    group (same sharing, bounds, device and dtype) in one call on a ``[batch, total structures]``
+    tensor (``[1, total structures]`` for ``sharing="structure"``),
     and each layer takes its slice: the same distribution as one draw per layer, with one set of
     sampler ops per step instead of one per layer.  A layer called twice in one forward, a batch
     size that differs from the first layer's, or a layer run outside the model's forward draws
@@ -231,8 +237,8 @@ class _Draws:
 
     def holds(self, layer) -> bool:
         if self.index is None:
-            group = [m for m in noise_layers(self.root) if m.sharing == "channel" and m.training]
-            key = lambda m: (m.a, m.b, m.log_sigma_bounds, m.mu.device, m.mu.dtype)  # noqa: E731
+            group = [m for m in noise_layers(self.root) if m.sharing != "element" and m.training]
+            key = lambda m: (m.sharing, m.a, m.b, m.log_sigma_bounds, m.mu.device, m.mu.dtype)  # noqa: E731
             self.layers = [m for m in group if key(m) == key(group[0])] if group else []
             self.index = {id(m): i for i, m in enumerate(self.layers)}
         return id(layer) in self.index
