@@ -82,6 +82,7 @@ CASES = {
     "mlp": (lambda: MLP(64, 10, width=20, extra_layers=2), (4, 1, 8, 8), {}),
     "lenet5": (lambda: LeNet5(1, 10, image_size=8), (4, 1, 8, 8), {}),
     "lenet5-channel": (lambda: LeNet5(1, 10, image_size=32), (4, 1, 32, 32), {"sharing": "channel"}),  # noise after the pools
+    "lenet5-structure": (lambda: LeNet5(1, 10, image_size=32), (4, 1, 32, 32), {"sharing": "structure"}),
     "cifar-resnet-channel": (lambda: cifar_resnet18(10), (2, 3, 8, 8), {"sharing": "channel"}),
     "resnet18-cifar": (lambda: cifar_resnet18(10), (2, 3, 8, 8), {}),
     "tv-resnet18": (lambda: torchvision_model("resnet18", 10), (2, 3, 8, 8), {}),
