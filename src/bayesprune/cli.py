@@ -81,7 +81,7 @@ def _config_overrides(args: argparse.Namespace) -> dict:
 # parser
 def _add_common(p: argparse.ArgumentParser, methods: bool = True) -> None:
     from .data import DATASETS
-    from .noise import KL_WEIGHTINGS
+    from .noise import KL_WEIGHTINGS, SHARING
     from .training import METHODS
 
     g = p.add_argument_group("data and model")
@@ -103,7 +103,7 @@ def _add_common(p: argparse.ArgumentParser, methods: bool = True) -> None:
     g.add_argument("--noise-lr", type=float, default=None, help="learning rate of the noise parameters (default: --lr)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
     g.add_argument("--kl-weighting", choices=KL_WEIGHTINGS, default=None)
-    g.add_argument("--sharing", choices=("channel", "element", "structure"), default=None)
+    g.add_argument("--sharing", choices=SHARING, default=None)
     g.add_argument("--precision", type=float, default=None, help="BMRS_U precision p (default 8)")
     g.add_argument("--val-fraction", type=float, default=None, help="validation share of the training set (default 0.2)")
     if methods:
@@ -119,7 +119,7 @@ def _add_common(p: argparse.ArgumentParser, methods: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .bayes_factor import SKIP_POLICIES
     from .data import DATASETS
-    from .noise import KL_WEIGHTINGS
+    from .noise import KL_WEIGHTINGS, SHARING
 
     p = argparse.ArgumentParser(prog="bayesprune", description="Bayesian structured pruning (BMRS) and Bayes-factor pruning.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--jobs", type=int, default=None,
                     help="runs in parallel, each with cores/jobs threads (default: one per core on the CPU, "
                          "measured ~1.9x faster than one run with all threads; 1 on CUDA)")
-    rp.add_argument("--sharing", choices=("channel", "element", "structure"), default=None, help="noise draws (default: channel)")
+    rp.add_argument("--sharing", choices=SHARING, default=None, help="noise draws (default: channel)")
     rp.add_argument("--noise-lr", type=float, default=None, help="learning rate of the noise parameters (default: --lr)")
     rp.add_argument("--threshold", type=_threshold, default=None, help="BMRS_N/BMRS_U threshold (default 0; 'reference')")
     rp.add_argument("--kl-weighting", choices=KL_WEIGHTINGS, default=None, help="KL weighting (default: mean, the reference's)")
