@@ -10,11 +10,11 @@ directories; the papers' numbers are quoted from ../shared/papers/published-resu
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
-from bayesprune.results import bf_table, find_summaries, plot_sweep, plot_table1, sweep_markdown, table1, table_markdown
+from bayesprune.results import (bf_table, find_summaries, load_sweeps, plot_sweep, plot_table1, sweep_markdown,
+                                sweep_title, table1, table_markdown)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -132,13 +132,13 @@ def _sweep_sections() -> list[str]:
     curve table and the BMRS stop points, mean over the seeds found."""
     parts = []
     for sweep_dir in sorted(RESULTS.rglob("*-sweep")):
-        sweeps = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("seed*/sweep.json"))]
+        sweeps = load_sweeps(sweep_dir)
         if not sweeps:
             continue
         rel = sweep_dir.relative_to(RESULTS)
         cfg = sweeps[0]["config"]
         img = ROOT / "docs" / "img" / f"{sweep_dir.name}.png"
-        plot_sweep(sweeps, img, title=f"{cfg['model']} / {cfg['dataset']}, post-training, {len(sweeps)} seed(s)")
+        plot_sweep(sweeps, img, title=sweep_title(sweeps))
         parts.append(f"## Post-training sweep: {cfg['model']} / {cfg['dataset']} (results/{rel})\n")
         parts.append(f"{len(sweeps)} seed(s); trained {cfg['epochs']} epochs without pruning (noise and KL on), then "
                      f"each criterion pruned to each target and fine-tuned {cfg['sweep_finetune_epochs']} epoch(s). "

@@ -4,6 +4,7 @@ import json
 
 from bayesprune.cli import main
 from bayesprune.reduction import REFERENCE_THRESHOLD
+from bayesprune.results import load_sweeps
 from bayesprune.reproduce import reproduce
 
 
@@ -97,3 +98,7 @@ def test_bmrs_posttrain_prints_curves_and_stop_points(tmp_path, monkeypatch, cap
         assert f"stop point of {label} (n=1): {100 * stop['param_compression']:.2f} %" in printed
     assert (out / "table.md").read_text().strip() in printed
     assert (group / "accuracy_vs_compression.png").stat().st_size > 0
+    assert "## mlp / digits, post-training, 1 seed(s)" in printed
+    # the loader both printers share: seeds in folder order, nothing for a group not yet finished
+    assert load_sweeps(group) == [sweep]
+    assert load_sweeps(tmp_path / "mlp-none-sweep") == []

@@ -294,15 +294,14 @@ def cmd_run(args) -> int:
 def _print_sweeps(out: Path, wall_time_s: float) -> int:
     """Print (and write to table.md beside them, with the plot) the curves and stop points of
     every ``<model>-<dataset>-sweep`` group under ``out``."""
-    from .results import plot_sweep, sweep_markdown
+    from .results import load_sweeps, plot_sweep, sweep_markdown, sweep_title
 
     parts = []
     for group in sorted(out.glob("*-sweep")):
-        sweeps = [json.loads(p.read_text()) for p in sorted(group.glob("seed*/sweep.json"))]
+        sweeps = load_sweeps(group)
         if not sweeps:
             continue
-        cfg = sweeps[0]["config"]
-        title = f"{cfg['model']} / {cfg['dataset']}, post-training, {len(sweeps)} seed(s)"
+        title = sweep_title(sweeps)
         png = plot_sweep(sweeps, group / "accuracy_vs_compression.png", title=title)
         parts.append(f"## {title}\n\n{sweep_markdown(sweeps)}\nplot: {png}\n")
     md = "\n".join(parts)

@@ -353,6 +353,18 @@ def plot_table1(table: Table, path: str | Path, paper: dict | None = None, title
     return path
 
 
+def load_sweeps(group: str | Path) -> list[dict]:
+    """The ``sweep.json`` of every seed in one ``<model>-<dataset>-sweep`` folder, by seed folder
+    name; an empty list when none has finished."""
+    return [json.loads(p.read_text()) for p in sorted(Path(group).glob("seed*/sweep.json"))]
+
+
+def sweep_title(sweeps: Sequence[dict]) -> str:
+    """``"<model> / <dataset>, post-training, <n> seed(s)"`` for plots and headings."""
+    cfg = sweeps[0]["config"]
+    return f"{cfg['model']} / {cfg['dataset']}, post-training, {len(sweeps)} seed(s)"
+
+
 def sweep_markdown(sweeps: Sequence[dict]) -> str:
     """The post-training curves as a Markdown table (one row per target compression, one column
     per criterion; cells ``parameters removed % / test accuracy % mean ± sd``), then one line per
