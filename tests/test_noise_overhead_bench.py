@@ -1,10 +1,10 @@
 """benchmarks/noise_overhead.py: every variant trains, and the 'floor' swap does not leak.
 
 The benchmark module is loaded from its file with importlib (benchmarks/ is not a package).
-Checks: one step of each variant updates the noise parameters (finite; 'plain' has none), the
-'floor' variant uses exp(mu) * mask as theta during its
-step and leaves ``bayesprune.noise.draw_theta`` as it was afterwards (so a later 'channel' step
-samples again), and the script's main prints one ratio row per variant on random data.
+Checks: one step of each variant updates the noise parameters (finite; 'plain' has none) and
+leaves ``bayesprune.noise.draw_theta`` as it was (the 'floor' swap does not outlive its step);
+the floor's stand-in sampler is exp(mu) * mask; the script's main prints one ratio row per
+variant on random data.
 """
 
 from __future__ import annotations
