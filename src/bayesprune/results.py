@@ -277,6 +277,16 @@ def _plt():
     return plt
 
 
+def _save(fig, path: str | Path, dpi: int = 110, tight_bbox: bool = False) -> Path:
+    """Lay out ``fig``, write it as PNG to ``path`` (creating its folder) and close it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight" if tight_bbox else None)
+    _plt().close(fig)
+    return path
+
+
 def aggregate_sweeps(sweeps: Sequence[dict]) -> dict:
     """Mean over seeds of the sweep points and stop points, per criterion.
 
@@ -345,12 +355,7 @@ def plot_table1(table: Table, path: str | Path, paper: dict | None = None, title
     fig.legend(list(legend.values()), list(legend), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path, tight_bbox=True)
 
 
 def load_sweeps(group: str | Path) -> list[dict]:
@@ -410,11 +415,7 @@ def plot_sweep(sweeps: Sequence[dict], path: str | Path, title: str | None = Non
     ax.set_title(title or f"accuracy vs compression (mean over {n} seed{'s' if n != 1 else ''})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=120)
 
 
 def structure_stats(model, precision: float = 8.0) -> dict[str, np.ndarray]:
@@ -485,11 +486,7 @@ def plot_structure_histograms(stats: dict[str, np.ndarray], path: str | Path, pr
                     ha="right", va="top", fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 #: criteria of the rank-correlation table: (label, criterion, precision)
@@ -563,11 +560,7 @@ def plot_spearman(labels: Sequence[str], m: np.ndarray, path: str | Path, title:
             ax.text(j, i, "n/a" if not math.isfinite(m[i, j]) else f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=ax, shrink=0.8)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_bf_history(history: dict, path: str | Path, title: str = "") -> Path:
@@ -598,8 +591,4 @@ def plot_bf_history(history: dict, path: str | Path, title: str = "") -> Path:
     a3.set_ylim(-2, 102)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
