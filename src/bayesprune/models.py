@@ -48,6 +48,16 @@ def _check_positive_int(name: str, value: Any) -> int:
     return value
 
 
+def _dense_stack(in_features: int, hidden, num_classes: int, activation) -> list[nn.Module]:
+    """``Flatten, [Linear(fan_in, h), activation()] for h in hidden, Linear(hidden[-1], num_classes)``."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    fan_in = in_features
+    for h in hidden:
+        layers += [nn.Linear(fan_in, h), activation()]
+        fan_in = h
+    return layers + [nn.Linear(fan_in, num_classes)]
+
+
 class MLP(nn.Sequential):
     """Multi-layer perceptron ``Flatten, [Linear -> activation] x (extra_layers + 1), Linear``.
 
@@ -70,13 +80,7 @@ class MLP(nn.Sequential):
         _check_positive_int("width", width)
         if isinstance(extra_layers, bool) or not isinstance(extra_layers, int) or extra_layers < 0:
             raise ValueError(f"extra_layers must be an integer >= 0, got {extra_layers!r}")
-        layers: list[nn.Module] = [nn.Flatten()]
-        fan_in = in_features
-        for _ in range(extra_layers + 1):
-            layers += [nn.Linear(fan_in, width), activation()]
-            fan_in = width
-        layers.append(nn.Linear(fan_in, num_classes))
-        super().__init__(*layers)
+        super().__init__(*_dense_stack(in_features, [width] * (extra_layers + 1), num_classes, activation))
         self.in_features = in_features
         self.num_classes = num_classes
         self.width = width
@@ -145,14 +149,9 @@ class FCN(nn.Sequential):
         hidden = tuple(hidden)
         if not hidden:
             raise ValueError("hidden must name at least one hidden layer size")
-        layers: list[nn.Module] = [nn.Flatten()]
-        fan_in = in_features
         for h in hidden:
             _check_positive_int("hidden size", h)
-            layers += [nn.Linear(fan_in, h), nn.ReLU()]
-            fan_in = h
-        layers.append(nn.Linear(fan_in, num_classes))
-        super().__init__(*layers)
+        super().__init__(*_dense_stack(in_features, hidden, num_classes, nn.ReLU))
         self.in_features = in_features
         self.num_classes = num_classes
         self.hidden = hidden
