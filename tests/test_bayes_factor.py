@@ -351,3 +351,66 @@ def test_shrink_dead_keeps_what_cannot_be_folded_exactly():
     assert small[2].out_channels == 4 and small[6].in_features == 4 * 16
     model.eval()
     assert torch.allclose(small(x), model(x), atol=1e-5)
+
+
+def _digits_splits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    tr, va, te = perm[:600], perm[600:800], perm[800:1000]
+    return SimpleNamespace(train=TensorDataset(x[tr], y[tr]), val=TensorDataset(x[va], y[va]),
+                           test=TensorDataset(x[te], y[te]))
+
+
+def _bf_run(splits, epochs, checkpoint=None, lr=1e-2, beta=0.0):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    # random pruning ramped over 3 events: the stored log BF, the pruning generator and the
+    # shuffling generator all carry state from one epoch to the next
+    pruner = BayesFactorPruner(model, mode="random", sparsity=0.6, steps=3, beta=beta, on_skip="keep",
+                               likelihood_batches=2, seed=3)
+    hist = train_bayes_factor(model, splits, epochs=epochs, lr=lr, batch_size=64, pruner=pruner,
+                              progress=False, seed=5, checkpoint=checkpoint, report_shrink=False)
+    return model, pruner, hist
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_interrupted_training_resumes_exactly(tmp_path, beta):
+    splits = _digits_splits()
+    model_a, pruner_a, hist_a = _bf_run(splits, 4, beta=beta)
+    if beta == 0:  # the gate lets every event through: pruned in epochs 1, 2 and 3
+        assert all(n > 0 for n in hist_a["num_pruned"][:3])
+        assert all(math.isfinite(v) for v in hist_a["log_bf"][:3])
+    else:  # the first event's log BF < 0 closes the gate for good (on_skip="keep")
+        assert hist_a["pruned"] == [True, False, False, False] and hist_a["log_bf"][0] < 0
+    ckpt = tmp_path / "checkpoint.pt"
+    _bf_run(splits, 2, ckpt, beta=beta)  # "interrupted" after epoch 2
+    assert ckpt.exists() and not (tmp_path / "checkpoint.pt.tmp").exists()
+    model_b, pruner_b, hist_b = _bf_run(splits, 4, ckpt, beta=beta)  # a new process builds the same objects
+    assert hist_a["resumed_from_epoch"] == 0 and hist_b["resumed_from_epoch"] == 2
+    assert hist_b["epoch"] == [1, 2, 3, 4]
+    for key in ("train_loss", "val_loss", "val_acc", "log_bf", "pruned", "num_pruned", "sparsity",
+                "layer_sparsity", "dead_structures", "test_loss", "test_acc"):
+        assert hist_b[key] == hist_a[key], key
+    for (n, pa), pb in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(pa, pb), n
+    assert pruner_b.log_bf == pruner_a.log_bf and pruner_b.prune_events == pruner_a.prune_events
+    for n in pruner_a.masks.names():
+        assert torch.equal(pruner_a.masks.mask(n), pruner_b.masks.mask(n))
+    assert [r["log_bf"] for r in pruner_b.history] == [r["log_bf"] for r in pruner_a.history]
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    splits = _digits_splits()
+    ckpt = tmp_path / "checkpoint.pt"
+    _bf_run(splits, 2, ckpt)
+    with pytest.raises(ValueError, match=r"another configuration.*'lr': \(0\.01, 0\.02\)"):
+        _bf_run(splits, 3, ckpt, lr=2e-2)
+    with pytest.raises(ValueError, match="at epoch 2, past the 1 epochs"):
+        _bf_run(splits, 1, ckpt)
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read"):
+        _bf_run(splits, 3, ckpt)

@@ -199,3 +199,39 @@ def test_bad_values(tmp_path, capsys):
     assert "sparsity" in capsys.readouterr().err
     assert cli.main(["table", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_bf_run_interrupted_resumes_from_its_checkpoint(monkeypatch, tmp_path, capsys):
+    """Ctrl-C after epoch 1 of 2 keeps checkpoint.pt; the same command goes on from epoch 2 and
+    gives the history an uninterrupted run gives; checkpoint.pt is gone once summary.json exists."""
+    from bayesprune import bayes_factor
+
+    args = ["bf-run", "--model", "fcn", "--dataset", "digits", "--epochs", "2", "--sparsity", "0.5",
+            "--mode", "magnitude", "--likelihood-batches", "2", "--seeds", "0", "--quiet", "--device", "cpu"]
+    assert cli.main([*args, "--out-dir", str(tmp_path / "whole")]) == 0
+    real_save = bayes_factor._save_checkpoint
+
+    def save_then_interrupt(path, epoch, *rest):
+        real_save(path, epoch, *rest)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(bayes_factor, "_save_checkpoint", save_then_interrupt)
+    out = tmp_path / "cut"
+    d = out / "bf-fcn-digits" / "magnitude-bayes-r0.5" / "seed0"
+    assert cli.main([*args, "--out-dir", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and str(d) in err and "resume" in err
+    assert (d / "checkpoint.pt").exists() and not (d / "summary.json").exists()
+    monkeypatch.setattr(bayes_factor, "_save_checkpoint", real_save)
+    assert cli.main([*args, "--out-dir", str(out)]) == 0
+    assert f"resume {d} from its checkpoint" in capsys.readouterr().out
+    assert not (d / "checkpoint.pt").exists()
+    whole = tmp_path / "whole" / "bf-fcn-digits" / "magnitude-bayes-r0.5" / "seed0"
+    s_cut, s_whole = (json.loads((p / "summary.json").read_text()) for p in (d, whole))
+    assert s_cut["resumed_from_epoch"] == 1 and s_whole["resumed_from_epoch"] == 0
+    assert s_cut["test_acc"] == s_whole["test_acc"] and s_cut["final_log_bf"] == s_whole["final_log_bf"]
+    h_cut, h_whole = (json.loads((p / "history.json").read_text()) for p in (d, whole))
+    for key in ("train_loss", "val_loss", "val_acc", "log_bf", "sparsity"):
+        assert h_cut[key] == h_whole[key], key
+    assert s_cut["wall_time_s"] >= h_cut["seconds"][0]  # the epoch run before the interruption counts

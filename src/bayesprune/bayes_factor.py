@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -853,6 +855,85 @@ def _evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tup
     return loss / n, correct / n
 
 
+def _run_config(epochs: int, lr: float, batch_size: int, seed: int, pruner: BayesFactorPruner | None) -> dict[str, Any]:
+    return {
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "seed": seed,
+        "pruner": None
+        if pruner is None
+        else {
+            "mode": pruner.mode,
+            "sparsity": pruner.sparsity,
+            "beta": pruner.beta,
+            "gated": pruner.gated,
+            "prior_mean": pruner.prior_mean,
+            "prior_std": pruner.prior_std,
+            "first_log_bf": pruner.first_log_bf,
+            "persistent": pruner.persistent,
+            "steps": pruner.steps,
+            "on_skip": pruner.on_skip,
+            "likelihood_batches": pruner.likelihood_batches,
+        },
+    }
+
+
+def _save_checkpoint(path: Path, epoch: int, config: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     pruner: BayesFactorPruner | None, loader_generator: torch.Generator, history: dict) -> None:
+    """Everything :func:`train_bayes_factor` needs to go on after ``epoch``, written atomically."""
+    state = {
+        "epoch": epoch,
+        "config": config,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "loader_generator": loader_generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "history": history,
+        "pruner": None
+        if pruner is None
+        else {
+            "masks": pruner.masks.state_dict(),
+            "log_bf": pruner.log_bf,
+            "prune_events": pruner.prune_events,
+            "history": pruner.history,
+            "generator": pruner.generator.get_state(),
+        },
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _resume(path: Path, config: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+            pruner: BayesFactorPruner | None, loader_generator: torch.Generator, history: dict) -> int:
+    """Load the checkpoint at ``path`` into the given objects; returns its epoch."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to start over") from e
+    theirs = {k: v for k, v in state["config"].items() if k != "epochs"}
+    ours = {k: v for k, v in config.items() if k != "epochs"}
+    if theirs != ours:
+        diff = {k: (theirs.get(k), ours.get(k)) for k in ours if theirs.get(k) != ours.get(k)}
+        raise ValueError(f"checkpoint {path} was written by a run with another configuration "
+                         f"(checkpoint, now): {diff}; delete it or use another directory")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    loader_generator.set_state(state["loader_generator"])
+    torch.set_rng_state(state["torch_rng"])
+    for k, v in state["history"].items():
+        history[k] = list(v)
+    if pruner is not None:
+        p = state["pruner"]
+        pruner.masks.load_state_dict(p["masks"])
+        pruner.log_bf = float(p["log_bf"])
+        pruner.prune_events = int(p["prune_events"])
+        pruner.history = list(p["history"])
+        pruner.generator.set_state(p["generator"])
+    return int(state["epoch"])
+
+
 def train_bayes_factor(
     model: nn.Module,
     splits: Any,
@@ -866,6 +947,7 @@ def train_bayes_factor(
     eval_batch_size: int = LIKELIHOOD_BATCH_SIZE,
     num_workers: int = 0,
     report_shrink: bool = True,
+    checkpoint: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with Adam on ``splits.train``, calling ``pruner.end_of_epoch`` each epoch.
 
@@ -877,10 +959,17 @@ def train_bayes_factor(
 
     Returns a dict of per-epoch lists (``epoch``, ``train_loss``, ``val_loss``, ``val_acc``,
     ``log_bf``, ``pruned``, ``sparsity``, ``layer_sparsity``, ``dead_structures``, ``seconds``)
-    and the final ``test_loss``/``test_acc`` of the model after the last epoch, plus ``config``.
+    and the final ``test_loss``/``test_acc`` of the model after the last epoch, plus ``config`` and
+    ``resumed_from_epoch`` (0, or the checkpoint's epoch this call went on from).
     With ``report_shrink`` (default) ``history["shrink_dead"]`` is :func:`shrink_dead`'s report on
     the final model (dead structures per layer, how many were removed, ``params_before`` /
     ``params_after``; ``{"error": ...}`` if it failed); the model itself is not changed.
+
+    With ``checkpoint`` (a file path) the state after every epoch is written there atomically
+    (weights, Adam state, masks, the gate's stored log BF, the pruner's and the loader's random
+    generators, the history so far); if the file exists, training resumes after its last epoch
+    and continues exactly as the uninterrupted run would have.  A checkpoint written with another
+    configuration (learning rate, batch size, seed, pruner settings) is refused.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
@@ -910,13 +999,19 @@ def train_bayes_factor(
             "sparsity", "layer_sparsity", "dead_structures", "seconds",
         )
     }
-    epoch_iter: Iterable[int] = range(1, epochs + 1)
+    config = _run_config(epochs, lr, batch_size, seed, pruner)
+    start = 0
+    if checkpoint is not None and Path(checkpoint).exists():
+        start = _resume(Path(checkpoint), config, model, optimizer, pruner, g, history)
+        if start > epochs:
+            raise ValueError(f"checkpoint {checkpoint} is at epoch {start}, past the {epochs} epochs asked for")
+    epoch_iter: Iterable[int] = range(start + 1, epochs + 1)
     bar = None
     if progress:
         try:
             from tqdm.auto import tqdm
 
-            bar = tqdm(epoch_iter, desc="bf-train", unit="epoch")
+            bar = tqdm(epoch_iter, desc="bf-train", unit="epoch", initial=start, total=epochs)
             epoch_iter = bar
         except ImportError:  # pragma: no cover
             bar = None
@@ -950,6 +1045,8 @@ def train_bayes_factor(
         )
         history["dead_structures"].append(count_dead_structures(model, list(weights))["dead"])
         history["seconds"].append(time.perf_counter() - t0)
+        if checkpoint is not None:
+            _save_checkpoint(Path(checkpoint), epoch, config, model, optimizer, pruner, g, history)
         if bar is not None:
             bar.set_postfix(
                 loss=f"{history['train_loss'][-1]:.3f}",
@@ -958,29 +1055,10 @@ def train_bayes_factor(
                 log_bf=f"{history['log_bf'][-1]:.3g}",
             )
     test_loss, test_acc = _evaluate(model, test_loader, dev)
+    history["resumed_from_epoch"] = start
     history["test_loss"] = test_loss
     history["test_acc"] = test_acc
-    history["config"] = {
-        "epochs": epochs,
-        "lr": lr,
-        "batch_size": batch_size,
-        "seed": seed,
-        "pruner": None
-        if pruner is None
-        else {
-            "mode": pruner.mode,
-            "sparsity": pruner.sparsity,
-            "beta": pruner.beta,
-            "gated": pruner.gated,
-            "prior_mean": pruner.prior_mean,
-            "prior_std": pruner.prior_std,
-            "first_log_bf": pruner.first_log_bf,
-            "persistent": pruner.persistent,
-            "steps": pruner.steps,
-            "on_skip": pruner.on_skip,
-            "likelihood_batches": pruner.likelihood_batches,
-        },
-    }
+    history["config"] = config
     if pruner is not None:
         history["pruner_history"] = pruner.history
     if report_shrink:
