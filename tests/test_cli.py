@@ -235,3 +235,26 @@ def test_bf_run_interrupted_resumes_from_its_checkpoint(monkeypatch, tmp_path, c
     for key in ("train_loss", "val_loss", "val_acc", "log_bf", "sparsity"):
         assert h_cut[key] == h_whole[key], key
     assert s_cut["wall_time_s"] >= h_cut["seconds"][0]  # the epoch run before the interruption counts
+
+
+def test_bf_run_spare_output_leaves_the_output_layer_whole(tmp_path, capsys):
+    args = ["bf-run", "--model", "fcn", "--dataset", "digits", "--epochs", "1", "--sparsity", "0.99",
+            "--mode", "magnitude", "--no-gated", "--seeds", "0", "--quiet", "--device", "cpu", "--out-dir", str(tmp_path)]
+    assert cli.main(args) == 0
+    assert cli.main([*args, "--spare-output"]) == 0
+    root = tmp_path / "bf-fcn-digits"
+    full = json.loads((root / "magnitude-plain-r0.99" / "seed0" / "history.json").read_text())
+    spared_dir = root / "magnitude-plain-r0.99-spare-output" / "seed0"
+    spared = json.loads((spared_dir / "history.json").read_text())
+    s = json.loads((spared_dir / "summary.json").read_text())
+    assert s["config"]["spare_output"] is True
+    layers_full, layers_spared = full["layer_sparsity"][-1], spared["layer_sparsity"][-1]
+    out_layer = list(layers_full)[-1]
+    assert layers_full[out_layer] == pytest.approx(0.99, abs=0.01)  # by default the output layer is cut too
+    assert out_layer not in layers_spared and list(layers_spared) == list(layers_full)[:-1]
+    assert all(v == pytest.approx(0.99, abs=0.01) for v in layers_spared.values())
+    assert s["dead_per_layer"][out_layer]["dead"] == 0
+    capsys.readouterr()
+    assert cli.main(["table", str(tmp_path)]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| sparsity"))
+    assert header.endswith("| fcn / digits: magnitude | fcn / digits: magnitude (output spared) |")

@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--first-log-bf", type=float, default=math.inf, help="log BF before any pruning (default inf: prune first)")
     b.add_argument("--likelihood-batches", type=int, default=None, help="use a fixed subset of k batches for log p(D|w) (default: whole training set)")
     b.add_argument("--steps", type=int, default=1, help="pruning events to ramp up to r (default 1)")
+    b.add_argument("--spare-output", action="store_true",
+                   help="leave the output layer unpruned (default: every Linear/Conv layer is pruned to r, "
+                        "as the paper's Algorithm 2 reads; at r = 0.99 that leaves whole classes without weights)")
     b.add_argument("--on-skip", choices=SKIP_POLICIES, default="unit")
     b.add_argument("--epochs", type=int, default=25)
     b.add_argument("--batch-size", type=int, default=64)
@@ -471,10 +474,11 @@ def cmd_plot(args) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # bf-run
-def _bf_dir(root: Path, mode: str, gated: bool, sparsity: float | None, seed: int) -> Path:
+def _bf_dir(root: Path, mode: str, gated: bool, sparsity: float | None, seed: int, spare_output: bool = False) -> Path:
     if mode == "none":
         return root / "none" / f"seed{seed}"
-    return root / f"{mode}-{'bayes' if gated else 'plain'}-r{sparsity:g}" / f"seed{seed}"
+    spared = "-spare-output" if spare_output else ""
+    return root / f"{mode}-{'bayes' if gated else 'plain'}-r{sparsity:g}{spared}" / f"seed{seed}"
 
 
 def _jsonable(x):
@@ -490,7 +494,7 @@ def _jsonable(x):
 def cmd_bf_run(args) -> int:
     import torch
 
-    from .bayes_factor import BayesFactorPruner, count_dead_structures, train_bayes_factor
+    from .bayes_factor import BayesFactorPruner, count_dead_structures, prunable_weights, train_bayes_factor
     from .data import load_dataset
     from .models import build_model
     from .results import plot_bf_history
@@ -517,7 +521,7 @@ def cmd_bf_run(args) -> int:
     rows = []
     splits_cache: dict[int, object] = {}
     for mode, r, seed in jobs:
-        d = _bf_dir(root, mode, args.gated, r, seed)
+        d = _bf_dir(root, mode, args.gated, r, seed, args.spare_output)
         summary_path = d / "summary.json"
         if summary_path.exists():
             s = json.loads(summary_path.read_text())
@@ -532,8 +536,10 @@ def cmd_bf_run(args) -> int:
             model = build_model(args.model, splits.in_channels, splits.image_size, splits.num_classes).to(device)
             pruner = None
             if mode != "none":
+                layers = list(prunable_weights(model))
                 pruner = BayesFactorPruner(
-                    model, mode=mode, sparsity=r, beta=args.beta, gated=args.gated, prior_mean=args.prior_mean,
+                    model, modules=layers[:-1] if args.spare_output else None,
+                    mode=mode, sparsity=r, beta=args.beta, gated=args.gated, prior_mean=args.prior_mean,
                     prior_std=args.prior_std, likelihood_batches=args.likelihood_batches,
                     first_log_bf=args.first_log_bf, steps=args.steps, on_skip=args.on_skip, seed=seed,
                 )

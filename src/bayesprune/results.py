@@ -56,6 +56,7 @@ __all__ = [
 METHOD_ROWS: tuple[str, ...] = ("None", "None (no noise)", "L2", "E[θ]", "SNR", "BMRS_N", "BMRS_U-8", "BMRS_U-4")
 #: Column order of the Bayes-factor paper's Table 1 (per model and data set).
 BF_COLUMNS: tuple[str, ...] = ("unpruned", "random", "Bayes random", "magnitude", "Bayes magnitude")
+BF_COLUMNS += tuple(f"{c} (output spared)" for c in BF_COLUMNS[1:])  # bf-run --spare-output
 
 _LABELS = {"none": "None", "dense": "None (no noise)", "l2": "L2", "etheta": "E[θ]", "snr": "SNR", "bmrs_n": "BMRS_N", "grad": "Grad"}
 
@@ -177,11 +178,13 @@ def table1(summaries: Sequence[dict]) -> Table:
 
 
 def bf_column(summary: dict) -> str:
-    """Column of a Bayes-factor run: unpruned, random, Bayes random, magnitude, Bayes magnitude."""
+    """Column of a Bayes-factor run: unpruned, random, Bayes random, magnitude, Bayes magnitude,
+    the last four with " (output spared)" for runs that left the output layer unpruned."""
     mode = summary.get("mode", "none")
     if mode == "none":
         return "unpruned"
-    return f"Bayes {mode}" if summary.get("gated") else mode
+    col = f"Bayes {mode}" if summary.get("gated") else mode
+    return f"{col} (output spared)" if (summary.get("config") or {}).get("spare_output") else col
 
 
 def bf_table(summaries: Sequence[dict]) -> Table:
