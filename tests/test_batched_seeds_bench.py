@@ -13,23 +13,18 @@ networks.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 import bayesprune
+from benchmark_module import load_benchmark  # tests/benchmark_module.py
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "batched_seeds.py"
 
 
 @pytest.fixture(scope="module")
 def bs():
-    spec = importlib.util.spec_from_file_location("batched_seeds_bench", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("batched_seeds")
 
 
 CASES = [(1, 32), (2, 32), (3, 28), (2, 12)]  # 12x12 exercises LeNet5's padded variant

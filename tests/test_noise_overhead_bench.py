@@ -9,27 +9,23 @@ variant on random data.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import bayesprune
+from benchmark_module import BENCHMARKS, load_benchmark  # tests/benchmark_module.py
 import bayesprune.noise as noise_module
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "noise_overhead.py"
+PATH = BENCHMARKS / "noise_overhead.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("noise_overhead_bench", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("noise_overhead")
 
 
 def _batch():
