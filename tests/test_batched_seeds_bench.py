@@ -13,13 +13,11 @@ networks.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 import bayesprune
 from benchmark_module import load_benchmark  # tests/benchmark_module.py
-
 
 
 @pytest.fixture(scope="module")
