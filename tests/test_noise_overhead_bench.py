@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import bayesprune
-from benchmark_module import BENCHMARKS, load_benchmark  # tests/benchmark_module.py
 import bayesprune.noise as noise_module
+from benchmark_module import BENCHMARKS, load_benchmark  # tests/benchmark_module.py
 
 PATH = BENCHMARKS / "noise_overhead.py"
 
