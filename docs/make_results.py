@@ -13,7 +13,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from bayesprune.results import (bf_table, find_summaries, load_sweeps, plot_sweep, plot_table1, sweep_markdown,
+from bayesprune.results import (BF_COLUMNS, bf_table, find_summaries, load_sweeps, plot_sweep, plot_table1, sweep_markdown,
                                 sweep_title, table1, table_markdown)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ PAPER_BF = {
                                  0.75: (0.6205, 0.6526, 0.6409, 0.6528), 0.9: (0.5169, 0.5092, 0.6467, 0.6437),
                                  0.99: (0.1000, 0.1000, 0.5172, 0.5537)}),
 }
-BF_VARIANTS = ("random", "Bayes random", "magnitude", "Bayes magnitude")
+BF_VARIANTS = BF_COLUMNS[1:5]  # random, Bayes random, magnitude, Bayes magnitude (the paper's order)
 
 
 # (directory under results/, heading): the BMRS Table 1 blocks, most faithful first

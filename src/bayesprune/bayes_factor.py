@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .training import load_checkpoint, save_checkpoint
+
 __all__ = [
     "PRUNABLE_TYPES",
     "MODES",
@@ -900,18 +902,13 @@ def _save_checkpoint(path: Path, epoch: int, config: dict, model: nn.Module, opt
             "generator": pruner.generator.get_state(),
         },
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_checkpoint(state, path)
 
 
 def _resume(path: Path, config: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
             pruner: BayesFactorPruner | None, loader_generator: torch.Generator, history: dict) -> int:
     """Load the checkpoint at ``path`` into the given objects; returns its epoch."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to start over") from e
+    state = load_checkpoint(path)
     theirs = {k: v for k, v in state["config"].items() if k != "epochs"}
     ours = {k: v for k, v in config.items() if k != "epochs"}
     if theirs != ours:

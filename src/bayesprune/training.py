@@ -308,17 +308,26 @@ class RunDir:
         p.write_text("".join(line + "\n" for line in lines))
 
     def save(self, state: dict) -> None:
-        tmp = self.checkpoint.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint)
+        save_checkpoint(state, self.checkpoint)
 
     def load(self) -> dict | None:
-        if not self.checkpoint.exists():
-            return None
-        try:
-            return torch.load(self.checkpoint, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"checkpoint {self.checkpoint} cannot be read ({e}); delete it to start over") from e
+        return load_checkpoint(self.checkpoint) if self.checkpoint.exists() else None
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``<path>.tmp``, then rename: an interruption never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """``torch.load(weights_only=True)`` onto the CPU; an unreadable file is a ``ValueError`` naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to start over") from e
 
 
 def _rng_state() -> dict:
