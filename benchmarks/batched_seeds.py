@@ -65,10 +65,10 @@ from torch import nn
 
 import bayesprune
 from bayesprune.benchmarking import machine_info
-from bayesprune.models import LeNet5
+from bayesprune.experiments.models import LeNet5
 
 BATCH = 128
-LR = 1.4e-3  # the lenet5/mnist learning rate of bayesprune.training
+LR = 1.4e-3  # the lenet5/mnist learning rate of bayesprune.experiments.training
 VARIANTS = ("A", "B", "C", "D")
 
 
@@ -374,7 +374,7 @@ class Variant:
 
 def load_images(path: str, size_if_random: int = 32):
     try:
-        from bayesprune.data import load_dataset
+        from bayesprune.experiments.data import load_dataset
 
         splits = load_dataset("mnist", path)
         x, y = splits.train.images, splits.train.labels

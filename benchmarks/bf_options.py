@@ -1,4 +1,4 @@
-"""Effect of each option the Bayes-factor paper leaves open, one at a time (issue 5).
+"""Effect of each option the Bayes-factor paper leaves open, one at a time.
 
 One setting: digits (scikit-learn, 8x8), FCN, random and magnitude pruning to r = 0.9, Bayes-gated,
 Adam lr 1e-3, batch 64.  From the defaults (hidden (256, 128), prior N(0, 1), beta 1, first log BF
@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from bayesprune.bayes_factor import BayesFactorPruner, train_bayes_factor
+from bayesprune.bayes_factor import BayesFactorPruner
+from bayesprune.experiments.bf_training import train_bayes_factor
 from bayesprune.benchmarking import machine_info
-from bayesprune.data import load_dataset
-from bayesprune.models import build_model
+from bayesprune.experiments.data import load_dataset
+from bayesprune.experiments.models import build_model
 
 DEFAULTS = dict(hidden=(256, 128), prior_std=1.0, prior_mean=0.0, beta=1.0, first_log_bf=math.inf,
                 likelihood_batches=None, steps=1, persistent=True)

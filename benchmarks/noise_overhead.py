@@ -13,7 +13,7 @@ parameters.  No sampler or KL, however fast, can bring a variant below the floor
 
     python benchmarks/noise_overhead.py [--steps 50] [--block 5] [--threads N] [--data PATH]
 
-Uses real MNIST (bayesprune.data.load_dataset('mnist', PATH)) when it loads, random 1x32x32
+Uses real MNIST (bayesprune.experiments.data.load_dataset('mnist', PATH)) when it loads, random 1x32x32
 tensors otherwise; the output says which.  Target: ratio <= 1.15.
 """
 
@@ -34,14 +34,14 @@ import bayesprune
 import bayesprune.noise as noise_module
 
 try:
-    from bayesprune.models import LeNet5
+    from bayesprune.experiments.models import LeNet5
 except ImportError:  # pragma: no cover - the project ships LeNet5
     LeNet5 = None
 
 
 def batches(path: str, batch: int, count: int):
     try:
-        from bayesprune.data import load_dataset
+        from bayesprune.experiments.data import load_dataset
 
         splits = load_dataset("mnist", path)
         x, y = splits.train.tensors if hasattr(splits.train, "tensors") else (splits.train.images, splits.train.labels)

@@ -1,4 +1,4 @@
-"""Speed-up of physically removing BMRS_N-pruned structures, on CPU (issue 4).
+"""Speed-up of physically removing BMRS_N-pruned structures, on CPU.
 
 Trains LeNet5 and the MLP briefly on MNIST with noise layers (cross-entropy + KL), prunes with
 BMRS_N, shrinks, and prints parameters, MACs and median interleaved CPU latency at batch 1 and
@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 import bayesprune as bp
 from bayesprune.benchmarking import format_report, machine_info
-from bayesprune.data import load_dataset
-from bayesprune.models import MLP, LeNet5
+from bayesprune.experiments.data import load_dataset
+from bayesprune.experiments.models import MLP, LeNet5
 
 
 def train_and_prune(model, data, steps, lr, emulate, seed=0):
@@ -177,7 +177,7 @@ def measure_run(run_dir, args):
     """The network of a finished or interrupted run, with the masks its pruning set."""
     from pathlib import Path
 
-    from bayesprune.training import _build, resolve_config
+    from bayesprune.experiments.training import _build, resolve_config
 
     run = Path(run_dir)
     cfg = json.loads((run / "config.json").read_text())

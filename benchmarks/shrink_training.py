@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 import bayesprune as bp
-import bayesprune.training as tr
-from bayesprune.data import load_dataset, make_loader
+import bayesprune.experiments.training as tr
+from bayesprune.experiments.data import load_dataset, make_loader
 from bayesprune.reduction import REFERENCE_THRESHOLD
 
 

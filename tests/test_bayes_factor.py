@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from bayesprune.experiments.bf_training import train_bayes_factor
 from bayesprune.bayes_factor import (
     BayesFactorPruner,
     WeightMasks,
@@ -16,7 +17,7 @@ from bayesprune.bayes_factor import (
     prunable_weights,
     random_prune,
     shrink_dead,
-    train_bayes_factor,
+
 )
 
 

@@ -1,4 +1,4 @@
-"""End-to-end tests of ``bayesprune.cli.main`` in-process, with tiny settings (digits, 1 epoch)."""
+"""End-to-end tests of ``bayesprune.experiments.cli.main`` in-process, with tiny settings (digits, 1 epoch)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bayesprune import cli, training
-from bayesprune.training import run_dir_name
+from bayesprune.experiments import cli, training
+from bayesprune.experiments.training import run_dir_name
 
 TINY = ["--model", "mlp", "--width", "16", "--extra-layers", "0", "--epochs", "1", "--quiet", "--device", "cpu"]
 
@@ -204,7 +204,7 @@ def test_bad_values(tmp_path, capsys):
 def test_bf_run_interrupted_resumes_from_its_checkpoint(monkeypatch, tmp_path, capsys):
     """Ctrl-C after epoch 1 of 2 keeps checkpoint.pt; the same command goes on from epoch 2 and
     gives the history an uninterrupted run gives; checkpoint.pt is gone once summary.json exists."""
-    from bayesprune import bayes_factor
+    from bayesprune.experiments import bf_training as bayes_factor
 
     args = ["bf-run", "--model", "fcn", "--dataset", "digits", "--epochs", "2", "--sparsity", "0.5",
             "--mode", "magnitude", "--likelihood-batches", "2", "--seeds", "0", "--quiet", "--device", "cpu"]

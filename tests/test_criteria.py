@@ -1,4 +1,4 @@
-"""Pruning criteria, target mode and the report (issue 2, "Checks").
+"""Pruning criteria, target mode and the report.
 
 Parameter counts are checked against independent hand counts on plain sequential networks (an
 MLP and a small LeNet-like conv net, including the conv -> flatten -> linear expansion), and the
@@ -230,7 +230,7 @@ POSTERIORS = [
 
 
 def expected_decisions(mu, sigma, a=-20.0, b=0.0):
-    """Independent float64 values (scipy) of the MATH.md formulas: dF_N (s -> 0), dF_U-4, dF_U-8,
+    """Independent float64 values (scipy) of the docs/maths.md formulas: dF_N (s -> 0), dF_U-4, dF_U-8,
     SNR, E[theta]."""
     from scipy.special import ndtr
     from scipy.stats import norm

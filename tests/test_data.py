@@ -1,4 +1,4 @@
-"""Tests for bayesprune.data: digits, MNIST from the shared folder, CIFAR-10 layouts built in
+"""Tests for bayesprune.experiments.data: digits, MNIST from the shared folder, CIFAR-10 layouts built in
 tmp_path, downloads from a loopback HTTP server, and error messages for bad input."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from bayesprune import data as D
-from bayesprune.data import (
+from bayesprune.experiments import data as D
+from bayesprune.experiments.data import (
     DATASETS,
     ChecksumError,
     DataError,

@@ -2,7 +2,7 @@
 
 References (none of them shares code or algorithm with ``bayesprune.distributions``):
 
-* ``mp_ref``: MATH.md sec. 1 closed forms evaluated with mpmath at 80 digits, masses as plain
+* ``mp_ref``: docs/maths.md section 1 closed forms evaluated with mpmath at 80 digits, masses as plain
   differences of ``erfc``/``ncdf`` (no log-space tricks; 80 digits absorb the cancellation of
   ``E[theta^2] - E[theta]^2`` and of the entropy's ``log Z`` against ``alpha phi(alpha)/2Z``);
 * ``quad_ref``: scipy ``quad`` of the truncated-normal density, in offset coordinates
@@ -244,7 +244,7 @@ def test_extreme_points_against_mpmath_quadrature(mu, sigma):
 
 
 def test_math_md_point_near_lower_bound():
-    """MATH.md: the reference implementation gives E[theta] < 0 and SNR NaN at (-19.5, 0.3)."""
+    """docs/maths.md: the reference implementation gives E[theta] < 0 and SNR NaN at (-19.5, 0.3)."""
     for dtype in (torch.float64, torch.float32):
         q = TruncatedLogNormal(torch.tensor(-19.5, dtype=dtype), torch.tensor(0.3, dtype=dtype))
         mu32, s32 = (float(np.float32(-19.5)), float(np.float32(0.3))) if dtype == torch.float32 else (-19.5, 0.3)
@@ -312,7 +312,7 @@ def test_kl_gradient_matches_mpmath_derivative_on_grid():
 
 
 def test_gradient_of_mean_matches_mpmath_derivative_near_bound():
-    """d E[theta] / d mu and / d sigma at the MATH.md point against mpmath's numerical
+    """d E[theta] / d mu and / d sigma at the docs/maths.md point against mpmath's numerical
     derivative of the 80-digit closed form."""
     mu = torch.tensor(-19.5, dtype=torch.float64, requires_grad=True)
     sigma = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)

@@ -1,11 +1,11 @@
-"""Saving, loading and ONNX export of shrunk models; the size/speed report (issue 4)."""
+"""Saving, loading and ONNX export of shrunk models; the size/speed report."""
 
 import pytest
 import torch
 from torch import nn
 
 import bayesprune as bp
-from bayesprune.models import build_model
+from bayesprune.experiments.models import architecture_spec, build_from_spec, build_model
 
 
 def _shrunk(name, x, seed=0, **kwargs):
@@ -27,12 +27,12 @@ def _shrunk(name, x, seed=0, **kwargs):
 def test_save_load_roundtrip(tmp_path, name, kwargs):
     x = torch.randn(3, 3 if "resnet" in name else 1, 8, 8)
     _, shrunk = _shrunk(name, x, **kwargs)
-    spec = {"name": name, "in_channels": x.shape[1], "image_size": 8, "num_classes": 10, "kwargs": kwargs}
+    spec = architecture_spec(name, x.shape[1], 8, 10, **kwargs)
     path = tmp_path / "model.pt"
     bp.save_shrunk(shrunk, path, spec)
     payload = torch.load(path, weights_only=True)  # safe format: tensors and strings only
     assert set(payload) == {"format", "spec", "pruning", "state_dict"}
-    loaded = bp.load_shrunk(path)
+    loaded = bp.load_shrunk(path, builder=build_from_spec)
     assert not loaded.training
     assert bp.count_parameters(loaded) == bp.count_parameters(shrunk)
     with torch.no_grad():
@@ -56,8 +56,14 @@ def test_save_rejects_models_that_are_not_shrunk(tmp_path):
     model, _ = _shrunk("lenet5", x)
     with pytest.raises(ValueError):
         bp.save_shrunk(model, tmp_path / "m.pt", None)
+    with pytest.raises(ValueError, match="JSON"):
+        bp.save_shrunk(bp.shrink(model, x), tmp_path / "m.pt", {"activation": nn.Tanh})
+    bp.save_shrunk(bp.shrink(model, x), tmp_path / "m.pt", {"name": "lenet5"})
     with pytest.raises(ValueError, match="spec lacks"):
-        bp.save_shrunk(bp.shrink(model, x), tmp_path / "m.pt", {"name": "lenet5"})
+        bp.load_shrunk(tmp_path / "m.pt", builder=build_from_spec)
+    (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="garbage.pt"):
+        bp.load_shrunk(tmp_path / "garbage.pt", builder=build_from_spec)
 
 
 @pytest.mark.parametrize("name", ["lenet5", "resnet18-cifar"])
@@ -76,6 +82,7 @@ def test_export_onnx_matches_torch(tmp_path, name):
     assert float((torch.from_numpy(out) - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
 
 
+@pytest.mark.latency
 def test_size_speed_report():
     x = torch.randn(1, 1, 8, 8)
     model, shrunk = _shrunk("mlp", x, width=64, extra_layers=1)

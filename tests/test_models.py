@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from bayesprune.models import (
+from bayesprune.experiments.models import (
     CNN,
     FCN,
     MLP,

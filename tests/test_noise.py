@@ -1,4 +1,4 @@
-"""Noise layers (issue 2, "Checks"): placement on a mixed model, module semantics, KL, state_dict, errors.
+"""Noise layers: placement on a mixed model, module semantics, KL, state_dict, errors.
 
 The mixed test model has a residual block (conv-BN-ReLU-conv-BN + identity add, with one ReLU
 module shared by both activations as in torchvision), a conv -> flatten -> linear path, and a
@@ -153,7 +153,7 @@ def test_placement_without_example_inputs_on_sequential():
 
 
 def expected_theta_formula(mu: float, sigma: float, a: float, b: float) -> float:
-    """MATH.md sec. 1, float64 via scipy: exp(mu + s^2/2) (Phi(beta - s) - Phi(alpha - s)) / Z."""
+    """docs/maths.md section 1, float64 via scipy: exp(mu + s^2/2) (Phi(beta - s) - Phi(alpha - s)) / Z."""
     alpha, beta = (a - mu) / sigma, (b - mu) / sigma
     z = ndtr(beta) - ndtr(alpha)
     return math.exp(mu + sigma**2 / 2) * (ndtr(beta - sigma) - ndtr(alpha - sigma)) / z
@@ -260,7 +260,7 @@ def test_sharing_structure_one_draw_per_structure_for_the_whole_batch():
         draws = torch.stack([noise(torch.ones(1, 4))[0] for _ in range(20000)])
     torch.testing.assert_close(draws.mean(0), noise.expected_theta().detach(), rtol=0.03, atol=1e-3)
     # and it moves past pooling like per-(example, channel) noise
-    from bayesprune.models import LeNet5
+    from bayesprune.experiments.models import LeNet5
 
     model = add_noise(LeNet5(1, 10, 32), torch.randn(2, 1, 32, 32), sharing="structure")
     assert [n.sharing for n in noise_layers(model)] == ["structure"] * 4
@@ -556,7 +556,7 @@ def test_channel_noise_moves_past_pooling_and_computes_the_same_function():
     """With one draw per (example, channel), noise on LeNet5's convolutions goes after the
     max-pool (pool(h theta) = pool(h) theta for theta > 0); the training output and every
     gradient equal those of noise placed right after the convolution (ReLU commutes too)."""
-    from bayesprune.models import LeNet5
+    from bayesprune.experiments.models import LeNet5
 
     x = torch.randn(8, 1, 32, 32)
     y = torch.randint(0, 10, (8,))
@@ -588,7 +588,7 @@ def test_channel_noise_moves_past_pooling_and_computes_the_same_function():
 
 
 def _lenet(seed=0, sharing="channel"):
-    from bayesprune.models import LeNet5
+    from bayesprune.experiments.models import LeNet5
 
     torch.manual_seed(seed)
     model = LeNet5(in_channels=1, num_classes=10, image_size=32)

@@ -2,7 +2,7 @@
 
 References (no code shared with ``bayesprune``):
 
-* ``mp_dfn`` / ``mp_dfu``: MATH.md sec. 2 closed forms (product of Gaussians; posterior mass of
+* ``mp_dfn`` / ``mp_dfu``: docs/maths.md section 2 closed forms (product of Gaussians; posterior mass of
   [a', b']) with mpmath at 80 digits, masses as plain differences of ``erfc``;
 * ``quad_dfn`` / ``quad_dfu``: ``dF = log E_q[p~/p]`` integrated numerically with scipy ``quad``,
   every integral of ``exp(concave quadratic)`` taken in offset coordinates about the point of

@@ -1,4 +1,4 @@
-"""Physical removal: shrink / shrink_for_training reproduce the masked model (issue 4)."""
+"""Physical removal: shrink / shrink_for_training reproduce the masked model."""
 
 import copy
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bayesprune as bp
-from bayesprune.models import MLP, LeNet5, cifar_resnet18, torchvision_model
+from bayesprune.experiments.models import MLP, LeNet5, cifar_resnet18, torchvision_model
 
 TOL = 1e-5  # max abs difference relative to the output scale
 

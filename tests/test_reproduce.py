@@ -2,10 +2,10 @@
 
 import json
 
-from bayesprune.cli import main
+from bayesprune.experiments.cli import main
 from bayesprune.reduction import REFERENCE_THRESHOLD
-from bayesprune.results import load_sweeps
-from bayesprune.reproduce import reproduce
+from bayesprune.experiments.results import load_sweeps
+from bayesprune.experiments.reproduce import reproduce
 
 
 def test_bmrs_table1_end_to_end_and_skips_finished_runs(tmp_path, capsys):
@@ -44,7 +44,7 @@ def test_bf_table1_on_digits(tmp_path, capsys):
 def test_jobs_default_one_run_per_core_on_cpu_and_bad_jobs_refused(tmp_path, monkeypatch, capsys):
     import os
 
-    import bayesprune.reproduce as rep
+    import bayesprune.experiments.reproduce as rep
 
     seen = {}
 
@@ -70,7 +70,7 @@ def test_jobs_default_one_run_per_core_on_cpu_and_bad_jobs_refused(tmp_path, mon
 
 
 def test_bmrs_posttrain_prints_curves_and_stop_points(tmp_path, monkeypatch, capsys):
-    import bayesprune.reproduce as rep
+    import bayesprune.experiments.reproduce as rep
 
     out = tmp_path / "bmrs-posttrain"
     kw = dict(seeds=[0], epochs=1, models=["mlp"], datasets=["digits"], width=16, sweep_points=[0.5, 0.9],

@@ -1,4 +1,4 @@
-"""Aggregation maths of bayesprune.results and Spearman correlations on a fixed model."""
+"""Aggregation maths of bayesprune.experiments.results and Spearman correlations on a fixed model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from bayesprune import add_noise, noise_layers, results
+from bayesprune import add_noise, noise_layers
+from bayesprune.experiments import results
 
 
 def _summary(method, acc, comp, model="lenet5", dataset="mnist", precision=8.0):

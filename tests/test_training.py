@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-import bayesprune.training as tr
+import bayesprune.experiments.training as tr
 from bayesprune.reduction import REFERENCE_THRESHOLD
 
 
@@ -107,9 +107,9 @@ def test_finished_run_with_another_configuration_is_not_reused(tmp_path):
 def test_dense_method_trains_the_network_without_noise(tmp_path):
     """method "dense": the plain network (no noise layers, no KL), nothing pruned; its table row
     is "None (no noise)"; --shrink and plot refuse it with a clear message."""
-    from bayesprune.cli import load_run_model, main
+    from bayesprune.experiments.cli import load_run_model, main
     from bayesprune.noise import noise_layers
-    from bayesprune.results import method_label
+    from bayesprune.experiments.results import method_label
 
     cfg = _cfg(tmp_path, "dense", method="dense", epochs=2, finetune_epochs=0)
     s = tr.run_continuous(cfg, progress=False)

@@ -1,8 +1,8 @@
-"""``python -m bayesprune``: the command line (see ``bayesprune.cli``)."""
+"""``python -m bayesprune``: the command line (see ``bayesprune.experiments.cli``)."""
 
 import sys
 
-from .cli import main
+from .experiments.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""Size and speed of a shrunk model against its original (issue 4).
+"""Size and speed of a shrunk model against its original.
 
 :func:`size_speed_report` counts parameters and MACs (Torch-Pruning's ``count_ops_and_params``)
 and measures CPU latency of both models at each batch size, interleaved: every repetition runs

@@ -1,4 +1,4 @@
-"""Pruning criteria and the pruning report (MATH.md sections 2-3).
+"""Pruning criteria and the pruning report (docs/maths.md section s 2-3).
 
 Every criterion gives each structure a *keep score* (higher = keep) and a rule:
 

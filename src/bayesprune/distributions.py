@@ -1,4 +1,4 @@
-"""Distributions over the multiplicative noise theta (MATH.md section 1).
+"""Distributions over the multiplicative noise theta (docs/maths.md section 1).
 
 Everything lives in log space, ``x = log(theta)``, truncated to ``[a, b]`` (defaults -20, 0):
 
@@ -200,7 +200,7 @@ class _LogSpaceEntropy(torch.autograd.Function):
     In a tail, ``alpha lambda_a - 1 - alpha^2`` cancels to O(1/alpha^3); it is computed as
     ``(g(alpha) + (1 + alpha^2) R(alpha) rho) / (R(alpha)(1 - rho))`` with ``rho = Q(beta)/Q(alpha)``
     and ``g`` from :func:`_g_series`.  One backward pass costs a few operations, where autograd
-    through the forward's ~100 operations cost as many again (issue 2, training-step overhead).
+    through the forward's ~100 operations cost as many again (training-step overhead).
     """
 
     @staticmethod
@@ -269,7 +269,7 @@ class _LogSpaceEntropy(torch.autograd.Function):
 class TruncatedLogNormal(Distribution):
     """theta = exp(x), x ~ N(mu, sigma^2) truncated to [a, b]: the BMRS variational posterior.
 
-    ``mean`` is E[theta], ``variance`` Var[theta], ``snr`` E[theta]/sd[theta] (MATH.md sec. 1).
+    ``mean`` is E[theta], ``variance`` Var[theta], ``snr`` E[theta]/sd[theta] (docs/maths.md section 1).
     """
 
     arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
@@ -530,7 +530,7 @@ class LogUniform(Distribution):
 
 @register_kl(TruncatedLogNormal, LogUniform)
 def kl_truncated_lognormal_loguniform(q: TruncatedLogNormal, p: LogUniform) -> torch.Tensor:
-    """KL(q || p) = log(b - a) - H[q(x)] (MATH.md sec. 1; invariant under theta = e^x).
+    """KL(q || p) = log(b - a) - H[q(x)] (docs/maths.md section 1; invariant under theta = e^x).
 
     Finite only when q's bounds lie within p's; otherwise +inf.
     """

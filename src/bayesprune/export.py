@@ -1,17 +1,17 @@
-"""Save, load and export shrunk models (issue 4).
+"""Save, load and export shrunk models (docs/shrink.md, "Saving and loading").
 
 File format (``save_shrunk``): one ``torch.save`` file holding only tensors and strings, so
 :func:`load_shrunk` reads it with ``torch.load(weights_only=True)`` (no arbitrary unpickling)::
 
     {"format": "bayesprune-shrunk/1",
-     "spec": JSON string: {"name", "in_channels", "image_size", "num_classes", "kwargs"}
-             (the arguments of bayesprune.models.build_model),
+     "spec": JSON string: any JSON description of the original architecture, or null,
      "pruning": JSON string: {"inputs": [{"shape", "dtype"}, ...], "steps": [[layer, true, [idx, ...]], ...]},
      "state_dict": the shrunk model's state dict}
 
-Loading rebuilds the original architecture (``build_model(**spec)``, or a fresh model you pass
-for architectures outside ``build_model``), replays the recorded Torch-Pruning steps on it with
-zero example inputs of the recorded shapes, and loads the state dict strictly.
+Loading takes a fresh instance of the original architecture (``model=``) or a ``builder`` that
+makes one from the stored spec (the experiment harness's is
+``bayesprune.experiments.models.build_from_spec``), replays the recorded Torch-Pruning steps on
+it with zero example inputs of the recorded shapes, and loads the state dict strictly.
 
 ``export_onnx`` writes ONNX with the TorchScript exporter (``dynamo=False``: it needs no
 ``onnxscript``) with a dynamic batch axis and, with ``check=True``, compares onnxruntime's
@@ -23,60 +23,34 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .models import build_model
 from .noise import noise_layers
 from .removal import _run, _tensors, example_from_spec, replay_pruning
 
 __all__ = ["save_shrunk", "load_shrunk", "export_onnx", "FORMAT"]
 
 FORMAT = "bayesprune-shrunk/1"
-_NN_PREFIX = "torch.nn."
 
 
-def _encode_kwargs(kwargs: dict) -> dict:
-    out = {}
-    for k, v in kwargs.items():
-        if isinstance(v, type) and issubclass(v, nn.Module) and getattr(nn, v.__name__, None) is v:
-            v = _NN_PREFIX + v.__name__  # e.g. MLP(activation=nn.Tanh)
-        elif isinstance(v, tuple):
-            v = list(v)
-        out[k] = v
-    return out
-
-
-def _decode_kwargs(kwargs: dict) -> dict:
-    out = {}
-    for k, v in kwargs.items():
-        if isinstance(v, str) and v.startswith(_NN_PREFIX):
-            v = getattr(nn, v[len(_NN_PREFIX):])
-        out[k] = v
-    return out
-
-
-def save_shrunk(model: nn.Module, path: str | os.PathLike, spec: dict | None) -> None:
+def save_shrunk(model: nn.Module, path: str | os.PathLike, spec: dict | None = None) -> None:
     """Save a model returned by :func:`bayesprune.shrink` to ``path``.
 
-    ``spec``: the original architecture as ``build_model`` arguments, e.g.
-    ``{"name": "lenet5", "in_channels": 1, "image_size": 32, "num_classes": 10, "kwargs": {}}``;
-    ``None`` for a custom architecture (then pass a fresh original model to :func:`load_shrunk`).
+    ``spec``: a JSON-serialisable description of the original architecture, handed back to the
+    ``builder`` of :func:`load_shrunk`; ``None`` to load with a fresh original model instead.
     """
     pruning = getattr(model, "bayesprune_pruning", None)
     if pruning is None:
         raise ValueError("model has no removal record: save the output of bayesprune.shrink(model, ...)")
     if noise_layers(model):
         raise ValueError("model still has noise layers; save the output of bayesprune.shrink, not shrink_for_training")
-    spec_json = "null"
-    if spec is not None:
-        spec = dict(spec)
-        missing = {"name", "in_channels", "image_size", "num_classes"} - set(spec)
-        if missing:
-            raise ValueError(f"spec lacks {', '.join(sorted(missing))} (the arguments of build_model)")
-        spec["kwargs"] = _encode_kwargs(spec.get("kwargs") or {})
-        spec_json = json.dumps(spec)  # fails loudly on values JSON cannot hold
+    try:
+        spec_json = json.dumps(spec)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"spec must be JSON-serialisable: {e}") from None
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     torch.save(
         {"format": FORMAT, "spec": spec_json, "pruning": json.dumps(pruning), "state_dict": state},
@@ -84,24 +58,33 @@ def save_shrunk(model: nn.Module, path: str | os.PathLike, spec: dict | None) ->
     )
 
 
-def load_shrunk(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+def load_shrunk(path: str | os.PathLike, model: nn.Module | None = None, *,
+                builder: Callable[[Any], nn.Module] | None = None) -> nn.Module:
     """Load a file written by :func:`save_shrunk` (``torch.load(weights_only=True)``).
 
-    ``model``: a fresh instance of the original (unpruned, noise-free) architecture; needed when
-    the file was saved with ``spec=None``, otherwise built from the spec.  Returns it in eval mode.
+    ``model``: a fresh instance of the original (unpruned, noise-free) architecture; or
+    ``builder``: a function that makes one from the spec stored in the file.  Returns the model
+    in eval mode.
     """
-    payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    name = os.fspath(path)
+    try:
+        payload = torch.load(name, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors, truncated zip archives, foreign pickles
+        raise ValueError(f"{name!r} is not a readable {FORMAT} file: {type(e).__name__}: {e}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{os.fspath(path)!r} is not a {FORMAT} file")
-    spec, pruning = json.loads(payload["spec"]), json.loads(payload["pruning"])
+        raise ValueError(f"{name!r} is not a {FORMAT} file")
+    try:
+        spec, pruning, state = json.loads(payload["spec"]), json.loads(payload["pruning"]), payload["state_dict"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{name!r} is a damaged {FORMAT} file ({type(e).__name__}: {e})") from None
     if model is None:
-        if spec is None:
-            raise ValueError("this file has no architecture spec: pass model=<fresh original architecture>")
-        model = build_model(spec["name"], spec["in_channels"], spec["image_size"], spec["num_classes"],
-                            **_decode_kwargs(spec.get("kwargs") or {}))
+        if builder is None or spec is None:
+            raise ValueError(f"{name!r}: pass model=<fresh original architecture>"
+                             + ("" if spec is None else " or builder=<function of the stored spec>"))
+        model = builder(spec)
     model.eval()
     replay_pruning(model, example_from_spec(pruning), pruning["steps"])
-    model.load_state_dict(payload["state_dict"], strict=True)
+    model.load_state_dict(state, strict=True)
     model.bayesprune_pruning = pruning
     return model
 

@@ -1,4 +1,4 @@
-"""Multiplicative noise on structures, for any PyTorch model (MATH.md section 1).
+"""Multiplicative noise on structures, for any PyTorch model (docs/maths.md section 1).
 
 Each prunable layer (Linear, Conv1d/2d/3d) gets a :class:`MultiplicativeNoise` with one noise
 variable theta_i per output structure (neuron, channel, feature): ``h_i = theta_i * f_i(x)``.
@@ -9,7 +9,7 @@ Default placement (``placement="auto"``), following the layer's output through m
 layer -> BatchNorm (if its only consumer) -> activation module (if its only consumer and called
 once per forward).  Noise goes after the last module of that chain.  So an MLP or LeNet5 gets
 noise after its activations, a conv-BN-ReLU net after the ReLU, and a torchvision ResNet (whose
-ReLU module is shared) after every BatchNorm, as MATH.md section 4 prescribes.
+ReLU module is shared) after every BatchNorm, as docs/maths.md section 4 prescribes.
 
 With one draw per (example, channel) (``sharing="channel"``) or per channel for the whole batch
 (``sharing="structure"``) of a convolution, the noise moves on

@@ -1,4 +1,4 @@
-"""Bayesian model reduction for structured pruning (MATH.md section 2).
+"""Bayesian model reduction for structured pruning (docs/maths.md section 2).
 
 For a reduced prior p~ the change in log evidence follows from the posterior alone,
 ``dF = log E_q[p~(x) / p(x)]``; a structure is pruned when ``dF >= threshold`` (0 by default,
@@ -46,7 +46,7 @@ def delta_f_normal(mu, sigma, a: float = DEFAULT_A, b: float = DEFAULT_B, m: flo
     """dF of BMRS_N: reduced prior N(m, s^2) truncated to [a, b] (a spike at m = a by default).
 
     ``dF = log(b-a) + log Z~q - log Z - log Z~p + log N(mu; m, sigma^2 + s^2)`` with
-    ``s~q^2 = sigma^2 s^2/(sigma^2 + s^2)``, ``m~q = s~q^2 (mu/sigma^2 + m/s^2)`` (MATH.md sec. 2,
+    ``s~q^2 = sigma^2 s^2/(sigma^2 + s^2)``, ``m~q = s~q^2 (mu/sigma^2 + m/s^2)`` (docs/maths.md section 2,
     equal to the paper's Eq. 8).  Returns float64.
     """
     _check_bounds(a, b)

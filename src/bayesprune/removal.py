@@ -1,4 +1,4 @@
-"""Physical removal of pruned structures: a smaller dense network (issue 4).
+"""Physical removal of pruned structures: a smaller dense network.
 
 ``shrink(model, example_inputs)`` copies the model, folds ``E[theta] * mask`` of every noise
 layer into adjacent weights, drops the noise modules, and removes masked structures with

@@ -1,4 +1,4 @@
-"""BMRS training protocols with durable run directories (MATH.md section 4).
+"""BMRS training protocols with durable run directories (docs/maths.md section 4).
 
 * :func:`run_continuous`: prune after every epoch, once more at the end, fine-tune
   ``finetune_epochs`` without pruning, report the test accuracy of the best-validation
@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import criteria as crit
+from .. import criteria as crit
 from .data import load_dataset, make_loader
 from .models import build_model
-from .noise import add_noise, kl, noise_layers
-from .reduction import REFERENCE_THRESHOLD
-from .removal import count_parameters
+from ..noise import add_noise, kl, noise_layers
+from ..reduction import REFERENCE_THRESHOLD
+from ..removal import count_parameters
 
 __all__ = ["RunConfig", "PAPER_DEFAULTS", "run_continuous", "run_sweep", "run_dir_name", "TrainingDiverged", "resolve_config", "METHODS"]
 
@@ -45,7 +45,7 @@ __all__ = ["RunConfig", "PAPER_DEFAULTS", "run_continuous", "run_sweep", "run_di
 #: point for what the noise and the KL cost in accuracy
 METHODS = ("none", "bmrs_n", "bmrs_u", "snr", "etheta", "l2", "grad", "dense")
 
-#: (model, dataset) -> hyperparameters of the BMRS paper (MATH.md section 4); epochs 50 + 10
+#: (model, dataset) -> hyperparameters of the BMRS paper (docs/maths.md section 4); epochs 50 + 10
 PAPER_DEFAULTS: dict[tuple[str, str], dict] = {
     ("mlp", "mnist"): dict(extra_layers=7, width=100, batch_size=128, lr=8.5e-4),
     ("mlp", "fashion-mnist"): dict(extra_layers=1, width=150, batch_size=128, lr=1.5e-3),
@@ -345,7 +345,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _shrink_for_training(model, example):
-    from .removal import shrink_for_training
+    from ..removal import shrink_for_training
 
     return shrink_for_training(model, example)
 
@@ -467,14 +467,14 @@ def run_continuous(cfg: RunConfig, progress: bool = True) -> dict:
 
 def _size_speed(model, example, splits) -> dict | None:
     try:
-        from .benchmarking import size_speed_report
-        from .removal import shrink
+        from ..benchmarking import size_speed_report
+        from ..removal import shrink
     except ImportError:
         return None
     model_cpu = copy.deepcopy(model).cpu().eval()
     small = shrink(model_cpu, example.cpu())
     dense = copy.deepcopy(model_cpu)
-    from .noise import remove_noise
+    from ..noise import remove_noise
 
     remove_noise(dense)
     return size_speed_report(dense, small, tuple(splits.input_shape))
@@ -501,7 +501,7 @@ def _shrink_step(model, opt, example, cfg, kept_index):
                 break
         kept_index = new
     opt = _optimizer(model, cfg)
-    from .removal import carry_optimizer_state
+    from ..removal import carry_optimizer_state
 
     carry_optimizer_state(old_model, old_opt, model, opt)
     return model, opt, kept_index

@@ -7,11 +7,11 @@ called once per forward pass (or after its BatchNorm).  The networks here are th
 
 Networks
 --------
-* :class:`MLP` -- ``Flatten, [Linear -> act] x (extra_layers + 1), Linear`` (BMRS paper, MATH.md 4).
+* :class:`MLP` -- ``Flatten, [Linear -> act] x (extra_layers + 1), Linear`` (BMRS paper, docs/maths.md section 4).
 * :class:`LeNet5` -- ``Conv(c,6c,5) ReLU Pool, Conv(6c,16c,5) ReLU Pool, FC 120c, FC 84c, FC k``.
 * :func:`cifar_resnet18` -- torchvision ResNet-18 with a 3x3 stride-1 stem and no max-pool.
 * :func:`torchvision_model` -- any torchvision classification model by name.
-* :class:`FCN`, :class:`CNN` -- the networks of the Bayes-factor pruning paper (MATH.md 5).
+* :class:`FCN`, :class:`CNN` -- the networks of the Bayes-factor pruning paper (docs/maths.md section 5).
 * :func:`build_model` -- one entry point by name (``MODELS`` plus ``tv:<torchvision name>``).
 """
 
@@ -194,7 +194,7 @@ def cifar_resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     The 7x7 stride-2 stem is replaced by a 3x3 stride-1 convolution (no bias, followed by the
     existing BatchNorm) and the stem max-pool is removed, so 32x32 inputs reach the last stage at
     4x4 instead of 1x1.  Note that torchvision's ``BasicBlock`` reuses one ReLU module twice per
-    block; noise for ResNets goes after the BatchNorms (MATH.md 4), which are all distinct.
+    block; noise for ResNets goes after the BatchNorms (docs/maths.md section 4), which are all distinct.
     """
     import torchvision
 
@@ -344,3 +344,30 @@ def build_model(
         f"unknown model {name!r}{hint}; valid names: {', '.join(MODELS)}, "
         f"or {TORCHVISION_PREFIX}<torchvision model name> (e.g. tv:resnet18)"
     )
+
+
+_NN_PREFIX = "torch.nn."
+
+
+def architecture_spec(name: str, in_channels: int, image_size: int, num_classes: int, **kwargs: Any) -> dict:
+    """The JSON spec of ``build_model(name, in_channels, image_size, num_classes, **kwargs)`` for
+    :func:`bayesprune.save_shrunk` (``torch.nn`` classes such as ``activation=nn.Tanh`` by name)."""
+    encoded = {}
+    for k, v in kwargs.items():
+        if isinstance(v, type) and issubclass(v, nn.Module) and getattr(nn, v.__name__, None) is v:
+            v = _NN_PREFIX + v.__name__
+        elif isinstance(v, tuple):
+            v = list(v)
+        encoded[k] = v
+    return {"name": name, "in_channels": in_channels, "image_size": image_size, "num_classes": num_classes,
+            "kwargs": encoded}
+
+
+def build_from_spec(spec: dict) -> nn.Module:
+    """The builder for :func:`bayesprune.load_shrunk`: ``build_model`` from an :func:`architecture_spec`."""
+    missing = {"name", "in_channels", "image_size", "num_classes"} - set(spec or {})
+    if missing:
+        raise ValueError(f"architecture spec lacks {', '.join(sorted(missing))} (the arguments of build_model)")
+    kwargs = {k: getattr(nn, v[len(_NN_PREFIX):]) if isinstance(v, str) and v.startswith(_NN_PREFIX) else v
+              for k, v in (spec.get("kwargs") or {}).items()}
+    return build_model(spec["name"], spec["in_channels"], spec["image_size"], spec["num_classes"], **kwargs)

@@ -41,7 +41,7 @@ def _pct(x: float | None) -> str:
 
 
 def _threshold(text: str) -> float:
-    from .reduction import REFERENCE_THRESHOLD
+    from ..reduction import REFERENCE_THRESHOLD
 
     if text == "reference":
         return REFERENCE_THRESHOLD
@@ -81,7 +81,7 @@ def _config_overrides(args: argparse.Namespace) -> dict:
 # parser
 def _add_common(p: argparse.ArgumentParser, methods: bool = True) -> None:
     from .data import DATASETS
-    from .noise import KL_WEIGHTINGS, SHARING
+    from ..noise import KL_WEIGHTINGS, SHARING
     from .training import METHODS
 
     g = p.add_argument_group("data and model")
@@ -117,9 +117,9 @@ def _add_common(p: argparse.ArgumentParser, methods: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bayes_factor import SKIP_POLICIES
+    from ..bayes_factor import SKIP_POLICIES
     from .data import DATASETS
-    from .noise import KL_WEIGHTINGS, SHARING
+    from ..noise import KL_WEIGHTINGS, SHARING
 
     p = argparse.ArgumentParser(prog="bayesprune", description="Bayesian structured pruning (BMRS) and Bayes-factor pruning.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -323,7 +323,7 @@ def cmd_sweep(args) -> int:
 
     extra = {}
     if args.criteria is not None:
-        from .criteria import CRITERIA
+        from ..criteria import CRITERIA
 
         bad = [c for c in args.criteria if c not in CRITERIA or c == "grad"]
         if bad:
@@ -494,7 +494,8 @@ def _jsonable(x):
 def cmd_bf_run(args) -> int:
     import torch
 
-    from .bayes_factor import BayesFactorPruner, count_dead_structures, prunable_weights, train_bayes_factor
+    from ..bayes_factor import BayesFactorPruner, count_dead_structures, prunable_weights
+    from .bf_training import train_bayes_factor
     from .data import load_dataset
     from .models import build_model
     from .results import plot_bf_history

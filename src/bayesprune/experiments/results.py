@@ -426,8 +426,8 @@ def structure_stats(model, precision: float = 8.0) -> dict[str, np.ndarray]:
     ``df_u`` (dF of BMRS_U-precision), ``kept`` (mask != 0) and ``layer`` (index)."""
     import torch
 
-    from .noise import noise_layers
-    from .reduction import delta_f_normal, delta_f_uniform
+    from ..noise import noise_layers
+    from ..reduction import delta_f_normal, delta_f_uniform
 
     out: dict[str, list] = {"etheta": [], "df_n": [], "df_u": [], "kept": [], "layer": []}
     with torch.no_grad():
@@ -505,7 +505,7 @@ SPEARMAN_CRITERIA: tuple[tuple[str, str, float], ...] = (
 
 def criterion_scores(model, criteria: Sequence[tuple[str, str, float]] = SPEARMAN_CRITERIA) -> dict[str, np.ndarray]:
     """Keep scores of every structure of ``model`` (all noise layers concatenated), per criterion."""
-    from .criteria import scores
+    from ..criteria import scores
 
     return {
         label: np.concatenate([s.detach().cpu().numpy() for s in scores(model, crit, precision=p)])

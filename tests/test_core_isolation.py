@@ -1,0 +1,69 @@
+"""The core (``bayesprune``) stands alone: torch, Torch-Pruning and numpy only.
+
+The subprocess hides the harness's dependencies (an import of any of them raises ImportError, as
+in an environment where they are not installed) and runs the whole user path on the core:
+add_noise -> train -> prune -> shrink -> save/load -> ONNX-free export checks.
+"""
+
+import subprocess
+import sys
+import textwrap
+
+HIDDEN = ("torchvision", "scipy", "sklearn", "matplotlib", "tqdm", "PIL")
+
+SCRIPT = textwrap.dedent(
+    f"""
+    import sys
+    HIDDEN = {HIDDEN!r}
+    for name in HIDDEN:
+        sys.modules[name] = None  # "import name" now raises ImportError, find_spec says absent
+    import torch
+    from torch import nn
+    import bayesprune as bp
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 10))
+    x = torch.randn(16, 1, 8, 8)
+    y = torch.randint(0, 10, (16,))
+    bp.add_noise(model, x[:2])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y) + bp.kl(model)
+        loss.backward()
+        opt.step()
+    bp.prune(model, "etheta", threshold=0.9)
+    model.eval()
+    small = bp.shrink(model)
+    with torch.no_grad():
+        assert torch.allclose(small(x), model(x), rtol=1e-4, atol=1e-5)
+    bp.save_shrunk(small, sys.argv[1])
+    loaded = bp.load_shrunk(sys.argv[1], model=nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Flatten(),
+                                                              nn.Linear(6 * 6 * 6, 10)))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small(x))
+    loaded_names = sorted(m for m, mod in sys.modules.items()
+                          if mod is not None and m.split(".")[0] in HIDDEN + ("bayesprune",))
+    print("\\n".join(loaded_names))
+    """
+)
+
+
+def test_core_imports_and_runs_without_the_harness_dependencies(tmp_path):
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "small.pt")], capture_output=True,
+                         text=True, timeout=240, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    loaded = out.stdout.split()
+    assert not [m for m in loaded if m.split(".")[0] in HIDDEN], loaded
+    assert "bayesprune" in loaded
+    assert not [m for m in loaded if m.startswith("bayesprune.experiments")], loaded
+
+
+def test_plain_import_of_the_core_loads_no_harness_module():
+    code = ("import sys, bayesprune; print('\\n'.join(m for m in sys.modules if m.split('.')[0] in "
+            + repr(("bayesprune",) + HIDDEN[:4]) + "))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    names = out.stdout.split()
+    assert "bayesprune.noise" in names
+    assert not [m for m in names if m.startswith("bayesprune.experiments") or m.split(".")[0] in HIDDEN[:4]]
