@@ -1,0 +1,217 @@
+"""The model zoo: every model through add_noise -> train step -> prune -> shrink, one process each.
+
+For each model (random weights; no download), at batch 2 on one thread:
+
+1. ``add_noise(model, x)``: how many noise layers;
+2. one training step (cross-entropy on random labels + KL) and an optimiser step;
+3. prune: the posteriors of a random 40 % of every layer's structures are collapsed
+   (mu = -19, log sigma = 0), BatchNorm running statistics randomised (not the identity), then
+   ``prune(model, "etheta")``; the reported parameter count is kept;
+4. ``shrink(model, x)``: seconds, parameters after, and the relative error
+   max|shrunk - masked| / max|masked| on the example and on another input.
+
+A model is ``ok`` when every stage passed and both errors are <= 1e-5; ``count`` says whether
+prune's reported parameter count equals the shrunk network's.  Each model runs in its own
+subprocess with ``--timeout`` seconds; a failure prints the stage and the error's first line.
+
+    python benchmarks/zoo.py                       # the default list (torchvision classification)
+    python benchmarks/zoo.py --models tv:resnet18 timm:mobilenetv3_small_050 hf:bert
+    python benchmarks/zoo.py --all-torchvision --timeout 150 --json zoo.json
+
+Names: ``tv:<torchvision model>``, ``timm:<timm model>``, ``hf:<bert|distilbert|vit|gpt2|t5|llama|swin|convnext>``
+(small configs built from ``transformers`` config classes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+DEFAULT = ["tv:resnet18", "tv:resnet50", "tv:mobilenet_v2", "tv:mobilenet_v3_small", "tv:efficientnet_b0",
+           "tv:densenet121", "tv:regnet_x_400mf", "tv:resnext50_32x4d", "tv:shufflenet_v2_x1_0", "tv:squeezenet1_1",
+           "tv:vgg11_bn", "tv:convnext_tiny", "tv:vit_b_16", "tv:swin_t", "tv:mnasnet0_5", "tv:googlenet"]
+
+
+def _hf(name: str):
+    import torch
+    import transformers as tf
+
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    if name == "bert":
+        m = tf.BertModel(tf.BertConfig(vocab_size=100, **small))
+    elif name == "distilbert":
+        m = tf.DistilBertModel(tf.DistilBertConfig(vocab_size=100, dim=64, n_layers=2, n_heads=4, hidden_dim=128))
+    elif name == "gpt2":
+        m = tf.GPT2Model(tf.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, use_cache=False))
+    elif name == "t5":
+        m = tf.T5EncoderModel(tf.T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                          use_cache=False))
+    elif name == "llama":
+        m = tf.LlamaModel(tf.LlamaConfig(vocab_size=100, num_key_value_heads=2, use_cache=False, **small))
+    elif name == "vit":
+        m = tf.ViTModel(tf.ViTConfig(image_size=32, patch_size=8, **small))
+        return m, torch.randn(2, 3, 32, 32)
+    elif name == "swin":
+        m = tf.SwinModel(tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                       window_size=4))
+        return m, torch.randn(2, 3, 32, 32)
+    elif name == "convnext":
+        m = tf.ConvNextModel(tf.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], image_size=32))
+        return m, torch.randn(2, 3, 32, 32)
+    else:
+        raise ValueError(f"unknown hf model {name!r}")
+    return m, torch.randint(0, 100, (2, 16))
+
+
+def build(name: str):
+    import torch
+
+    if name.startswith("tv:"):
+        import torchvision
+
+        tv = name[3:]
+        size = 299 if tv.startswith("inception") else 224
+        kwargs = {"aux_logits": False, "init_weights": False} if tv in ("googlenet", "inception_v3") else {}
+        return torchvision.models.get_model(tv, weights=None, **kwargs), torch.randn(2, 3, size, size)
+    if name.startswith("timm:"):
+        import timm
+
+        m = timm.create_model(name[5:], pretrained=False)
+        size = m.default_cfg.get("input_size", (3, 224, 224))
+        return m, torch.randn(2, *size)
+    if name.startswith("hf:"):
+        return _hf(name[3:])
+    raise ValueError(f"model names start with tv:, timm: or hf:, got {name!r}")
+
+
+def _main_output(out):
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    if isinstance(out, dict):
+        return next(v for v in out.values() if isinstance(v, torch.Tensor))
+    if isinstance(out, (tuple, list)):
+        return _main_output(out[0])
+    raise TypeError(f"cannot find a tensor in the output ({type(out).__name__})")
+
+
+def run_one(name: str) -> dict:
+    """All stages for one model; returns the row (raises nothing: errors go into the row)."""
+    import torch
+
+    import bayesprune as bp
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    row = {"model": name, "stage": "build"}
+    try:
+        model, x = build(name)
+        row["params_before"] = bp.count_parameters(model)
+        row["stage"] = "add_noise"
+        bp.add_noise(model, x)
+        row["noise_layers"] = len(bp.noise_layers(model))
+        row["stage"] = "train_step"
+        model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        out = _main_output(model(x))
+        loss = out.float().pow(2).mean() + bp.kl(model)
+        loss.backward()
+        opt.step()
+        row["stage"] = "prune"
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for n in bp.noise_layers(model):
+                k = int(0.4 * n.mu.numel())
+                idx = torch.randperm(n.mu.numel(), generator=g)[:k]
+                n.mu[idx] = -19.0
+                n.log_sigma[idx] = 0.0
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                    m.running_mean.normal_(0, 0.5, generator=g)
+                    m.running_var.uniform_(0.5, 2.0, generator=g)
+        model.eval()
+        rep = bp.prune(model, "etheta")
+        row["params_reported"] = rep.params_kept
+        row["stage"] = "shrink"
+        t = time.perf_counter()
+        small = bp.shrink(model, x)
+        row["shrink_s"] = time.perf_counter() - t
+        row["params_after"] = bp.count_parameters(small)
+        with torch.no_grad():
+            for key, inp in (("rel_err", x), ("rel_err_other", torch.randn_like(x) if x.is_floating_point()
+                                                 else torch.randint_like(x, 0, 100))):
+                a, b = _main_output(model(inp)).double(), _main_output(small(inp)).double()
+                row[key] = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+        row["stage"] = "done"
+    except Exception as e:  # a benchmark row, not a crash: say which stage and why
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    row["count_ok"] = row.get("params_reported") == row.get("params_after")
+    row["ok"] = (row["stage"] == "done" and row.get("rel_err", 1) <= 1e-5 and row.get("rel_err_other", 1) <= 1e-5)
+    return row
+
+
+def _fmt(row: dict) -> str:
+    def g(k, f="{}"):
+        return f.format(row[k]) if k in row else "-"
+
+    err = row.get("error", "")
+    return (f"| {row['model']} | {g('noise_layers')} | {'ok' if row['ok'] else 'FAIL at ' + row['stage']} | "
+            f"{g('rel_err', '{:.1e}')} | {g('rel_err_other', '{:.1e}')} | {g('params_before', '{:,}')} | "
+            f"{g('params_reported', '{:,}')} | {g('params_after', '{:,}')} | {'yes' if row['count_ok'] else 'no'} | "
+            f"{g('shrink_s', '{:.1f}')} | {err} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=None)
+    p.add_argument("--all-torchvision", action="store_true", help="every torchvision classification model")
+    p.add_argument("--timeout", type=float, default=150.0, help="seconds per model (default 150)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one model, print its row
+    args = p.parse_args(argv)
+    if args.one:
+        print("ZOO-ROW " + json.dumps(run_one(args.one)))
+        return 0
+    models = args.models or DEFAULT
+    if args.all_torchvision:
+        import torchvision
+
+        models = [f"tv:{n}" for n in torchvision.models.list_models(module=torchvision.models)]
+    print("| model | noise layers | stages | rel err (example) | rel err (other input) | params before | "
+          "params reported | params after shrink | count = shrunk | shrink s | error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name in models:
+        t = time.perf_counter()
+        try:
+            out = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True,
+                                 timeout=args.timeout, env=env)
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("ZOO-ROW ")), None)
+            row = json.loads(line[8:]) if line else {
+                "model": name, "stage": "process", "ok": False, "count_ok": False,
+                "error": (out.stderr.strip().splitlines() or ["no output"])[-1][:160]}
+        except subprocess.TimeoutExpired:
+            row = {"model": name, "stage": "timeout", "ok": False, "count_ok": False,
+                   "error": f"over {args.timeout:g} s"}
+        row["wall_s"] = time.perf_counter() - t
+        rows.append(row)
+        print(_fmt(row), flush=True)
+    ok = sum(r["ok"] for r in rows)
+    print(f"\n{ok} of {len(rows)} models ok; parameter count equal to the shrunk network's on "
+          f"{sum(r['count_ok'] for r in rows)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
