@@ -8,6 +8,7 @@ self-attention over [batch, tokens, features]).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -17,6 +18,7 @@ from torch import nn
 
 import bayesprune
 from bayesprune import CRITERIA, add_noise, kl, noise_layers, prune, scores
+from bayesprune.reduction import REFERENCE_THRESHOLD
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +262,8 @@ def test_bayesian_criteria_prune_the_right_structures():
                     n.mu[j], n.log_sigma[j] = m, ls
     vals = [expected_decisions(m, math.exp(ls)) for m, ls in POSTERIORS]
     rules = {
-        ("bmrs_n", 8): lambda v: v["bmrs_n"] >= 0,
+        ("bmrs_n", 8): lambda v: v["bmrs_n"] >= 0,  # the exact rule, prior odds 1
+        ("bmrs_n", "default"): lambda v: v["bmrs_n"] >= REFERENCE_THRESHOLD,  # odds sqrt(2 pi)
         ("bmrs_u", 4): lambda v: v[("bmrs_u", 4)] >= 0,
         ("bmrs_u", 8): lambda v: v[("bmrs_u", 8)] >= 0,
         ("snr", 8): lambda v: v["snr"] <= 1,
@@ -268,18 +271,21 @@ def test_bayesian_criteria_prune_the_right_structures():
     }
     # away from every decision boundary, so the test checks the rule and not rounding
     for v in vals:
-        assert min(abs(v["bmrs_n"]), abs(v[("bmrs_u", 4)]), abs(v[("bmrs_u", 8)]), abs(v["snr"] - 1)) > 0.05
+        assert min(abs(v["bmrs_n"]), abs(v["bmrs_n"] - REFERENCE_THRESHOLD), abs(v[("bmrs_u", 4)]),
+                   abs(v[("bmrs_u", 8)]), abs(v["snr"] - 1)) > 0.05
         assert abs(v["etheta"] - 0.1) > 0.01
     expect = {key: [j for j, v in enumerate(vals) if rule(v)] for key, rule in rules.items()}
     assert expect == {
         ("bmrs_n", 8): [0, 3],
+        ("bmrs_n", "default"): [0, 3],
         ("bmrs_u", 4): [1, 2],
         ("bmrs_u", 8): [2],
         ("snr", 8): [0, 4],
         ("etheta", 8): [0, 1, 2, 3],
     }
     for (crit, p), want in expect.items():
-        rep = prune(model, crit, precision=p, monotone=False)
+        opts = {"precision": p} if crit == "bmrs_u" else {"prior_odds": 1} if (crit, p) == ("bmrs_n", 8) else {}
+        rep = prune(model, crit, monotone=False, **opts)
         for n in layers:
             got = torch.nonzero(n.mask == 0).flatten().tolist()
             assert got == (want if n.layer_name in chosen else []), (crit, p, n.layer_name)
@@ -428,3 +434,273 @@ def test_error_nan_parameters_in_prune(criterion):
         noise_layers(model)[6].log_sigma[0] = float("inf")
     with pytest.raises(FloatingPointError, match="'attn.k'.*log_sigma"):
         prune(model, criterion)
+
+
+# ---------------------------------------------------------------------------------------------
+# the example input kept by add_noise; prune changes nothing when it raises
+
+
+def _planted_net(seed=0):
+    """The mixed net with the POSTERIORS planted in four layers (nontrivial masks for every rule)."""
+    model, x, y = make_net(seed)
+    with torch.no_grad():
+        for n in noise_layers(model):
+            if n.layer_name in ("block.conv1", "fc", "attn.q", "attn.fc1"):
+                for j, (m, ls) in enumerate(POSTERIORS):
+                    n.mu[j], n.log_sigma[j] = m, ls
+    return model, x, y
+
+
+def _masks(model):
+    return [n.mask.clone() for n in noise_layers(model)]
+
+
+def test_prune_report_shrink_use_the_input_given_to_add_noise():
+    model, x, _ = _planted_net()
+    rep = prune(model, "etheta")  # no example input passed anywhere below
+    assert rep.structures_kept < rep.structures_total
+    again = bayesprune.report(model)
+    explicit = bayesprune.report(model, example_inputs=tuple(t[:2] for t in x))
+    assert again.params_kept == rep.params_kept == explicit.params_kept < rep.params_total
+    assert bayesprune.remaining_parameters(model) == rep.params_kept
+    small = bayesprune.shrink(model)
+    assert bayesprune.count_parameters(small) == rep.params_kept
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small.eval()(*x), model(*x), rtol=1e-4, atol=1e-5)
+    trainable = bayesprune.shrink_for_training(model)
+    assert bayesprune.stored_example_inputs(trainable) is bayesprune.stored_example_inputs(model)
+    assert bayesprune.report(trainable).params_kept == rep.params_kept  # and it keeps working
+
+
+def test_prune_that_raises_leaves_every_mask_unchanged(monkeypatch):
+    model, _, _ = _planted_net()
+    layers = noise_layers(model)
+    prune(model, "etheta")  # some structures removed already
+    before = _masks(model)
+    assert any(bool((m == 0).any()) for m in before)
+    with torch.no_grad():
+        layers[-1].mu[0] = float("nan")  # the last layer: the earlier ones are scored first
+    for crit, opts in (("bmrs_n", {}), ("snr", {}), ("bmrs_u", {"precision": 4})):
+        with pytest.raises(FloatingPointError, match=repr(layers[-1].layer_name)):
+            prune(model, crit, monotone=False, **opts)  # would revive and remove structures
+        assert all(torch.equal(a, b) for a, b in zip(before, _masks(model))), crit
+    with torch.no_grad():
+        layers[-1].mu[0] = 0.0
+    # a failure after the masks were set (here: counting the parameters) restores them too
+    import bayesprune.pruning as pruning
+
+    calls = {"n": 0}
+    real = pruning.remaining_parameters
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("counting failed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(pruning, "remaining_parameters", failing)
+    for kwargs in ({"compression": 0.6}, {}):
+        calls["n"] = 0 if kwargs else 2
+        with pytest.raises(RuntimeError, match="counting failed"):
+            prune(model, "l2" if kwargs else "bmrs_n", monotone=False, **kwargs)
+        assert all(torch.equal(a, b) for a, b in zip(before, _masks(model))), kwargs
+
+
+def test_names_options_and_objects_give_identical_masks():
+    results = {}
+    variants = {
+        "name": ("bmrs_u", {}),
+        "object": (bayesprune.BMRSUniform(precision=8), {}),
+        "name+option": ("bmrs_u", {"precision": 8}),
+        "p4 name": ("bmrs_u", {"precision": 4}),
+        "p4 object": (bayesprune.BMRSUniform(precision=4), {}),
+        "n name": ("bmrs_n", {}),
+        "n object": (bayesprune.BMRSNormal(), {}),
+        "n reference": ("bmrs_n", {"threshold": "reference"}),
+        "n reference number": ("bmrs_n", {"threshold": REFERENCE_THRESHOLD}),
+        "n odds": (bayesprune.BMRSNormal(prior_odds=math.sqrt(2 * math.pi)), {}),
+    }
+    for key, (crit, opts) in variants.items():
+        model, _, _ = _planted_net()
+        rep = prune(model, crit, **opts)
+        results[key] = (_masks(model), rep.criterion, rep.rule)
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(results[a][0], results[b][0]))  # noqa: E731
+    assert same("name", "object") and same("name", "name+option")
+    assert same("p4 name", "p4 object") and not same("name", "p4 name")  # p = 4 removes more
+    assert all(same("n name", k) for k in ("n object", "n reference", "n reference number", "n odds"))
+    assert results["name"][1] == "bmrs_u" and results["n object"][1] == "bmrs_n"
+    assert results["name"][2] == "BMRS_U-8: dF + log(prior odds 1) >= 0 (dF >= 0)"
+    assert results["n name"][2] == "BMRS_N: dF + log(prior odds 2.507) >= 0 (dF >= -0.9189)"
+    assert bayesprune.get_criterion("bmrs_u", precision=4) == bayesprune.BMRSUniform(precision=4)
+
+
+def test_registry_maps_every_cli_name_to_its_class():
+    classes = {"bmrs_n": bayesprune.BMRSNormal, "bmrs_u": bayesprune.BMRSUniform, "snr": bayesprune.SNR,
+               "etheta": bayesprune.ExpectedTheta, "l2": bayesprune.L2Norm, "grad": bayesprune.GradNorm}
+    assert CRITERIA == tuple(classes)
+    for name, cls in classes.items():
+        c = bayesprune.get_criterion(name)
+        assert type(c) is cls and c.name == name and c.threshold_meaning and c.rule
+    assert bayesprune.SNR().threshold == 1.0 and bayesprune.ExpectedTheta().threshold == 0.1
+    assert bayesprune.L2Norm().threshold is None and "no default rule" in bayesprune.GradNorm().rule
+    assert bayesprune.BMRSUniform().threshold == 0.0 and bayesprune.BMRSUniform().prior_odds == 1.0
+
+
+def test_unknown_and_misplaced_options_are_refused_naming_them():
+    model, _, _ = make_net()
+    before = _masks(model)
+    with pytest.raises(ValueError, match=r"'snr' \(SNR\) has no option 'precision'; its options: threshold"):
+        prune(model, "snr", precision=4)
+    with pytest.raises(ValueError, match="has no option 'p'.*precision"):
+        prune(model, "bmrs_u", p=4)
+    with pytest.raises(ValueError, match="go to the criterion object"):
+        prune(model, bayesprune.SNR(), threshold=2.0)
+    with pytest.raises(ValueError, match="prior_odds or threshold, not both"):
+        prune(model, "bmrs_n", prior_odds=2.0, threshold=-1.0)
+    with pytest.raises(ValueError, match="either threshold or compression"):
+        prune(model, "bmrs_n", prior_odds=2.0, compression=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(before, _masks(model)))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_thresholds_precisions_compressions_are_refused(bad):
+    model, _, _ = make_net()
+    before = _masks(model)
+    cases = [
+        ("threshold", "bmrs_n", {"threshold": bad}),
+        ("threshold", "snr", {"threshold": bad}),
+        ("threshold", "etheta", {"threshold": bad}),
+        ("threshold", "l2", {"threshold": bad}),
+        ("precision", "bmrs_u", {"precision": bad}),
+        ("prior_odds", "bmrs_u", {"prior_odds": bad}),
+        ("compression", "l2", {"compression": bad}),
+    ]
+    for option, crit, kwargs in cases:
+        with pytest.raises(ValueError, match=f"^{option} must be a finite number"):
+            prune(model, crit, **kwargs)
+    with pytest.raises(ValueError, match="threshold must be a finite number or 'reference'"):
+        bayesprune.BMRSNormal(threshold="paper")
+    for odds in (0.0, -1.0):
+        with pytest.raises(ValueError, match="prior_odds must be > 0"):
+            bayesprune.BMRSNormal(prior_odds=odds)
+    assert all(torch.equal(a, b) for a, b in zip(before, _masks(model)))
+
+
+# ---------------------------------------------------------------------------------------------
+# prior odds against a direct computation of the posterior odds of removal
+
+
+@functools.lru_cache(maxsize=None)
+def _bayes_factor(mu, sigma, kind, p=8, a=-20.0, b=0.0, s=1e-6):
+    """BF = E_q[p~ / p] integrated numerically (mpmath, 20 digits):
+    q = N(mu, sigma^2) on [a, b], p = U(a, b) in log space, p~ = N(a, s^2) on [a, b] (BMRS_N)
+    or U(log 2^-23, log 2^-p) (BMRS_U)."""
+    import mpmath as mp
+
+    from quadrature import mp_mass
+
+    mp.mp.dps = 20
+    mu, sigma, a, b = mp.mpf(mu), mp.mpf(sigma), mp.mpf(a), mp.mpf(b)
+    z = mp_mass((a - mu) / sigma, (b - mu) / sigma)
+    q = lambda x: mp.npdf(x, mu, sigma) / z  # noqa: E731
+    if kind == "bmrs_n":
+        s = mp.mpf(s)
+        spike = lambda x: mp.npdf(x, a, s) / mp.mpf(0.5)  # noqa: E731  (half of it lies in [a, b])
+        bf = (b - a) * mp.quad(lambda x: q(x) * spike(x), [a, a + s, a + 4 * s, a + 12 * s, a + 40 * s])
+    else:
+        lo, hi = mp.log(mp.mpf(2) ** -23), mp.log(mp.mpf(2) ** -p)
+        bf = (b - a) / (hi - lo) * mp.quad(q, [lo, mu, hi] if lo < mu < hi else [lo, hi])
+    return float(bf)
+
+
+def test_prior_odds_rule_against_direct_posterior_odds():
+    """Removed exactly when the posterior odds of removal BF x prior odds >= 1: odds 1 is the
+    threshold 0, odds sqrt(2 pi) the reference's decisions (dF_N >= -0.919), on a grid."""
+    mus = [-20.5, -19.9, -19.0, -17.0, -14.0, -10.0, -6.0, -3.0, -1.0, 0.0, 0.5]
+    sigmas = [0.05, 0.3, 1.0, 3.0, 10.0, 20.0, 60.0]
+    grid = [(m, s) for m in mus for s in sigmas]
+    mu = torch.tensor([m for m, _ in grid], dtype=torch.float64)
+    log_sigma = torch.tensor([math.log(s) for _, s in grid], dtype=torch.float64)
+    noise = bayesprune.MultiplicativeNoise(len(grid), dim=-1).double()
+    with torch.no_grad():
+        noise.mu.copy_(mu)
+        noise.log_sigma.copy_(log_sigma)
+    sqrt_2pi = math.sqrt(2 * math.pi)
+    checks = [
+        ("bmrs_n", bayesprune.BMRSNormal(prior_odds=1), 1.0),
+        ("bmrs_n", bayesprune.BMRSNormal(threshold=0.0), 1.0),
+        ("bmrs_n", bayesprune.BMRSNormal(), sqrt_2pi),
+        ("bmrs_n", bayesprune.BMRSNormal(threshold="reference"), sqrt_2pi),
+        ("bmrs_n", bayesprune.BMRSNormal(prior_odds=10.0), 10.0),
+        ("bmrs_u", bayesprune.BMRSUniform(precision=8), 1.0),
+        ("bmrs_u", bayesprune.BMRSUniform(precision=4, prior_odds=0.1), 0.1),
+    ]
+    counted = {}
+    for kind, crit, odds in checks:
+        kept = crit.keep(crit.score(None, noise)).tolist()
+        # the posterior odds of removal, BF x prior odds
+        direct = [_bayes_factor(m, s, kind, getattr(crit, "precision", 8)) * odds for m, s in grid]
+        decided = [(k, o) for k, o in zip(kept, direct) if o == 0 or abs(math.log(o)) > 1e-6]  # no ties
+        assert len(decided) >= len(grid) - 1
+        assert all(k == (o < 1) for k, o in decided), [(g, o) for g, k, o in zip(grid, kept, direct) if k != (o < 1)]
+        counted[(kind, odds)] = sum(not k for k in kept)
+    # the rules differ on this grid: odds sqrt(2 pi) removes more than odds 1, fewer than odds 10
+    assert counted[("bmrs_n", 1.0)] < counted[("bmrs_n", sqrt_2pi)] < counted[("bmrs_n", 10.0)]
+    # odds sqrt(2 pi) is the reference's rule: its dF_N (ours + 0.5 log 2 pi, the 2 pi left out) >= 0
+    df = -bayesprune.BMRSNormal().score(None, noise)
+    ref_removed = (df + 0.5 * math.log(2 * math.pi) >= 0).tolist()
+    assert [not k for k in bayesprune.BMRSNormal().keep(-df).tolist()] == ref_removed
+
+
+def _df_n_scipy(mu, sigma, a=-20.0, b=0.0):
+    from scipy.special import ndtr
+    from scipy.stats import norm
+
+    return math.log(b - a) + norm.logpdf(a, mu, sigma) - math.log(ndtr((b - mu) / sigma) - ndtr((a - mu) / sigma))
+
+
+def test_default_bmrs_n_removes_posteriors_at_the_prior_and_keeps_what_the_data_need():
+    """A posterior relaxed to the prior (wide, centred: q close to U(a, b)) has dF_N between
+    -0.35 and -0.08: no evidence either way.  Exact BMR (odds 1) keeps it; the default odds
+    sqrt(2 pi) remove it.  Structures the data need (mu near 0, small sigma) stay under both."""
+    model, _, _ = make_net()
+    layer = next(n for n in noise_layers(model) if n.layer_name == "fc")
+    at_prior = [(-10.0, 10.0), (-10.0, 14.0), (-9.0, 20.0), (-11.0, 12.0)]
+    needed = [(0.0, 0.05), (-0.5, 0.2), (-1.0, 0.5)]
+    with torch.no_grad():
+        for j, (m, s) in enumerate(at_prior + needed):
+            layer.mu[j], layer.log_sigma[j] = m, math.log(s)
+    for m, s in at_prior:
+        assert -0.35 <= _df_n_scipy(m, s) <= -0.08, (m, s, _df_n_scipy(m, s))
+        q = bayesprune.TruncatedLogNormal(torch.tensor(m), torch.tensor(s))
+        assert float(kl_to_prior(q)) < 0.2  # the posterior carries almost no information
+    for m, s in needed:
+        assert _df_n_scipy(m, s) < -5
+    rep = prune(model, "bmrs_n")
+    removed = torch.nonzero(layer.mask == 0).flatten().tolist()
+    assert removed == list(range(len(at_prior)))
+    assert all(bool((n.mask == 1).all()) for n in noise_layers(model) if n is not layer)
+    assert rep.structures_total - rep.structures_kept == len(at_prior)
+    prune(model, "bmrs_n", prior_odds=1, monotone=False)
+    assert bool((layer.mask == 1).all())
+
+
+def kl_to_prior(q):
+    return torch.distributions.kl_divergence(q, bayesprune.LogUniform(batch_shape=q.batch_shape))
+
+
+def test_harness_default_rule_is_the_criterion_default():
+    """`bayesprune run`'s resolved configuration writes out BMRS_N's default, the paper's odds."""
+    from bayesprune.experiments.training import criterion_of, resolve_config
+
+    cfg = resolve_config()
+    assert cfg.method == "bmrs_n" and cfg.threshold == bayesprune.BMRSNormal().threshold == REFERENCE_THRESHOLD
+    assert criterion_of(cfg) == bayesprune.BMRSNormal()
+    exact = resolve_config(prior_odds=1.0)
+    assert exact.threshold is None and criterion_of(exact) == bayesprune.BMRSNormal(prior_odds=1)
+    assert resolve_config(method="bmrs_u").threshold is None  # BMRS_U's default is odds 1
+    for option in ("threshold", "prior_odds", "precision", "compression"):
+        with pytest.raises(ValueError, match=option):
+            resolve_config(method="bmrs_u" if option == "precision" else "l2" if option == "compression" else "bmrs_n",
+                           **{option: float("nan")})

@@ -17,7 +17,7 @@ def _shrunk(name, x, seed=0, **kwargs):
         for n in bp.noise_layers(model):
             n.mu.copy_(torch.randn(n.mu.shape, generator=g))
             n.mask.copy_((torch.rand(n.mask.shape, generator=g) > 0.4).float())
-    return model, bp.shrink(model, x[:1]).eval()
+    return model, bp.shrink(model).eval()  # the input given to add_noise
 
 
 @pytest.mark.parametrize(
@@ -71,8 +71,16 @@ def test_export_onnx_matches_torch(tmp_path, name):
     pytest.importorskip("onnxruntime")
     x = torch.randn(4, 3 if "resnet" in name else 1, 8, 8)
     model, shrunk = _shrunk(name, x)
-    result = bp.export_onnx(shrunk, x, tmp_path / "m.onnx")
-    assert result["max_abs_diff"] <= 1e-4 * result["output_scale"]
+    result = bp.export_onnx(shrunk, tmp_path / "m.onnx", x)
+    assert isinstance(result, bp.OnnxExport) and result.path == str(tmp_path / "m.onnx")
+    assert result.max_abs_diff <= 1e-4 * result.output_scale
+    # without an input: a random one of the shape recorded by shrink (that of add_noise's input)
+    default = bp.export_onnx(shrunk, tmp_path / "m2.onnx")
+    assert default.max_abs_diff <= 1e-4 * default.output_scale and default.output_scale > 0
+    assert bp.export_onnx(shrunk, tmp_path / "m3.onnx", x, check=False).to_dict() == {
+        "path": str(tmp_path / "m3.onnx"), "max_abs_diff": None, "output_scale": None}
+    with pytest.raises(TypeError, match="path must be a file name"):
+        bp.export_onnx(shrunk, x, tmp_path / "m.onnx")  # the old argument order
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
@@ -86,12 +94,25 @@ def test_export_onnx_matches_torch(tmp_path, name):
 def test_size_speed_report():
     x = torch.randn(1, 1, 8, 8)
     model, shrunk = _shrunk("mlp", x, width=64, extra_layers=1)
-    rep = bp.size_speed_report(model, shrunk, (1, 8, 8), batch_sizes=(1, 16), min_repeats=3, budget_s=0.05)
-    assert rep["params"]["original"] == bp.count_parameters(model) > rep["params"]["shrunk"]
-    assert rep["macs"]["ratio"] > 1 and rep["params"]["ratio"] > 1
-    assert set(rep["latency_ms"]) == {1, 16}
-    for t in rep["latency_ms"].values():
-        assert t["original"] > 0 and t["shrunk"] > 0 and t["speedup"] == pytest.approx(t["original"] / t["shrunk"])
+    rep = bp.size_speed_report(model, shrunk, batch_sizes=(1, 16), min_repeats=3, budget_s=0.05)  # add_noise's input
+    assert isinstance(rep, bp.SizeSpeedReport)
+    assert rep.params_original == bp.count_parameters(model) > rep.params_shrunk == bp.count_parameters(shrunk)
+    # MACs of a Linear stack at batch 1: in x out per layer (biases not counted as MACs)
+    widths = [64] + [m.out_features for m in shrunk.modules() if isinstance(m, nn.Linear)]
+    assert rep.macs_shrunk == sum(a * b for a, b in zip(widths, widths[1:])) + sum(widths[1:])
+    assert rep.macs_ratio > 1 and rep.params_ratio > 1
+    assert set(rep.latency) == {1, 16}
+    for t in rep.latency.values():
+        assert t.original_ms > 0 and t.shrunk_ms > 0 and t.speedup == pytest.approx(t.original_ms / t.shrunk_ms)
+    d = rep.to_dict()
+    assert d["params"] == {"original": rep.params_original, "shrunk": rep.params_shrunk, "ratio": rep.params_ratio}
+    assert d["latency_ms"][16]["speedup"] == rep.latency[16].speedup
     from bayesprune.benchmarking import format_report
 
-    assert "MACs" in format_report(rep)
+    assert "MACs" in format_report(rep) and format_report(rep) == format_report(d)
+    # another input (a batch; only its shape per example counts), and the shrunk model's record
+    other = bp.size_speed_report(model, shrunk, torch.zeros(5, 1, 8, 8), batch_sizes=(2,), min_repeats=1, budget_s=0.01)
+    plain = bp.size_speed_report(bp.remove_noise(model), shrunk, batch_sizes=(2,), min_repeats=1, budget_s=0.01)
+    assert (other.macs_original, other.macs_shrunk) == (plain.macs_original, plain.macs_shrunk) == (rep.macs_original, rep.macs_shrunk)
+    with pytest.raises(TypeError, match="one input tensor"):
+        bp.size_speed_report(model, shrunk, (1, 8, 8))

@@ -140,12 +140,43 @@ def test_placement_layer_and_explicit_layers():
     assert [(n.layer_name, n.target_name) for n in noise_layers(model)] == [("block.conv1", "block.bn1"), ("fc", "fc_act")]
 
 
-def test_placement_without_example_inputs_on_sequential():
+def test_example_inputs_required_and_kept_with_the_noise_layers():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2))
-    add_noise(model)
+    with pytest.raises(ValueError, match="needs example_inputs"):
+        add_noise(model, None)
+    with pytest.raises(TypeError):
+        add_noise(model)  # noqa: the input is a required argument
+    assert noise_layers(model) == []
+    x = torch.randn(3, 6)
+    add_noise(model, x)
     got = [(n.layer_name, n.target_name, n.dim) for n in noise_layers(model)]
     assert got == [("0", "1", -1), ("2", "4", -1)]
+    assert bayesprune.stored_example_inputs(model) is x
+    assert not hasattr(model, "bayes_example_inputs")  # not a loose attribute of the user's module
+    assert all(n.example_inputs is x for n in noise_layers(model))
+    assert not any("example" in k for k in model.state_dict())  # not saved with the weights
+    bayesprune.remove_noise(model)
+    assert bayesprune.stored_example_inputs(model) is None
+
+
+def test_layer_not_run_by_the_example_follows_its_sequential_siblings():
+    """A chosen layer that the example's forward pass does not run (a branch not taken) is
+    placed from its nn.Sequential siblings."""
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.main = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+            self.other = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2))
+
+        def forward(self, x):
+            return self.main(x)
+
+    model = Branchy()
+    add_noise(model, torch.randn(3, 6), layers=["main.0", "other.0"])
+    got = [(n.layer_name, n.target_name) for n in noise_layers(model)]
+    assert got == [("main.0", "main.1"), ("other.0", "other.2")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -701,3 +732,104 @@ def test_joint_draw_hooks_follow_copies_and_go_with_remove_noise():
     assert len(small._forward_pre_hooks) == 1  # the smaller noisy copy draws jointly too
     small.train()(x).sum().backward()
     assert all(n.mu.grad is not None for n in noise_layers(small))
+
+
+# ---------------------------------------------------------------------------------------------
+# dtype and device of the noise parameters; the meta device; the one default draw
+
+
+def _typed_lenet(dtype, device="cpu"):
+    from bayesprune.experiments.models import LeNet5
+
+    torch.manual_seed(0)
+    model = LeNet5(1, 10, 16).to(device=device, dtype=dtype)
+    x = torch.randn(6, 1, 16, 16, dtype=dtype, device=device)
+    add_noise(model, x[:2])
+    return model, x
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_noise_parameters_follow_the_layer_dtype(dtype):
+    model, x = _typed_lenet(dtype)
+    layers = noise_layers(model)
+    assert all(t.dtype == dtype for n in layers for t in (n.mu, n.log_sigma, n.mask))
+    y = torch.randint(0, 10, (6,))
+    for sharing_layer in layers:
+        assert sharing_layer.sharing == "channel"
+    model.train()
+    out = model(x)
+    assert out.dtype == dtype
+    loss = F.cross_entropy(out.float(), y) + kl(model).float()
+    loss.backward()
+    for n in layers:
+        assert n.mu.grad.dtype == dtype and bool(torch.isfinite(n.mu.grad).all()) and float(n.mu.grad.abs().sum()) > 0
+    # E[theta] in the layer's dtype, equal to the float64 value rounded once
+    n0 = layers[0]
+    model.eval()
+    with torch.no_grad():
+        e = n0.expected_theta()
+        e64 = TruncatedLogNormal(n0.mu.double(), n0.sigma.double(), n0.a, n0.b).mean
+        assert e.dtype == dtype and torch.equal(e, e64.to(dtype))
+    rep = bayesprune.prune(model, "l2", compression=0.4)
+    assert rep.param_compression >= 0.4
+    small = bayesprune.shrink(model)
+    assert next(small.parameters()).dtype == dtype
+    with torch.no_grad():
+        ref, got = model(x).double(), small.eval()(x).double()
+    tol = 1e-10 if dtype == torch.float64 else 4 * torch.finfo(dtype).eps
+    assert float((ref - got).abs().max()) <= tol * float(ref.abs().max())
+
+
+def test_float64_noise_draws_in_float64():
+    """A float64 layer's training draws are float64 (not rounded through float32): the sample mean
+    of theta over many draws matches E[theta] to float64-level Monte-Carlo error."""
+    noise = MultiplicativeNoise(3, dim=-1, sharing="element").double()
+    with torch.no_grad():
+        noise.mu.copy_(torch.tensor([-1.0, -3.0, -0.2], dtype=torch.float64))
+        noise.log_sigma.copy_(torch.log(torch.tensor([0.5, 1.0, 0.1], dtype=torch.float64)))
+    torch.manual_seed(0)
+    theta = noise.train()(torch.ones(200_000, 3, dtype=torch.float64))
+    assert theta.dtype == torch.float64
+    se = theta.std(0) / math.sqrt(theta.shape[0])
+    assert bool(((theta.mean(0) - noise.expected_theta()).abs() < 4 * se).all())
+    assert theta.unique().numel() > 199_000 * 3 * 0.99  # float32 rounding would collide far more
+
+
+def test_meta_device_sizes_then_refuses_clearly():
+    from bayesprune.experiments.models import LeNet5
+
+    with torch.device("meta"):
+        model = LeNet5(1, 10, 32)
+    add_noise(model, torch.zeros(2, 1, 32, 32, device="meta"))
+    layers = noise_layers(model)
+    assert [n.num_structures for n in layers] == [6, 16, 120, 84]
+    assert all(n.mu.is_meta and n.mask.is_meta for n in layers)
+    real = LeNet5(1, 10, 32)
+    assert bayesprune.count_parameters(model) == sum(p.numel() for p in real.parameters())
+    for fn in (lambda: bayesprune.prune(model, "bmrs_n"), lambda: bayesprune.report(model), lambda: kl(model),
+               lambda: bayesprune.shrink(model), lambda: bayesprune.remaining_parameters(model)):
+        with pytest.raises(ValueError, match="meta device.*to_empty"):
+            fn()
+    model.to_empty(device="cpu")
+    for n in noise_layers(model):
+        n.reset_parameters()
+    x = torch.randn(2, 1, 32, 32)
+    for n in noise_layers(model):
+        n.example_inputs = x
+    assert bayesprune.prune(model, "etheta").structures_kept == 226  # E[theta] ~ 1 at init
+
+
+def test_one_default_noise_draw_for_add_noise_and_bayesprune_run():
+    from bayesprune.experiments import cli
+    from bayesprune.experiments.training import RunConfig
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    add_noise(model, torch.randn(2, 4))
+    args = cli.build_parser().parse_args(["run"])
+    resolved = cli._resolved(args, seed=0)
+    assert noise_layers(model)[0].sharing == resolved.sharing == RunConfig().sharing == bayesprune.DEFAULT_SHARING == "channel"
+    assert MultiplicativeNoise(3).sharing == bayesprune.DEFAULT_SHARING
+    add_noise(bayesprune.remove_noise(model), torch.randn(2, 4), sharing="element")  # the reference's draw
+    assert noise_layers(model)[0].sharing == "element"
+    with pytest.raises(ValueError, match="unknown sharing 'channels'"):
+        add_noise(bayesprune.remove_noise(model), torch.randn(2, 4), sharing="channels")

@@ -308,9 +308,12 @@ def test_training_on_after_shrinking_follows_the_masked_network(build, shape):
 def test_errors():
     with pytest.raises(ValueError, match="no noise layers"):
         bp.shrink(MLP(4, 2, width=3, extra_layers=0), torch.randn(1, 4))
-    model = bp.add_noise(MLP(4, 2, width=3, extra_layers=0))
-    with pytest.raises(ValueError, match="example_inputs"):
+    model = bp.add_noise(MLP(4, 2, width=3, extra_layers=0), torch.randn(1, 4))
+    for n in bp.noise_layers(model):
+        n.example_inputs = None  # as if no input had been kept
+    with pytest.raises(ValueError, match="no example input.*pass example_inputs"):
         bp.shrink(model)
+    assert bp.count_parameters(bp.shrink(model, torch.randn(2, 4))) == bp.count_parameters(model)
 
 
 class TwoInputNet(nn.Module):

@@ -1,26 +1,50 @@
 """bayesprune: Bayesian structured pruning (BMRS) and Bayes-factor pruning for PyTorch."""
 
-from .criteria import CRITERIA, PruneReport, prune, report, scores
+from .criteria import (
+    CRITERIA,
+    BMRSNormal,
+    BMRSUniform,
+    Criterion,
+    ExpectedTheta,
+    GradNorm,
+    L2Norm,
+    SNR,
+    get_criterion,
+)
 from .distributions import LogUniform, TruncatedLogNormal
-from .noise import MultiplicativeNoise, add_noise, kl, noise_layers, remove_noise
-from .reduction import delta_f_normal, delta_f_uniform
+from .noise import DEFAULT_SHARING, MultiplicativeNoise, add_noise, kl, noise_layers, remove_noise, stored_example_inputs
+from .pruning import LayerReport, PruneReport, prune, report, scores
+from .reduction import REFERENCE_THRESHOLD, delta_f_normal, delta_f_uniform
 from .removal import count_parameters, remaining_parameters, shrink, shrink_for_training
-from .export import export_onnx, load_shrunk, save_shrunk
-from .benchmarking import size_speed_report
+from .export import OnnxExport, export_onnx, load_shrunk, save_shrunk
+from .benchmarking import SizeSpeedReport, size_speed_report
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BMRSNormal",
+    "BMRSUniform",
     "CRITERIA",
+    "Criterion",
+    "DEFAULT_SHARING",
+    "ExpectedTheta",
+    "GradNorm",
+    "L2Norm",
+    "LayerReport",
     "LogUniform",
     "MultiplicativeNoise",
+    "OnnxExport",
     "PruneReport",
+    "REFERENCE_THRESHOLD",
+    "SNR",
+    "SizeSpeedReport",
     "TruncatedLogNormal",
     "add_noise",
     "count_parameters",
     "delta_f_normal",
     "delta_f_uniform",
     "export_onnx",
+    "get_criterion",
     "kl",
     "load_shrunk",
     "noise_layers",
@@ -33,4 +57,5 @@ __all__ = [
     "shrink",
     "shrink_for_training",
     "size_speed_report",
+    "stored_example_inputs",
 ]

@@ -13,9 +13,10 @@ makes one from the stored spec (the experiment harness's is
 ``bayesprune.experiments.models.build_from_spec``), replays the recorded Torch-Pruning steps on
 it with zero example inputs of the recorded shapes, and loads the state dict strictly.
 
-``export_onnx`` writes ONNX with the TorchScript exporter (``dynamo=False``: it needs no
-``onnxscript``) with a dynamic batch axis and, with ``check=True``, compares onnxruntime's
-output to PyTorch's.
+``export_onnx(shrunk, path)`` writes ONNX with the TorchScript exporter (``dynamo=False``: it
+needs no ``onnxscript``) with a dynamic batch axis and, with ``check=True``, compares
+onnxruntime's output to PyTorch's; without ``example_inputs`` it uses a random input of the
+shape recorded by :func:`bayesprune.shrink` (the shape of the input given to ``add_noise``).
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .noise import noise_layers
-from .removal import _run, _tensors, example_from_spec, replay_pruning
+from .removal import _probe, _run, _tensors, example_from_spec, replay_pruning
 
-__all__ = ["save_shrunk", "load_shrunk", "export_onnx", "FORMAT"]
+__all__ = ["save_shrunk", "load_shrunk", "export_onnx", "OnnxExport", "FORMAT"]
 
 FORMAT = "bayesprune-shrunk/1"
 
@@ -89,19 +91,43 @@ def load_shrunk(path: str | os.PathLike, model: nn.Module | None = None, *,
     return model
 
 
-def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, check: bool = True,
-                opset_version: int = 17, rtol: float = 1e-4) -> dict:
-    """Export ``model`` (eval mode) to ONNX at ``path``; batch dimension dynamic.
+@dataclass
+class OnnxExport:
+    """Where :func:`export_onnx` wrote the model, and its check (``None`` without ``check``)."""
 
-    With ``check`` the ONNX model is run with onnxruntime on ``example_inputs`` and must match
-    PyTorch within ``rtol`` times the output scale (else ``AssertionError``).
-    Returns ``{"path", "max_abs_diff", "output_scale"}`` (diffs ``None`` without check).
+    path: str
+    max_abs_diff: float | None = None
+    output_scale: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, *, check: bool = True,
+                opset_version: int = 17, rtol: float = 1e-4) -> OnnxExport:
+    """Export ``model`` (eval mode; the output of :func:`bayesprune.shrink`) to ONNX at ``path``,
+    batch dimension dynamic.
+
+    ``example_inputs``: the input traced and checked; by default a random one of the shape the
+    shrunk model records (the input given to ``add_noise``).  With ``check`` the ONNX model is run
+    with onnxruntime on it and must match PyTorch within ``rtol`` times the output scale (else
+    ``AssertionError``).
     """
     if noise_layers(model):
         raise ValueError("model has noise layers; export the output of bayesprune.shrink")
-    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"export_onnx(model, path, example_inputs=None): path must be a file name, got {type(path).__name__}")
+    if example_inputs is None:
+        spec = getattr(model, "bayesprune_pruning", None)
+        if spec is None:
+            raise ValueError("model records no input shape (it is not the output of bayesprune.shrink): pass example_inputs")
+        example_inputs = _probe(example_from_spec(spec))
     if isinstance(example_inputs, dict):
         raise TypeError("export_onnx takes positional example inputs (a tensor or a tuple of tensors)")
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    p = next(iter(model.parameters()), None)
+    if p is not None:
+        args = tuple(a.to(p.device) if torch.is_tensor(a) else a for a in args)
     names = [f"input{i}" if len(args) > 1 else "input" for i in range(len(args))]
     was = model.training
     model.eval()
@@ -116,7 +142,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, check
                               output_names=out_names, dynamic_axes=axes, opset_version=opset_version)
     finally:
         model.train(was)
-    result = {"path": os.fspath(path), "max_abs_diff": None, "output_scale": None}
+    result = OnnxExport(os.fspath(path))
     if check:
         import onnxruntime as ort
 
@@ -124,7 +150,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, check
         outs = sess.run(None, {n: a.detach().cpu().numpy() for n, a in zip(names, args)})
         diff = max(float((torch.from_numpy(o) - r.cpu()).abs().max()) for o, r in zip(outs, reference))
         scale = max(float(r.abs().max()) for r in reference)
-        result.update(max_abs_diff=diff, output_scale=scale)
+        result.max_abs_diff, result.output_scale = diff, scale
         if not diff <= rtol * max(scale, 1e-12):
             raise AssertionError(f"ONNX output differs from PyTorch: max abs diff {diff:.3g} at scale {scale:.3g}")
     return result

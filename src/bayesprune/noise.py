@@ -11,13 +11,22 @@ once per forward).  Noise goes after the last module of that chain.  So an MLP o
 noise after its activations, a conv-BN-ReLU net after the ReLU, and a torchvision ResNet (whose
 ReLU module is shared) after every BatchNorm, as docs/maths.md section 4 prescribes.
 
+Noise is drawn per (example, channel) by default (:data:`DEFAULT_SHARING`, ``sharing="channel"``,
+Neklyudov et al.); per activation element (``"element"``, the BMRS reference code's draw, about
+3x slower to train a LeNet5) and per channel for the whole batch (``"structure"``) are options.
+
 With one draw per (example, channel) (``sharing="channel"``) or per channel for the whole batch
 (``sharing="structure"``) of a convolution, the noise moves on
 past a pooling module that directly follows (max/average, adaptive or not): pooling commutes with
 a positive per-channel scale, ``pool(h * theta) = pool(h) * theta``, so the network computes the
 same function (max-pool ties aside) while the noise touches a quarter of the elements or fewer.  With
-``placement="layer"`` noise follows the layer directly.  Pass ``example_inputs`` so that the
-chain is read from a real forward pass; without it, siblings in ``nn.Sequential`` are used.
+``placement="layer"`` noise follows the layer directly.  The chain is read from a forward pass
+on ``example_inputs`` (required); a chosen layer that this pass does not run follows its
+siblings in ``nn.Sequential``.
+
+``add_noise`` keeps ``example_inputs`` with the noise layers (:func:`stored_example_inputs`):
+``prune``, ``report``, ``shrink``, ``remaining_parameters`` and ``size_speed_report`` use it when
+they are given no input.  Noise parameters take the dtype and device of their layer.
 """
 
 from __future__ import annotations
@@ -38,6 +47,9 @@ __all__ = [
     "kl",
     "remove_noise",
     "PRUNABLE_TYPES",
+    "DEFAULT_SHARING",
+    "SHARING",
+    "stored_example_inputs",
 ]
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -53,6 +65,10 @@ _POOL_TYPES = (
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
 )
 SHARING = ("element", "channel", "structure")
+#: the one default noise draw (add_noise, MultiplicativeNoise, the CLI, reproduce, RunConfig)
+DEFAULT_SHARING = "channel"
+#: dtypes whose draws are computed in float32 (the sampler's special functions need the range)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _stages(layer: nn.Module, sharing: str) -> tuple:
@@ -90,7 +106,7 @@ class MultiplicativeNoise(nn.Module):
         mu_init: float = 0.0,
         log_sigma_init: float = -5.0,
         log_sigma_bounds: tuple[float, float] = (-20.0, 5.0),
-        sharing: str = "element",
+        sharing: str = DEFAULT_SHARING,
     ):
         super().__init__()
         if not a < b:
@@ -105,22 +121,34 @@ class MultiplicativeNoise(nn.Module):
         self.initial_structures = int(num_structures)
         self.log_sigma_bounds = tuple(float(v) for v in log_sigma_bounds)
         self.sharing = sharing
-        self.mu = nn.Parameter(torch.full((num_structures,), float(mu_init)))
-        self.log_sigma = nn.Parameter(torch.full((num_structures,), float(log_sigma_init)))
+        self.mu_init, self.log_sigma_init = float(mu_init), float(log_sigma_init)
+        self.mu = nn.Parameter(torch.full((num_structures,), self.mu_init))
+        self.log_sigma = nn.Parameter(torch.full((num_structures,), self.log_sigma_init))
         self.register_buffer("mask", torch.ones(num_structures))
         self.layer_name = ""
         self.target_name = ""
         self.chain: list[str] = []  # layer [-> BatchNorm] [-> activation]; noise follows the last
         self.order = 0
+        self.example_inputs = None  # set by add_noise; see stored_example_inputs
 
     def extra_repr(self) -> str:
         return f"{self.num_structures}, dim={self.dim}, a={self.a}, b={self.b}, sharing={self.sharing!r}, layer={self.layer_name!r}"
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """mu, log_sigma back to their initial values and every mask entry to 1 (e.g. after
+        ``model.to_empty(device=...)`` of a model built on the meta device)."""
+        self.mu.fill_(self.mu_init)
+        self.log_sigma.fill_(self.log_sigma_init)
+        self.mask.fill_(1)
 
     @property
     def sigma(self) -> torch.Tensor:
         return self.log_sigma.clamp(*self.log_sigma_bounds).exp()
 
     def check_finite(self) -> None:
+        if self.mu.is_meta:  # no values to check
+            return
         with torch.no_grad():  # one reduction and one host read; the counting only on failure
             if bool(torch.isfinite(self.mu.sum() + self.log_sigma.sum())):
                 return
@@ -173,8 +201,10 @@ class MultiplicativeNoise(nn.Module):
                 if theta is not None:
                     return h * theta.view(u_shape).to(h.dtype)
         self._check_finite_unless_cuda_training(h)
-        u = torch.rand(u_shape, dtype=self.mu.dtype, device=h.device)
-        theta = draw_theta(self.mu.view(shape), self.sigma.view(shape), self.mask.view(shape), u, self.a, self.b)
+        dtype = _draw_dtype(self.mu.dtype)
+        u = torch.rand(u_shape, dtype=dtype, device=h.device)
+        theta = draw_theta(self.mu.view(shape).to(dtype), self.sigma.view(shape).to(dtype),
+                           self.mask.view(shape).to(dtype), u, self.a, self.b)
         return h * theta.to(h.dtype)
 
     def _check_finite_unless_cuda_training(self, h: torch.Tensor) -> None:
@@ -185,6 +215,11 @@ class MultiplicativeNoise(nn.Module):
 
     def _hook(self, module, args, output):
         return self(output)
+
+
+def _draw_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half and bfloat16 parameters (their draws and gradients pass through the cast)."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
 _DRAWS = threading.local()  # per thread: the stack of forward passes with a joint draw
@@ -263,10 +298,11 @@ class _Draws:
                 if not bool(torch.isfinite(mu.sum() + log_sigma.sum())):
                     for m in layers:
                         m.check_finite()  # names the layer
-        sigma = log_sigma.clamp(*first.log_sigma_bounds).exp()
-        mask = torch.cat([m.mask for m in layers])
-        u = torch.rand((batch, mu.numel()), dtype=mu.dtype, device=device)
-        theta = draw_theta(mu, sigma, mask, u, first.a, first.b)
+        dtype = _draw_dtype(mu.dtype)
+        sigma = log_sigma.clamp(*first.log_sigma_bounds).exp().to(dtype)
+        mask = torch.cat([m.mask for m in layers]).to(dtype)
+        u = torch.rand((batch, mu.numel()), dtype=dtype, device=device)
+        theta = draw_theta(mu.to(dtype), sigma, mask, u, first.a, first.b)
         return theta.split([m.num_structures for m in layers], dim=1)
 
 
@@ -384,37 +420,43 @@ def _chain_from_sequential(model: nn.Module, layer_name: str, placement: str, sh
 
 def add_noise(
     model: nn.Module,
-    example_inputs=None,
+    example_inputs,
+    *,
     layers=None,
     placement: str = "auto",
     exclude_output_layer: bool = True,
+    sharing: str = DEFAULT_SHARING,
     **noise_kwargs,
 ) -> nn.Module:
     """Insert a :class:`MultiplicativeNoise` after every prunable layer of ``model`` (in place).
 
+    ``example_inputs``: a small input batch (a tensor, or a tuple/dict of the forward's
+    arguments), required: it shows which layers run and where their outputs go, and is kept
+    with the noise layers for ``prune``, ``report``, ``shrink`` and the size reports.
     ``layers``: optional names (or modules) of the layers to make prunable; by default every
     Linear/Conv layer that runs in the forward pass except the output layer.  ``placement``:
-    ``"auto"`` (see module docstring) or ``"layer"``.  ``noise_kwargs`` go to
-    :class:`MultiplicativeNoise` (``a``, ``b``, ``mu_init``, ``log_sigma_init``, ``sharing``).
-    Returns the model.
+    ``"auto"`` (see module docstring) or ``"layer"``.  ``sharing``: the noise draw, per
+    (example, channel) by default (:data:`DEFAULT_SHARING`).  ``noise_kwargs`` go to
+    :class:`MultiplicativeNoise` (``a``, ``b``, ``mu_init``, ``log_sigma_init``).
+    Noise parameters take the dtype and device of their layer.  Returns the model.
     """
+    if example_inputs is None:
+        raise ValueError(
+            "add_noise needs example_inputs, a small input batch (e.g. x[:2]): it traces where each "
+            "layer's output goes and is kept for prune, report and shrink"
+        )
     if placement not in ("auto", "layer"):
         raise ValueError(f"unknown placement {placement!r}; valid: auto, layer")
+    if sharing not in SHARING:
+        raise ValueError(f"unknown sharing {sharing!r}; valid: {', '.join(SHARING)}")
     if noise_layers(model):
         raise ValueError("model already has noise layers; call remove_noise(model) first")
     named = dict(model.named_modules())
-    mha_children = {
-        id(c) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for c in m.modules() if c is not m
-    }
-    calls = _trace(model, example_inputs) if example_inputs is not None else None
-    if calls is not None:
-        called = []
-        for c in calls:
-            if isinstance(c.module, PRUNABLE_TYPES) and c.name not in [x.name for x in called]:
-                called.append(c)
-        candidates = [c.name for c in called]
-    else:
-        candidates = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES) and id(m) not in mha_children]
+    calls = _trace(model, example_inputs)
+    candidates = []  # prunable layers in the order the forward pass first runs them
+    for c in calls:
+        if isinstance(c.module, PRUNABLE_TYPES) and c.name not in candidates:
+            candidates.append(c.name)
     if layers is None:
         chosen = list(candidates)
         if exclude_output_layer and chosen:
@@ -440,25 +482,24 @@ def add_noise(
         chosen = [n for n in candidates if n in wanted] + [n for n in wanted if n not in candidates]
     if not chosen:
         raise ValueError("no prunable layer (Linear/Conv) found to add noise to")
-    sharing = noise_kwargs.get("sharing", "element")
     for order, name in enumerate(chosen):
         layer = named[name]
         n, dim = _num_structures(layer)
-        if calls is not None and name in [c.name for c in calls]:
+        if name in [c.name for c in calls]:
             layer_call = next(c for c in calls if c.name == name)
             chain = _chain_from_trace(calls, layer_call, placement, sharing)
         else:
             chain = _chain_from_sequential(model, name, placement, sharing)
         target_name = chain[-1]
-        noise = MultiplicativeNoise(n, dim=dim, **noise_kwargs)
+        noise = MultiplicativeNoise(n, dim=dim, sharing=sharing, **noise_kwargs)
         noise.layer_name, noise.target_name, noise.order = name, target_name, order
         noise.chain = chain
+        noise.example_inputs = example_inputs
         p = next(layer.parameters())
-        noise.to(device=p.device)
+        noise.to(device=p.device, dtype=p.dtype if p.is_floating_point() else None)
         layer.add_module("bayes_noise", noise)
         noise._handle = named[target_name].register_forward_hook(noise._hook)
     _install_joint_draw(model)
-    model.bayes_example_inputs = example_inputs
     return model
 
 
@@ -466,6 +507,29 @@ def noise_layers(model: nn.Module) -> list[MultiplicativeNoise]:
     """The model's noise modules, in forward order."""
     found = [m for m in model.modules() if isinstance(m, MultiplicativeNoise)]
     return sorted(found, key=lambda m: m.order)
+
+
+def meta_error(what: str) -> ValueError:
+    """The error for a model on the meta device (shapes without values)."""
+    return ValueError(
+        f"the model is on the meta device (parameters without values): {what} needs real values. "
+        "Sizes work there (count_parameters, noise_layers); to go on, materialise it with "
+        "model.to_empty(device=...), then load weights or call reset_parameters() on each noise layer"
+    )
+
+
+def check_not_meta(layers, what: str) -> None:
+    """Raise :func:`meta_error` where noise layers are on the meta device."""
+    if any(n.mu.is_meta for n in layers):
+        raise meta_error(what)
+
+
+def stored_example_inputs(model: nn.Module):
+    """The ``example_inputs`` given to :func:`add_noise` (kept by the noise layers), or None."""
+    for m in noise_layers(model):
+        if m.example_inputs is not None:
+            return m.example_inputs
+    return None
 
 
 def remove_noise(model: nn.Module) -> nn.Module:
@@ -483,8 +547,6 @@ def remove_noise(model: nn.Module) -> nn.Module:
                     del target._forward_hooks[key]
             del m._modules["bayes_noise"]
     _remove_joint_draw(model)
-    if hasattr(model, "bayes_example_inputs"):
-        del model.bayes_example_inputs
     return model
 
 
@@ -501,6 +563,7 @@ def kl(model: nn.Module, weighting: str = "mean", num_train: int | None = None) 
     layers = noise_layers(model)
     if not layers:
         raise ValueError("model has no noise layers; call bayesprune.add_noise(model, ...) first")
+    check_not_meta(layers, "the KL")
     if weighting not in KL_WEIGHTINGS:
         raise ValueError(f"unknown KL weighting {weighting!r}; valid: {', '.join(KL_WEIGHTINGS)}")
     if weighting == "elbo" and (not num_train or num_train < 1):

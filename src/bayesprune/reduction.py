@@ -1,8 +1,10 @@
 """Bayesian model reduction for structured pruning (docs/maths.md section 2).
 
 For a reduced prior p~ the change in log evidence follows from the posterior alone,
-``dF = log E_q[p~(x) / p(x)]``; a structure is pruned when ``dF >= threshold`` (0 by default,
-the principled value).  Both functions work in float64 and use the split
+``dF = log E_q[p~(x) / p(x)]`` (the log Bayes factor of the reduced model).  A structure is
+removed when its posterior odds of removal are at least 1: ``BF * prior_odds >= 1``, i.e.
+``dF + log(prior_odds) >= 0``, or ``dF >= threshold`` with ``threshold = -log(prior_odds)``
+(docs/maths.md section 2; the criteria objects of :mod:`bayesprune.criteria` hold the rule).  Both functions work in float64 and use the split
 ``log Z = -d^2/2 + r`` of :func:`bayesprune.distributions.log_mass_parts` so that the
 ``1e14``-sized terms of the paper's form cancel algebraically.
 """
@@ -15,11 +17,16 @@ import torch
 
 from .distributions import DEFAULT_A, DEFAULT_B, log_mass_parts
 
-__all__ = ["delta_f_normal", "delta_f_uniform", "FLOAT32_MANTISSA_LOG", "REFERENCE_THRESHOLD"]
+__all__ = ["delta_f_normal", "delta_f_uniform", "FLOAT32_MANTISSA_LOG", "REFERENCE_THRESHOLD", "LOG_REFERENCE_PRIOR_ODDS"]
 
-#: The reference implementation's dF_N is the exact one + 0.5 log(2 pi) (it drops the 2 pi):
-#: ``prune(model, "bmrs_n", threshold=REFERENCE_THRESHOLD)`` reproduces its decisions.
-REFERENCE_THRESHOLD = -0.5 * math.log(2 * math.pi)
+#: log of the prior odds of removal that the reference implementation (and the BMRS paper) use:
+#: its dF_N is the exact one + 0.5 log(2 pi) (it drops the 2 pi of the Gaussian normaliser, which
+#: gives the reduced prior a total mass of sqrt(2 pi)), so its rule "dF >= 0" is exact BMR with
+#: prior odds sqrt(2 pi) : 1 (docs/maths.md section 2).
+LOG_REFERENCE_PRIOR_ODDS = 0.5 * math.log(2 * math.pi)
+#: the same rule as a dF threshold: ``prune(model, "bmrs_n", threshold=REFERENCE_THRESHOLD)``
+#: reproduces the reference implementation's decisions.
+REFERENCE_THRESHOLD = -LOG_REFERENCE_PRIOR_ODDS
 
 #: a' of BMRS_U: log 2^-23, the float32 mantissa resolution.
 FLOAT32_MANTISSA_LOG = -23 * math.log(2.0)

@@ -1,6 +1,6 @@
 """Physical removal of pruned structures: a smaller dense network.
 
-``shrink(model, example_inputs)`` copies the model, folds ``E[theta] * mask`` of every noise
+``shrink(model)`` copies the model, folds ``E[theta] * mask`` of every noise
 layer into adjacent weights, drops the noise modules, and removes masked structures with
 Torch-Pruning's dependency graph, which also removes what is coupled to them: BatchNorm
 entries, the next layers' input weights (through flatten), and channels tied across residual
@@ -18,6 +18,9 @@ Removal rule: structure i of a layer is removed when its mask is 0 and every Lin
 output coupled to it (residual additions, concatenations) is masked too; a coupled channel
 that some layer keeps stays (zeroed where masked, by the fold), so outputs are unchanged.
 Channels coupled to a LayerNorm/GroupNorm (which normalises across them) are never removed.
+
+Every function here uses the example input given to ``add_noise`` (kept by the noise layers)
+unless it is passed another one.
 
 Safety net: the result is run on a random probe shaped like ``example_inputs`` and compared
 with the masked model's eval output.  If it differs (e.g. removing q/k/v features breaks an
@@ -42,7 +45,17 @@ from torch_pruning import ops as _tp_ops
 from torch_pruning.dependency import shape_infer as _tp_shape_infer
 from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
-from .noise import _BN_TYPES, _POOL_TYPES, PRUNABLE_TYPES, MultiplicativeNoise, _install_joint_draw, noise_layers, remove_noise
+from .noise import (
+    _BN_TYPES,
+    _POOL_TYPES,
+    PRUNABLE_TYPES,
+    MultiplicativeNoise,
+    _install_joint_draw,
+    meta_error,
+    noise_layers,
+    remove_noise,
+    stored_example_inputs,
+)
 
 __all__ = ["shrink", "shrink_for_training", "parameter_origins", "carry_optimizer_state", "count_parameters", "remaining_parameters", "replay_pruning"]
 
@@ -58,19 +71,28 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def _example(model, example_inputs):
-    """The example inputs (given, or remembered by add_noise), on the model's device: a model
-    moved to CUDA after add_noise still finds its remembered CPU example usable."""
+    """The example inputs (given, or kept by the noise layers since add_noise), on the model's
+    device and, for floating-point inputs, in its floating dtype: a model moved to CUDA or cast to
+    float64 after add_noise still finds its stored example usable."""
     if example_inputs is None:
-        example_inputs = getattr(model, "bayes_example_inputs", None)
+        example_inputs = stored_example_inputs(model)
     if example_inputs is None:
         raise ValueError(
-            "example_inputs is needed to trace the network's dependencies; pass a small input batch "
-            "(or give it to add_noise(model, example_inputs), which remembers it)"
+            "no example input: this model has no noise layers that keep one (add_noise(model, "
+            "example_inputs) stores it); pass example_inputs, a small input batch"
         )
-    p = next(iter(model.parameters()), None)
+    p = next((q for q in model.parameters() if q.is_floating_point()), None)
     if p is None:
         return example_inputs
-    return _map_inputs(lambda x: x.to(p.device) if torch.is_tensor(x) else x, example_inputs)
+    if p.is_meta:
+        raise meta_error("removal (a traced forward pass, compared outputs)")
+
+    def move(x):
+        if not torch.is_tensor(x):
+            return x
+        return x.to(device=p.device, dtype=p.dtype if x.is_floating_point() else None)
+
+    return _map_inputs(move, example_inputs)
 
 
 def _map_inputs(fn, inputs):
@@ -135,7 +157,9 @@ def _mismatch(reference, model, inputs, values: bool = True) -> str | None:
     for a, b in zip(outs, reference):
         scale = b.abs().max().item() if b.numel() else 0.0
         diff = (a.double() - b.double()).abs().max().item() if b.numel() else 0.0
-        if not diff <= VERIFY_RTOL * max(scale, 1e-12):
+        # half/bfloat16 networks round at ~1e-3/1e-2: the fold then moves outputs by a few ulps
+        rtol = max(VERIFY_RTOL, 4 * torch.finfo(b.dtype).eps) if b.is_floating_point() else VERIFY_RTOL
+        if not diff <= rtol * max(scale, 1e-12):
             return f"max abs difference {diff:.3g} at output scale {scale:.3g}"
     return None
 
@@ -462,7 +486,9 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
     out.train(model.training)
     out.bayesprune_pruning = {**_input_spec(example_inputs), "steps": steps}
     if keep_noise:
-        out.bayes_example_inputs = example_inputs
+        kept_input = stored_example_inputs(model)
+        for noise in noise_layers(out):  # one shared input, as add_noise left it
+            noise.example_inputs = kept_input if kept_input is not None else example_inputs
     return out
 
 
@@ -489,18 +515,19 @@ def _reattach(model, entries, kept) -> None:
 
 
 @torch.no_grad()
-def shrink(model: nn.Module, example_inputs=None, fold: bool = True, verify: bool = True) -> nn.Module:
+def shrink(model: nn.Module, example_inputs=None, *, fold: bool = True, verify: bool = True) -> nn.Module:
     """A plain ``nn.Module`` without noise layers and without the masked structures.
 
     Its eval output equals the masked model's eval output (``fold=True``; checked on a random
     probe when ``verify``).  ``fold=False`` only removes structures (used to count
     parameters; then only output shapes are checked).  The input model is left untouched.
+    ``example_inputs``: another input than the one given to ``add_noise``.
     """
     return _shrink(model, example_inputs, fold=fold, keep_noise=False, verify=verify)
 
 
 @torch.no_grad()
-def shrink_for_training(model: nn.Module, example_inputs=None, verify: bool = True) -> nn.Module:
+def shrink_for_training(model: nn.Module, example_inputs=None, *, verify: bool = True) -> nn.Module:
     """A smaller copy that keeps its noise layers, for training on after pruning.
 
     Masked structures are removed as in :func:`shrink` with their noise entries (``mu``,
