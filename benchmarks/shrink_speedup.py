@@ -63,7 +63,7 @@ def train_and_prune(model, data, steps, lr, emulate, seed=0):
                 k = int(emulate * n.num_structures)
                 low = torch.argsort(n.posterior().snr)[:k]
                 n.mu[low], n.log_sigma[low] = -19.0, 0.0
-        rep = bp.prune(model, "bmrs_n", example_inputs=x_all[:1])
+        rep = bp.prune(model, "bmrs_n", prior_odds=1)  # the exact rule (the collapsed ones are far past it)
         acc_after = float((model(xt).argmax(1) == yt).float().mean())
     return rep, train_s, acc_before, acc_after
 
@@ -166,9 +166,9 @@ def layer_table(model, shrunk, shape, batch=128, repeats=60):
 
 
 def report(name, model, shrunk, shape, budget):
-    r = bp.size_speed_report(model, shrunk, shape, batch_sizes=(1, 128), budget_s=budget)
+    r = bp.size_speed_report(model, shrunk, torch.zeros(1, *shape), batch_sizes=(1, 128), budget_s=budget)
     print(format_report(r, f"{name}: "))
-    ok = r["latency_ms"][128]["speedup"] >= 0.8 * r["macs"]["ratio"]
+    ok = r.latency[128].speedup >= 0.8 * r.macs_ratio
     print(f"{name}: target (batch-128 speed-up >= 0.8 x MAC reduction): {'met' if ok else 'NOT met'}")
     return r
 
@@ -204,7 +204,7 @@ def measure_run(run_dir, args):
     name = f"{cfg['model']}/{cfg['dataset']}/{cfg['method']}"
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
     print(f"\n== {name} ({run}; {source}): run's test acc {summary.get('test_acc', float('nan')):.4f}, "
-          f"{bp.report(model, 'masks', example)}")
+          f"{bp.report(model, criterion='masks')}")
     print(f"shrunk vs masked eval output: max abs diff / scale = {err:.2e}")
     report(name, model, shrunk, data.input_shape, args.budget)
     if args.layers:
@@ -240,7 +240,7 @@ def runtime_table(model, shrunk, shape, batch=128, budget=2.0):
         with tempfile.TemporaryDirectory() as tmp:
             for i, m in enumerate((a, b)):
                 path = Path(tmp) / f"{i}.onnx"
-                bp.export_onnx(m, x[:8], path)
+                bp.export_onnx(m, path, x[:8])
                 sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
                 runners.append(lambda t, sess=sess: sess.run(None, {"input": t.numpy()}))
         pairs.append(("onnxruntime", *runners))

@@ -21,6 +21,11 @@ def _no_benchmark(monkeypatch):
     monkeypatch.setattr(training, "_size_speed", lambda *a, **k: None)
 
 
+#: the default rule of `bayesprune run` (BMRS_N at the paper's prior odds) is part of the run directory name
+GROUP = "mlp-digits-bmrs_n-t-0.919"
+ROW = "BMRS_N (dF ≥ -0.919)"
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two seeds of a tiny continuous run (bmrs_n), shared by the tests."""
@@ -36,7 +41,7 @@ def runs(tmp_path_factory):
 
 
 def test_run_layout_and_output(runs, capsys):
-    group = runs / "mlp-digits-bmrs_n"
+    group = runs / GROUP
     for seed in (0, 1):
         d = group / f"seed{seed}"
         for f in ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json"):
@@ -46,6 +51,7 @@ def test_run_layout_and_output(runs, capsys):
     assert cli.main(["run", *TINY, "--finetune-epochs", "1", "--seeds", "0", "1", "--out-dir", str(runs)]) == 0
     out = capsys.readouterr().out
     assert "test acc %" in out and "param compression %" in out and "structure compression %" in out
+    assert "rule: BMRS_N: dF + log(prior odds 2.507) >= 0 (dF >= -0.9189)" in out  # the rule that decided
     acc0 = json.loads((group / "seed0" / "summary.json").read_text())["test_acc"]
     assert f"{100 * acc0:.2f}" in out
 
@@ -66,11 +72,11 @@ def test_table_markdown_and_csv(runs, tmp_path, capsys):
     lines = [line for line in md.splitlines() if line.startswith("|")]
     assert lines[0] == "| method | mlp / digits |"
     assert lines[1] == "|---|---|"
-    assert lines[2].startswith("| BMRS_N |") and lines[2].endswith("(n=2) |")
+    assert lines[2].startswith(f"| {ROW} |") and lines[2].endswith("(n=2) |")
     assert Path(f"{prefix}.md").read_text().strip() == md.split("wrote")[0].strip()
     rows = list(csv.DictReader(open(f"{prefix}.csv")))
-    bm = next(r for r in rows if r["method"] == "BMRS_N")
-    summaries = [json.loads((runs / "mlp-digits-bmrs_n" / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
+    bm = next(r for r in rows if r["method"] == ROW)
+    summaries = [json.loads((runs / GROUP / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
     accs = [100 * s["test_acc"] for s in summaries]
     comps = [100 * s["param_compression"] for s in summaries]
     assert int(bm["n"]) == 2
@@ -82,7 +88,7 @@ def test_table_markdown_and_csv(runs, tmp_path, capsys):
 
 def test_plot(runs, tmp_path, capsys):
     out = tmp_path / "plots"
-    assert cli.main(["plot", str(runs / "mlp-digits-bmrs_n" / "seed0"), "--out", str(out)]) == 0
+    assert cli.main(["plot", str(runs / GROUP / "seed0"), "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "Spearman" in text and "BMRS_U-4" in text
     for f in ("structure_histograms.png", "spearman.png", "spearman.csv"):
@@ -153,6 +159,25 @@ def test_unknown_names(argv, needle, capsys, tmp_path):
     assert cli.main([*argv, "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["run", "--threshold", "nan"], "--threshold"),
+        (["run", "--threshold", "inf"], "--threshold"),
+        (["run", "--prior-odds", "nan"], "--prior-odds"),
+        (["run", "--prior-odds", "0"], "--prior-odds"),
+        (["run", "--method", "bmrs_u", "--precision", "nan"], "--precision"),
+        (["run", "--method", "l2", "--compression", "nan"], "compression"),
+        (["run", "--threshold", "-1", "--prior-odds", "2"], "prior_odds"),
+    ],
+)
+def test_non_finite_or_conflicting_rule_options_are_refused(argv, option, capsys, tmp_path):
+    assert cli.main([*argv, "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and option in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
 def test_missing_data_dir(tmp_path, capsys):

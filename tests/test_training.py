@@ -100,8 +100,9 @@ def test_finished_run_with_another_configuration_is_not_reused(tmp_path):
     # another data directory or device is the same experiment
     moved = tr.run_continuous(_cfg(tmp_path, "r", epochs=1, finetune_epochs=0, data_dir=str(tmp_path / "elsewhere")), progress=False)
     assert moved["test_acc"] == first["test_acc"]
+    assert cfg.threshold == REFERENCE_THRESHOLD  # the default rule, written out
     with pytest.raises(ValueError, match="another configuration.*threshold"):
-        tr.run_continuous(_cfg(tmp_path, "r", epochs=1, finetune_epochs=0, threshold=REFERENCE_THRESHOLD), progress=False)
+        tr.run_continuous(_cfg(tmp_path, "r", epochs=1, finetune_epochs=0, prior_odds=1.0), progress=False)
 
 
 def test_dense_method_trains_the_network_without_noise(tmp_path):
@@ -140,7 +141,7 @@ def test_bmrs_n_prunes_on_digits_within_margin_of_none(tmp_path):
     assert bmrs["test_acc"] >= none["test_acc"] - 0.05
     assert none["param_compression"] == 0.0
     # the exact criterion's summary says what the reference offset would prune
-    exact = tr.run_continuous(_cfg(tmp_path, "exact", **kw), progress=False)
+    exact = tr.run_continuous(_cfg(tmp_path, "exact", prior_odds=1.0, **kw), progress=False)
     assert "reference_offset" in exact
     assert exact["reference_offset"]["param_compression"] >= exact["param_compression"]
 

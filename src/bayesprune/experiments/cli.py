@@ -46,9 +46,29 @@ def _threshold(text: str) -> float:
     if text == "reference":
         return REFERENCE_THRESHOLD
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'reference', got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number or 'reference', got {text!r}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _prior_odds(text: str) -> float:
+    value = _finite(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"prior odds must be > 0, got {text!r}")
+    return value
 
 
 def _config_overrides(args: argparse.Namespace) -> dict:
@@ -69,6 +89,7 @@ def _config_overrides(args: argparse.Namespace) -> dict:
         sharing=args.sharing,
         precision=args.precision,
         threshold=getattr(args, "threshold", None),
+        prior_odds=getattr(args, "prior_odds", None),
         compression=getattr(args, "compression", None),
         monotone=False if getattr(args, "no_monotone", False) else None,
         shrink=True if getattr(args, "shrink", False) else None,
@@ -80,8 +101,9 @@ def _config_overrides(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------------
 # parser
 def _add_common(p: argparse.ArgumentParser, methods: bool = True) -> None:
+    from ..criteria import BMRSNormal
     from .data import DATASETS
-    from ..noise import KL_WEIGHTINGS, SHARING
+    from ..noise import DEFAULT_SHARING, KL_WEIGHTINGS, SHARING
     from .training import METHODS
 
     g = p.add_argument_group("data and model")
@@ -103,12 +125,18 @@ def _add_common(p: argparse.ArgumentParser, methods: bool = True) -> None:
     g.add_argument("--noise-lr", type=float, default=None, help="learning rate of the noise parameters (default: --lr)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
     g.add_argument("--kl-weighting", choices=KL_WEIGHTINGS, default=None)
-    g.add_argument("--sharing", choices=SHARING, default=None)
-    g.add_argument("--precision", type=float, default=None, help="BMRS_U precision p (default 8)")
+    g.add_argument("--sharing", choices=SHARING, default=None,
+                   help=f"noise draws: per (example, channel), per element (the reference code's) or per channel (default: {DEFAULT_SHARING})")
+    g.add_argument("--precision", type=_finite, default=None, help="BMRS_U precision p (default 8)")
     g.add_argument("--val-fraction", type=float, default=None, help="validation share of the training set (default 0.2)")
     if methods:
+        default = BMRSNormal()
         g.add_argument("--threshold", type=_threshold, default=None,
-                       help="prune threshold of the criterion; 'reference' = the reference code's BMRS_N (dF >= -0.919)")
+                       help="prune threshold of the criterion (BMRS: in dF, = -log prior odds); "
+                            f"'reference' = the paper's BMRS_N (dF >= {default.threshold:.3f})")
+        g.add_argument("--prior-odds", type=_prior_odds, default=None,
+                       help=f"BMRS prior odds of removal: removed when dF + log(odds) >= 0 (default for bmrs_n: "
+                            f"{default.prior_odds:.4g} = sqrt(2 pi), the paper's; 1 = exact BMR, bmrs_u's default)")
         g.add_argument("--compression", type=float, default=None, help="target parameter compression in [0, 1] (l2, grad)")
         g.add_argument("--no-monotone", action="store_true", help="allow pruned structures to come back")
         g.add_argument("--shrink", action="store_true", help="physically remove pruned structures during training")
@@ -262,10 +290,10 @@ def _resolved(args, **extra):
 
 
 def cmd_run(args) -> int:
-    from .training import run_continuous, run_dir_name
+    from .training import criterion_of, run_continuous, run_dir_name
 
     base = _resolved(args, seed=args.seeds[0])
-    group = Path(args.out_dir) / run_dir_name(base.model, base.dataset, base.method, base.precision, base.threshold)
+    group = Path(args.out_dir) / run_dir_name(base.model, base.dataset, base.method, base.precision, base.threshold, base.prior_odds)
     print(f"{base.method} on {base.model}/{base.dataset}: epochs {base.epochs} + fine-tune {base.finetune_epochs}, "
           f"batch {base.batch_size}, lr {base.lr:g}, seeds {' '.join(map(str, args.seeds))} -> {group}", flush=True)
     _maybe_download(args, base.dataset)
@@ -283,6 +311,11 @@ def cmd_run(args) -> int:
                          "(docs/maths.md: posteriors relaxed to the prior have dF just below 0)")
     print()
     _print_table(("seed", "test acc %", "param compression %", "structure compression %", "wall s", "run dir"), rows)
+    rule = criterion_of(base)
+    if base.compression is not None:
+        print(f"rule: {base.method}, lowest scores removed first to {100 * base.compression:g} % of the parameters")
+    else:
+        print(f"rule: {rule.rule if rule is not None else 'no pruning (' + base.method + ')'}")
     for line in notes:
         print(line)
     if len(rows) > 1:

@@ -35,7 +35,7 @@ BMRS_METHODS = (("none", None), ("etheta", None), ("snr", None), ("bmrs_n", None
 
 
 def bmrs_table1_configs(out, seeds, epochs=None, finetune_epochs=None, data_dir=None, models=BMRS_MODELS, datasets=BMRS_DATASETS, threshold=None, **extra) -> list[RunConfig]:
-    """The runs of the BMRS Table 1 except L2.  BMRS_N runs with the exact threshold 0 and, if
+    """The runs of the BMRS Table 1 except L2.  BMRS_N runs with the exact rule (prior odds 1) and, if
     ``threshold`` is given (e.g. the reference code's -0.919), once more with it."""
     cfgs = []
     methods = list(BMRS_METHODS) + ([("bmrs_n", "thr")] if threshold is not None else [])
@@ -52,6 +52,7 @@ def bmrs_table1_configs(out, seeds, epochs=None, finetune_epochs=None, data_dir=
                             epochs=epochs, finetune_epochs=finetune_epochs, data_dir=data_dir,
                             out_dir=str(Path(out) / name / f"seed{seed}"),
                             threshold=thr,
+                            prior_odds=1.0 if method == "bmrs_n" and thr is None else None,
                             **extra,
                         )
                     )
@@ -140,7 +141,7 @@ def reproduce(name: str, out: str | Path, seeds=(0,), epochs=None, finetune_epoc
             key = (cfg.model, cfg.dataset, cfg.seed)
             if cfg.method == "bmrs_n" and ((cfg.threshold is not None) == (key in thresholded)):
                 d = asdict(cfg)
-                d.update(method="l2", threshold=None, compression=float(s["param_compression"]), out_dir=str(out / run_dir_name(cfg.model, cfg.dataset, "l2") / f"seed{cfg.seed}"))
+                d.update(method="l2", threshold=None, prior_odds=None, compression=float(s["param_compression"]), out_dir=str(out / run_dir_name(cfg.model, cfg.dataset, "l2") / f"seed{cfg.seed}"))
                 l2.append(RunConfig(**d))
         summaries += _map(_run_one, l2, jobs, progress)
     elif name == "bmrs-posttrain":

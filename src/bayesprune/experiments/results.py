@@ -68,6 +68,9 @@ def method_label(config: dict) -> str:
     thr = config.get("threshold")
     if method in ("bmrs_n", "bmrs_u") and thr is not None and thr != 0:
         label += f" (dF ≥ {thr:.3g})"
+    odds = config.get("prior_odds")
+    if method in ("bmrs_n", "bmrs_u") and odds is not None and odds != 1:
+        label += f" (prior odds {odds:.3g})"
     return label
 
 
@@ -505,10 +508,10 @@ SPEARMAN_CRITERIA: tuple[tuple[str, str, float], ...] = (
 
 def criterion_scores(model, criteria: Sequence[tuple[str, str, float]] = SPEARMAN_CRITERIA) -> dict[str, np.ndarray]:
     """Keep scores of every structure of ``model`` (all noise layers concatenated), per criterion."""
-    from ..criteria import scores
+    from ..pruning import scores
 
     return {
-        label: np.concatenate([s.detach().cpu().numpy() for s in scores(model, crit, precision=p)])
+        label: np.concatenate([s.detach().cpu().numpy() for s in scores(model, crit, **({"precision": p} if crit == "bmrs_u" else {}))])
         for label, crit, p in criteria
     }
 

@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import criteria as crit
+from .. import pruning as crit
+from ..criteria import Criterion, finite, get_criterion
 from .data import load_dataset, make_loader
 from .models import build_model
-from ..noise import add_noise, kl, noise_layers
+from ..noise import DEFAULT_SHARING, add_noise, kl, noise_layers
 from ..reduction import REFERENCE_THRESHOLD
 from ..removal import count_parameters
 
@@ -76,9 +77,12 @@ class RunConfig:
     width: int | None = None
     extra_layers: int | None = None
     kl_weighting: str = "mean"
-    sharing: str = "channel"
+    sharing: str = DEFAULT_SHARING
     precision: float = 8.0
+    # the rule of bmrs_n/bmrs_u: threshold in dF, or prior odds of removal (threshold = -log odds);
+    # neither: the criterion's default (resolve_config writes bmrs_n's out as a threshold)
     threshold: float | None = None
+    prior_odds: float | None = None
     compression: float | None = None
     monotone: bool = True
     shrink: bool = False
@@ -108,6 +112,15 @@ class RunConfig:
             v = getattr(self, name)
             if v is not None and not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a positive number, got {v}")
+        for name in ("threshold", "prior_odds", "compression", "precision"):
+            if getattr(self, name) is not None:
+                finite(name, getattr(self, name))
+        if self.threshold is not None and self.prior_odds is not None:
+            raise ValueError("give threshold or prior_odds, not both (threshold = -log(prior_odds))")
+        if self.prior_odds is not None and (self.method not in ("bmrs_n", "bmrs_u") or not self.prior_odds > 0):
+            raise ValueError(f"prior_odds (> 0) applies to methods bmrs_n and bmrs_u; got {self.prior_odds} for {self.method!r}")
+        if self.compression is not None and (self.threshold is not None or self.prior_odds is not None):
+            raise ValueError("give compression or a threshold/prior_odds, not both")
         if self.method in ("l2", "grad") and self.compression is None and self.threshold is None:
             raise ValueError(f"method {self.method!r} needs --compression (the paper uses BMRS_N's) or --threshold")
         if self.compression is not None and not 0 <= self.compression <= 1:
@@ -135,9 +148,22 @@ def resolve_config(**overrides) -> RunConfig:
             raise ValueError(f"unknown option {k!r}")
         if v is not None:
             base[k] = v
+    if base.get("method", RunConfig.method) == "bmrs_n" and all(base.get(k) is None for k in ("threshold", "prior_odds", "compression")):
+        # the default rule, written out so that config.json and the run directory name state it
+        base["threshold"] = get_criterion("bmrs_n").threshold
     cfg = RunConfig(**base)
     cfg.validate()
     return cfg
+
+
+def criterion_of(cfg: RunConfig) -> Criterion | None:
+    """The criterion object of a run's method and options (None for "none" and "dense")."""
+    if cfg.method in ("none", "dense"):
+        return None
+    options = {k: getattr(cfg, k) for k in ("threshold", "prior_odds") if getattr(cfg, k) is not None}
+    if cfg.method == "bmrs_u":
+        options["precision"] = cfg.precision
+    return get_criterion(cfg.method, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,22 +255,14 @@ def _report(model, cfg: RunConfig, example) -> crit.PruneReport:
     if cfg.method == "dense":
         n = count_parameters(model)
         return crit.PruneReport("dense", params_total=n, params_kept=n)
-    return crit.report(model, cfg.method, example)
+    return crit.report(model, criterion=cfg.method, example_inputs=example)
 
 
 def _prune(model, cfg: RunConfig, example):
-    method = cfg.method
-    if method in ("none", "dense"):
+    criterion = criterion_of(cfg)
+    if criterion is None:
         return _report(model, cfg, example)
-    return crit.prune(
-        model,
-        method,
-        threshold=cfg.threshold,
-        compression=cfg.compression,
-        precision=cfg.precision,
-        monotone=cfg.monotone,
-        example_inputs=example,
-    )
+    return crit.prune(model, criterion, compression=cfg.compression, monotone=cfg.monotone, example_inputs=example)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,14 +271,17 @@ def _safe(name: str) -> str:
 
 
 def run_dir_name(model: str, dataset: str, method: str, precision: float | None = None,
-                 threshold: float | None = None) -> str:
-    """``<model>-<dataset>-<method>[-p<precision> for bmrs_u][-t<threshold> when one is set]``
-    (":" and "/" of ``tv:`` names become "_"); ``bayesprune run`` and ``reproduce`` both use it."""
+                 threshold: float | None = None, prior_odds: float | None = None) -> str:
+    """``<model>-<dataset>-<method>[-p<precision> for bmrs_u][-t<threshold> when one is set]
+    [-odds<prior odds> when they are set and not 1]`` (":" and "/" of ``tv:`` names become "_");
+    ``bayesprune run`` and ``reproduce`` both use it.  Odds 1, the exact rule, is the plain name."""
     name = f"{_safe(model)}-{dataset}-{method}"
     if method == "bmrs_u":
         name += f"-p{float(precision if precision is not None else 8.0):g}"
     if threshold is not None:
         name += f"-t{float(threshold):.3f}"
+    if prior_odds is not None and float(prior_odds) != 1.0:
+        name += f"-odds{float(prior_odds):.4g}"
     return name
 
 
@@ -452,7 +473,7 @@ def run_continuous(cfg: RunConfig, progress: bool = True) -> dict:
         wall_time_s=time.time() - t_start,
         machine=f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}, device {device}",
     )
-    if cfg.method == "bmrs_n" and (cfg.threshold is None or cfg.threshold > REFERENCE_THRESHOLD):
+    if cfg.method == "bmrs_n" and cfg.compression is None and criterion_of(cfg).threshold > REFERENCE_THRESHOLD:
         # what the reference implementation's dF offset would prune on the final model
         ref = crit.prune(copy.deepcopy(model), "bmrs_n", threshold=REFERENCE_THRESHOLD, example_inputs=example)
         summary["reference_offset"] = dict(
@@ -477,7 +498,7 @@ def _size_speed(model, example, splits) -> dict | None:
     from ..noise import remove_noise
 
     remove_noise(dense)
-    return size_speed_report(dense, small, tuple(splits.input_shape))
+    return size_speed_report(dense, small, example.cpu()).to_dict()
 
 
 def _shrink_step(model, opt, example, cfg, kept_index):
@@ -541,7 +562,7 @@ def run_sweep(cfg: RunConfig, progress: bool = True) -> dict:
     for criterion in cfg.sweep_criteria:
         for point in cfg.sweep_points:
             m = copy.deepcopy(model)
-            rep = crit.prune(m, criterion, compression=point, precision=cfg.precision, example_inputs=example)
+            rep = crit.prune(m, criterion, compression=point, example_inputs=example, **_precision(criterion, cfg))
             acc = _finetune_and_test(m, cfg, splits, device)
             results.append(dict(criterion=criterion, target=point, param_compression=1 - rep.params_kept / params_dense, structure_compression=rep.structure_compression, test_acc=acc))
             bar.update(1)
@@ -550,7 +571,7 @@ def run_sweep(cfg: RunConfig, progress: bool = True) -> dict:
             variants = [(criterion, 0.0)] + ([("bmrs_n (reference)", REFERENCE_THRESHOLD)] if criterion == "bmrs_n" else [])
             for label, thr in variants:
                 m = copy.deepcopy(model)
-                rep = crit.prune(m, criterion, threshold=thr, precision=cfg.precision, example_inputs=example)
+                rep = crit.prune(m, criterion, threshold=thr, example_inputs=example, **_precision(criterion, cfg))
                 acc = _finetune_and_test(m, cfg, splits, device)
                 stops[label] = dict(param_compression=1 - rep.params_kept / params_dense, structure_compression=rep.structure_compression, test_acc=acc, threshold=thr)
     bar.close()
@@ -558,6 +579,10 @@ def run_sweep(cfg: RunConfig, progress: bool = True) -> dict:
                    train_wall_time_s=train.get("wall_time_s"), sweep_wall_time_s=time.time() - t_sweep)
     out_path.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _precision(criterion: str, cfg: RunConfig) -> dict:
+    return {"precision": cfg.precision} if criterion == "bmrs_u" else {}
 
 
 def _finetune_and_test(model, cfg, splits, device) -> float:
