@@ -415,3 +415,110 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
     ckpt.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot be read"):
         _bf_run(splits, 3, ckpt)
+
+
+def test_train_bayes_factor_reports_the_test_set_numbers_of_its_final_model():
+    """test_acc / test_loss of the history are those of a plain float64 pass over splits.test."""
+    splits = _digits_splits()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    pruner = BayesFactorPruner(model, mode="magnitude", sparsity=0.5, likelihood_batches=2)
+    hist = train_bayes_factor(model, splits, epochs=1, pruner=pruner, progress=False, report_shrink=False)
+    x = torch.stack([splits.test[i][0] for i in range(len(splits.test))])
+    y = torch.stack([splits.test[i][1] for i in range(len(splits.test))])
+    model.eval()
+    with torch.no_grad():
+        logits = model(x).double()
+    assert hist["test_acc"] == float((logits.argmax(1) == y).double().mean())
+    assert hist["test_loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, y)), rel=1e-6)
+
+
+def test_bf_run_config_rejects_bad_values_naming_them():
+    from bayesprune.experiments.bf_training import BayesFactorRunConfig
+
+    for kw, needle in [(dict(sparsity=1.5), "sparsity must lie in \\[0, 1\\), got 1.5"),
+                       (dict(sparsity=None), "sparsity"),
+                       (dict(mode="shuffle"), "mode must be one of none, random, magnitude"),
+                       (dict(epochs=0), "epochs must be an integer >= 1, got 0"),
+                       (dict(batch_size=2.5), "batch_size"),
+                       (dict(lr=float("nan")), "lr must be a positive number"),
+                       (dict(on_skip="never"), "on_skip must be one of unit, keep, trial")]:
+        with pytest.raises(ValueError, match=needle):
+            BayesFactorRunConfig(**kw)
+    assert BayesFactorRunConfig(mode="none", sparsity=None).sparsity is None
+
+
+def test_bf_grid_and_run_directories():
+    from bayesprune.experiments.bf_training import bayes_factor_grid, bf_run_dir
+
+    cfgs = bayes_factor_grid(modes=["none", "random", "random", "magnitude"], sparsities=[0.5, 0.99], seeds=[0, 1],
+                             model="cnn", dataset="mnist", out_dir="o", gated=False, spare_output=True)
+    assert [(c.mode, c.sparsity, c.seed) for c in cfgs] == [
+        ("none", None, 0), ("none", None, 1),
+        ("random", 0.5, 0), ("random", 0.5, 1), ("random", 0.99, 0), ("random", 0.99, 1),
+        ("magnitude", 0.5, 0), ("magnitude", 0.5, 1), ("magnitude", 0.99, 0), ("magnitude", 0.99, 1),
+    ]
+    dirs = [bf_run_dir(c).as_posix() for c in cfgs]
+    assert dirs[0] == "o/bf-cnn-mnist/none/seed0"
+    assert dirs[4] == "o/bf-cnn-mnist/random-plain-r0.99-spare-output/seed0"
+    gated = bayes_factor_grid(modes=["magnitude"], sparsities=[0.25], seeds=[3], model="fcn", dataset="digits", out_dir="o")
+    assert bf_run_dir(gated[0]).as_posix() == "o/bf-fcn-digits/magnitude-bayes-r0.25/seed3"
+
+
+def test_run_bayes_factor_writes_what_bf_run_writes(tmp_path, capsys):
+    """The function the CLI and reproduce call: the same directory, summary (config included) and
+    history as `bayesprune bf-run`; its config holds exactly the bf-run options."""
+    import json
+
+    from bayesprune.experiments import cli
+    from bayesprune.experiments.bf_training import BayesFactorRunConfig, bf_run_dir, run_bayes_factor
+
+    argv = ["bf-run", "--model", "fcn", "--dataset", "digits", "--epochs", "1", "--sparsity", "0.75",
+            "--mode", "magnitude", "--likelihood-batches", "2", "--seeds", "0", "--quiet", "--device", "cpu",
+            "--out-dir", str(tmp_path / "cli")]
+    assert cli.main(argv) == 0
+    args = cli.build_parser().parse_args(argv)
+    cfg = BayesFactorRunConfig(model="fcn", dataset="digits", epochs=1, mode="magnitude", sparsity=0.75,
+                               likelihood_batches=2, seed=0, quiet=True, device="cpu", out_dir=str(tmp_path / "fn"))
+    options = set(vars(args)) - {"func", "command", "mode", "sparsity", "seeds"}
+    assert set(vars(cfg)) == options | {"mode", "sparsity", "seed"}
+    summary = run_bayes_factor(cfg)
+    d = bf_run_dir(cfg)
+    assert d == tmp_path / "fn" / "bf-fcn-digits" / "magnitude-bayes-r0.75" / "seed0"
+    on_disk = json.loads((d / "summary.json").read_text())
+    assert json.dumps(on_disk) == json.dumps(summary)
+    by_cli = json.loads((tmp_path / "cli" / "bf-fcn-digits" / "magnitude-bayes-r0.75" / "seed0" / "summary.json").read_text())
+    assert list(by_cli["config"]) == list(summary["config"])
+    for k in set(by_cli) - {"wall_time_s", "config"}:
+        assert by_cli[k] == summary[k], k
+    assert {k: v for k, v in by_cli["config"].items() if k != "out_dir"} == \
+        {k: v for k, v in summary["config"].items() if k != "out_dir"}
+    h_cli = json.loads((tmp_path / "cli" / "bf-fcn-digits" / "magnitude-bayes-r0.75" / "seed0" / "history.json").read_text())
+    h_fn = json.loads((d / "history.json").read_text())
+    for k in ("train_loss", "val_loss", "val_acc", "log_bf", "sparsity", "test_acc"):
+        assert h_cli[k] == h_fn[k], k
+    assert not (d / "checkpoint.pt").exists() and (d / "curves.png").stat().st_size > 0
+    capsys.readouterr()
+    assert run_bayes_factor(cfg) == summary  # finished: skipped, the stored summary returned
+    assert "skip" in capsys.readouterr().out
+
+
+def test_reproduce_bf_table1_calls_run_bayes_factor_not_the_cli(tmp_path, monkeypatch):
+    from bayesprune.experiments import bf_training, cli
+    from bayesprune.experiments.reproduce import reproduce
+
+    seen = []
+
+    def no_cli(argv=None):
+        raise AssertionError(f"reproduce went through the CLI: {argv}")
+
+    monkeypatch.setattr(cli, "main", no_cli)
+    monkeypatch.setattr(bf_training, "run_bayes_factor", lambda cfg, data_cache=None: seen.append(cfg) or {})
+    reproduce("bf-table1", tmp_path, seeds=(0, 1), epochs=3, models=["fcn"], datasets=["digits"], progress=False)
+    plain = [c for c in seen if not c.gated]
+    gated = [c for c in seen if c.gated]
+    assert len(plain) == 2 * (2 * 5 + 1) and len(gated) == 2 * 2 * 5  # the unpruned runs once, with the plain group
+    assert {(c.mode, c.sparsity) for c in gated} == {(m, r) for m in ("random", "magnitude")
+                                                      for r in (0.25, 0.5, 0.75, 0.9, 0.99)}
+    assert {c.mode for c in plain} == {"random", "magnitude", "none"}
+    assert all(c.epochs == 3 and c.quiet and c.out_dir == str(tmp_path) and c.model == "fcn" for c in seen)

@@ -1,12 +1,15 @@
-"""The Bayes-factor training loop (Mathew and Rowe; docs/maths.md section 5): Adam on an ordinary
-network with :class:`bayesprune.bayes_factor.BayesFactorPruner` at the end of every epoch, with
-per-epoch checkpoints from which an interrupted run resumes exactly."""
+"""The Bayes-factor training loop and run (Mathew and Rowe; docs/maths.md section 5): Adam on an
+ordinary network with :class:`bayesprune.bayes_factor.BayesFactorPruner` at the end of every epoch,
+with per-epoch checkpoints from which an interrupted run resumes exactly; and
+:func:`run_bayes_factor`, one run directory of ``bayesprune bf-run`` and ``reproduce bf-table1``."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -15,31 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..bayes_factor import (LIKELIHOOD_BATCH_SIZE, BayesFactorPruner, _model_device, count_dead_structures,
+from ..bayes_factor import (LIKELIHOOD_BATCH_SIZE, MODES, SKIP_POLICIES, BayesFactorPruner, count_dead_structures,
                             prunable_weights, shrink_dead)
-from .training import load_checkpoint, save_checkpoint
+from ..bayes_factor.posterior import _model_device
+from .training import evaluate, load_checkpoint, save_checkpoint
 
-__all__ = ["train_bayes_factor"]
-
-def _evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
-    was_training = model.training
-    model.eval()
-    loss = 0.0
-    correct = 0
-    n = 0
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                x, y = batch[0].to(device), batch[1].to(device)
-                logits = model(x)
-                loss += float(F.cross_entropy(logits.double(), y, reduction="sum").item())
-                correct += int((logits.argmax(dim=1) == y).sum().item())
-                n += int(y.shape[0])
-    finally:
-        model.train(was_training)
-    if n == 0:
-        return math.nan, math.nan
-    return loss / n, correct / n
+__all__ = ["train_bayes_factor", "BayesFactorRunConfig", "bayes_factor_grid", "bf_run_dir", "run_bayes_factor"]
 
 
 def _run_config(epochs: int, lr: float, batch_size: int, seed: int, pruner: BayesFactorPruner | None) -> dict[str, Any]:
@@ -162,8 +146,6 @@ def train_bayes_factor(
         raise ValueError("pruner was built for a different model")
     g = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(splits.train, batch_size=batch_size, shuffle=True, generator=g, num_workers=num_workers)
-    val_loader = DataLoader(splits.val, batch_size=eval_batch_size, shuffle=False, num_workers=num_workers)
-    test_loader = DataLoader(splits.test, batch_size=eval_batch_size, shuffle=False, num_workers=num_workers)
     if pruner is not None and pruner.likelihood_data is None and (pruner.gated or pruner.compute_bf):
         pruner.set_likelihood_data(
             DataLoader(splits.train, batch_size=eval_batch_size, shuffle=False, num_workers=num_workers)
@@ -211,7 +193,7 @@ def train_bayes_factor(
             total += float(loss.item()) * int(y.shape[0])
             n += int(y.shape[0])
         record = pruner.end_of_epoch(epoch, optimizer=optimizer) if pruner is not None else None
-        val_loss, val_acc = _evaluate(model, val_loader, dev)
+        val_loss, val_acc = evaluate(model, splits.val, dev, batch_size=eval_batch_size)
         zeros = {name: float((w.detach() == 0).float().mean().item()) for name, w in weights.items()}
         numel = sum(w.numel() for w in weights.values())
         history["epoch"].append(epoch)
@@ -236,7 +218,7 @@ def train_bayes_factor(
                 sparsity=f"{history['sparsity'][-1]:.2f}",
                 log_bf=f"{history['log_bf'][-1]:.3g}",
             )
-    test_loss, test_acc = _evaluate(model, test_loader, dev)
+    test_loss, test_acc = evaluate(model, splits.test, dev, batch_size=eval_batch_size)
     history["resumed_from_epoch"] = start
     history["test_loss"] = test_loss
     history["test_acc"] = test_acc
@@ -251,3 +233,165 @@ def train_bayes_factor(
         except Exception as e:  # a report only: never fail the training run for it
             history["shrink_dead"] = {"error": f"{type(e).__name__}: {e}"}
     return history
+
+
+# ---------------------------------------------------------------------------------------------
+# one run directory of `bayesprune bf-run` / `reproduce bf-table1`
+@dataclass(frozen=True)
+class BayesFactorRunConfig:
+    """One Bayes-factor run: (model, data set, mode, sparsity, seed) and the gate's settings.
+
+    ``mode`` is ``"none"`` (the unpruned baseline, ``sparsity`` None), ``"random"`` or
+    ``"magnitude"``; ``spare_output`` leaves the output layer unpruned.  The fields, in this order,
+    are the ``config`` of the run's summary.json (the options of ``bayesprune bf-run``).
+    """
+
+    dataset: str = "digits"
+    model: str = "fcn"
+    data_dir: str | None = None
+    download: bool = False
+    out_dir: str = "runs"
+    gated: bool = True
+    beta: float = 1.0
+    prior_std: float = 1.0
+    prior_mean: float = 0.0
+    first_log_bf: float = math.inf
+    likelihood_batches: int | None = None
+    steps: int = 1
+    spare_output: bool = False
+    on_skip: str = "unit"
+    epochs: int = 25
+    batch_size: int = 64
+    lr: float = 1e-3
+    device: str = "auto"
+    quiet: bool = False
+    mode: str = "random"
+    sparsity: float | None = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("none",) + MODES:
+            raise ValueError(f"mode must be one of none, {', '.join(MODES)}; got {self.mode!r}")
+        if self.mode != "none" and (self.sparsity is None or not 0 <= self.sparsity < 1):
+            raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity!r}")
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.on_skip not in SKIP_POLICIES:
+            raise ValueError(f"on_skip must be one of {', '.join(SKIP_POLICIES)}; got {self.on_skip!r}")
+
+
+def bayes_factor_grid(*, modes: Iterable[str], sparsities: Iterable[float], seeds: Iterable[int],
+                      **options) -> list[BayesFactorRunConfig]:
+    """One :class:`BayesFactorRunConfig` per (mode, sparsity, seed), in that order; the unpruned
+    mode ``"none"`` once per seed.  ``options``: the other fields, shared by every run."""
+    sparsities, seeds = list(sparsities), list(seeds)
+    return [
+        BayesFactorRunConfig(**options, mode=mode, sparsity=r, seed=seed)
+        for mode in dict.fromkeys(modes)
+        for r in ([None] if mode == "none" else sparsities)
+        for seed in seeds
+    ]
+
+
+def bf_run_dir(config: BayesFactorRunConfig) -> Path:
+    """``<out_dir>/bf-<model>-<dataset>/`` then ``none/seed<k>`` or
+    ``<mode>-<bayes|plain>-r<sparsity>[-spare-output]/seed<k>``."""
+    root = Path(config.out_dir) / f"bf-{config.model}-{config.dataset}"
+    if config.mode == "none":
+        return root / "none" / f"seed{config.seed}"
+    spared = "-spare-output" if config.spare_output else ""
+    return root / f"{config.mode}-{'bayes' if config.gated else 'plain'}-r{config.sparsity:g}{spared}" / f"seed{config.seed}"
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "item") and callable(x.item):
+        return x.item()
+    return x
+
+
+def run_bayes_factor(config: BayesFactorRunConfig, *, data_cache: dict | None = None) -> dict[str, Any]:
+    """Train, prune and test one run in :func:`bf_run_dir`; returns its summary (summary.json).
+
+    The run directory gets ``history.json`` (:func:`train_bayes_factor`'s history), ``curves.png``
+    and ``summary.json``; while it trains, ``checkpoint.pt`` (removed once summary.json exists).
+    A run whose summary.json exists is not run again (its summary is returned); an interrupted one
+    resumes after the last epoch of its checkpoint.  ``data_cache``: a dict kept across calls so
+    that each (data set, data folder, seed) is loaded once.
+    """
+    from .data import load_dataset
+    from .models import build_model
+    from .results import plot_bf_history
+    from .training import _device
+
+    cfg = config
+    device = _device(cfg.device)
+    d = bf_run_dir(cfg)
+    summary_path = d / "summary.json"
+    if summary_path.exists():
+        print(f"skip {d} (summary.json exists)")
+        return json.loads(summary_path.read_text())
+    cache = {} if data_cache is None else data_cache
+    key = (cfg.dataset, cfg.data_dir, cfg.seed)
+    if key not in cache:
+        cache[key] = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
+    splits = cache[key]
+    d.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, splits.in_channels, splits.image_size, splits.num_classes).to(device)
+    pruner = None
+    if cfg.mode != "none":
+        layers = list(prunable_weights(model))
+        pruner = BayesFactorPruner(
+            model, modules=layers[:-1] if cfg.spare_output else None,
+            mode=cfg.mode, sparsity=cfg.sparsity, beta=cfg.beta, gated=cfg.gated, prior_mean=cfg.prior_mean,
+            prior_std=cfg.prior_std, likelihood_batches=cfg.likelihood_batches,
+            first_log_bf=cfg.first_log_bf, steps=cfg.steps, on_skip=cfg.on_skip, seed=cfg.seed,
+        )
+    t0 = time.time()
+    checkpoint = d / "checkpoint.pt"
+    if checkpoint.exists():
+        print(f"resume {d} from its checkpoint", flush=True)
+    hist = train_bayes_factor(model, splits, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                              pruner=pruner, device=device, progress=not cfg.quiet, seed=cfg.seed,
+                              checkpoint=checkpoint)
+    earlier_s = sum(hist["seconds"][: hist["resumed_from_epoch"]])  # epochs run before an interruption
+    dead = count_dead_structures(model)
+    hist = _jsonable(hist)
+    (d / "history.json").write_text(json.dumps(hist, indent=1))
+    summary = dict(
+        kind="bayes_factor",
+        model=cfg.model,
+        dataset=cfg.dataset,
+        mode=cfg.mode,
+        gated=bool(cfg.gated) if cfg.mode != "none" else False,
+        sparsity=cfg.sparsity if cfg.sparsity is not None else 0.0,
+        seed=cfg.seed,
+        test_acc=hist["test_acc"],
+        test_loss=hist["test_loss"],
+        final_sparsity=hist["sparsity"][-1] if hist["sparsity"] else 0.0,
+        prune_events=int(sum(bool(p) for p in hist["pruned"])),
+        final_log_bf=hist["log_bf"][-1] if hist["log_bf"] else math.nan,
+        dead_structures=dead["dead"],
+        structures=dead["total"],
+        dead_per_layer=dead["per_layer"],
+        wall_time_s=time.time() - t0 + earlier_s,
+        resumed_from_epoch=hist["resumed_from_epoch"],
+        config=asdict(cfg),
+    )
+    title = (f"{cfg.model}/{cfg.dataset} {cfg.mode}"
+             + ("" if cfg.mode == "none" else f" {'Bayes' if cfg.gated else 'plain'} r={cfg.sparsity:g}")
+             + f" seed {cfg.seed}")
+    plot_bf_history(hist, d / "curves.png", title=title)
+    tmp = summary_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(summary_path)
+    checkpoint.unlink(missing_ok=True)  # finished: summary.json and history.json hold the run
+    return summary

@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -507,113 +506,22 @@ def cmd_plot(args) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # bf-run
-def _bf_dir(root: Path, mode: str, gated: bool, sparsity: float | None, seed: int, spare_output: bool = False) -> Path:
-    if mode == "none":
-        return root / "none" / f"seed{seed}"
-    spared = "-spare-output" if spare_output else ""
-    return root / f"{mode}-{'bayes' if gated else 'plain'}-r{sparsity:g}{spared}" / f"seed{seed}"
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if hasattr(x, "item") and callable(x.item):
-        return x.item()
-    return x
-
-
 def cmd_bf_run(args) -> int:
-    import torch
+    from dataclasses import fields
 
-    from ..bayes_factor import BayesFactorPruner, count_dead_structures, prunable_weights
-    from .bf_training import train_bayes_factor
-    from .data import load_dataset
-    from .models import build_model
-    from .results import plot_bf_history
-    from .training import _device
+    from .bf_training import BayesFactorRunConfig, bayes_factor_grid, bf_run_dir, run_bayes_factor
 
-    for r in args.sparsity:
-        if not 0 <= r < 1:
-            raise CLIError(f"--sparsity must lie in [0, 1), got {r:g}")
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise CLIError(f"--lr must be a positive number, got {args.lr}")
-    device = _device(args.device)
-    root = Path(args.out_dir) / f"bf-{args.model}-{args.dataset}"
-    jobs = []
-    for mode in dict.fromkeys(args.mode):
-        for r in ([None] if mode == "none" else args.sparsity):
-            for seed in args.seeds:
-                jobs.append((mode, r, seed))
-    print(f"bf-run {args.model}/{args.dataset}: {len(jobs)} runs ({'Bayes-gated' if args.gated else 'plain'}), "
+    options = {f.name: getattr(args, f.name) for f in fields(BayesFactorRunConfig)
+               if f.name not in ("mode", "sparsity", "seed")}
+    configs = bayes_factor_grid(modes=args.mode, sparsities=args.sparsity, seeds=args.seeds, **options)
+    root = bf_run_dir(configs[0]).parent.parent
+    print(f"bf-run {args.model}/{args.dataset}: {len(configs)} runs ({'Bayes-gated' if args.gated else 'plain'}), "
           f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g} -> {root}", flush=True)
     _maybe_download(args, args.dataset)
-    rows = []
-    splits_cache: dict[int, object] = {}
-    for mode, r, seed in jobs:
-        d = _bf_dir(root, mode, args.gated, r, seed, args.spare_output)
-        summary_path = d / "summary.json"
-        if summary_path.exists():
-            s = json.loads(summary_path.read_text())
-            print(f"skip {d} (summary.json exists)")
-        else:
-            if seed not in splits_cache:
-                splits_cache[seed] = load_dataset(args.dataset, args.data_dir, seed=seed)
-            splits = splits_cache[seed]
-            d.mkdir(parents=True, exist_ok=True)
-            _current["run_dir"] = str(d)
-            torch.manual_seed(seed)
-            model = build_model(args.model, splits.in_channels, splits.image_size, splits.num_classes).to(device)
-            pruner = None
-            if mode != "none":
-                layers = list(prunable_weights(model))
-                pruner = BayesFactorPruner(
-                    model, modules=layers[:-1] if args.spare_output else None,
-                    mode=mode, sparsity=r, beta=args.beta, gated=args.gated, prior_mean=args.prior_mean,
-                    prior_std=args.prior_std, likelihood_batches=args.likelihood_batches,
-                    first_log_bf=args.first_log_bf, steps=args.steps, on_skip=args.on_skip, seed=seed,
-                )
-            t0 = time.time()
-            checkpoint = d / "checkpoint.pt"
-            if checkpoint.exists():
-                print(f"resume {d} from its checkpoint", flush=True)
-            hist = train_bayes_factor(model, splits, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                                      pruner=pruner, device=device, progress=not args.quiet, seed=seed,
-                                      checkpoint=checkpoint)
-            earlier_s = sum(hist["seconds"][: hist["resumed_from_epoch"]])  # epochs run before an interruption
-            dead = count_dead_structures(model)
-            hist = _jsonable(hist)
-            (d / "history.json").write_text(json.dumps(hist, indent=1))
-            s = dict(
-                kind="bayes_factor",
-                model=args.model,
-                dataset=args.dataset,
-                mode=mode,
-                gated=bool(args.gated) if mode != "none" else False,
-                sparsity=r if r is not None else 0.0,
-                seed=seed,
-                test_acc=hist["test_acc"],
-                test_loss=hist["test_loss"],
-                final_sparsity=hist["sparsity"][-1] if hist["sparsity"] else 0.0,
-                prune_events=int(sum(bool(p) for p in hist["pruned"])),
-                final_log_bf=hist["log_bf"][-1] if hist["log_bf"] else math.nan,
-                dead_structures=dead["dead"],
-                structures=dead["total"],
-                dead_per_layer=dead["per_layer"],
-                wall_time_s=time.time() - t0 + earlier_s,
-                resumed_from_epoch=hist["resumed_from_epoch"],
-                config=dict(vars_for_json(args), mode=mode, sparsity=r, seed=seed),
-            )
-            title = f"{args.model}/{args.dataset} {mode}" + ("" if mode == "none" else f" {'Bayes' if args.gated else 'plain'} r={r:g}") + f" seed {seed}"
-            plot_bf_history(hist, d / "curves.png", title=title)
-            tmp = summary_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(s, indent=2))
-            tmp.replace(summary_path)
-            checkpoint.unlink(missing_ok=True)  # finished: summary.json and history.json hold the run
+    rows, cache = [], {}
+    for cfg in configs:
+        _current["run_dir"] = str(bf_run_dir(cfg))
+        s = run_bayes_factor(cfg, data_cache=cache)
         rows.append((s["mode"], "-" if s["mode"] == "none" else ("bayes" if s["gated"] else "plain"),
                      "-" if s["mode"] == "none" else f"{s['sparsity']:g}", str(s["seed"]), _pct(s["test_acc"]),
                      _pct(s["final_sparsity"]), str(s["prune_events"]), f"{s['dead_structures']}/{s['structures']}",
@@ -622,10 +530,6 @@ def cmd_bf_run(args) -> int:
     _print_table(("mode", "gate", "r", "seed", "test acc %", "sparsity %", "prune events", "dead structures", "wall s"), rows)
     print(f"run directories (summary.json, history.json, curves.png) under {root}")
     return 0
-
-
-def vars_for_json(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("func", "command", "mode", "sparsity", "seeds")}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,22 +75,21 @@ BF_MODELS = ("fcn", "cnn")
 BF_SPARSITIES = ("0.25", "0.5", "0.75", "0.9", "0.99")
 
 
-def _bf_group(group) -> int:
-    """One `bayesprune bf-run` call: every sparsity and seed of one (model, data set, gate)."""
-    from .cli import main
+def _bf_group(group) -> list[dict]:
+    """Every sparsity and seed of one (model, data set, gate), as ``bayesprune bf-run`` runs them;
+    returns their summaries."""
+    from .bf_training import bayes_factor_grid, run_bayes_factor
 
     model, dataset, gated, seeds, epochs, data_dir, out = group
     modes = ["random", "magnitude"] + ([] if gated else ["none"])
-    argv = ["bf-run", "--model", model, "--dataset", dataset, "--mode", *modes, "--sparsity", *BF_SPARSITIES,
-            "--seeds", *map(str, seeds), "--out-dir", out, "--quiet", "--gated" if gated else "--no-gated"]
+    options = dict(model=model, dataset=dataset, gated=gated, out_dir=str(out), quiet=True)
     if epochs is not None:
-        argv += ["--epochs", str(epochs)]
+        options["epochs"] = int(epochs)
     if data_dir is not None:
-        argv += ["--data-dir", str(data_dir)]
-    code = main(argv)
-    if code != 0:
-        raise RuntimeError(f"bayesprune {' '.join(argv)} failed with exit code {code}")
-    return code
+        options["data_dir"] = str(data_dir)
+    configs = bayes_factor_grid(modes=modes, sparsities=[float(r) for r in BF_SPARSITIES], seeds=seeds, **options)
+    cache: dict = {}
+    return [run_bayes_factor(cfg, data_cache=cache) for cfg in configs]
 
 
 def usable_cores() -> int:
