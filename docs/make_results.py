@@ -1,4 +1,4 @@
-"""Regenerate docs/RESULTS.md from the committed result files under results/.
+"""Regenerate docs/RESULTS.md and docs/RESULTS-notes.md from the committed result files under results/.
 
     python docs/make_results.py                 # from results/ (committed summaries, no checkpoints)
     python docs/make_results.py --copy RUNS     # first copy config/metrics/summary/sweep files from RUNS
@@ -13,6 +13,7 @@ import argparse
 import shutil
 from pathlib import Path
 
+from bayesprune.experiments.knee import knee_markdown, plot_knees, stop_distances
 from bayesprune.experiments.results import (BF_COLUMNS, bf_table, find_summaries, load_sweeps, plot_sweep, plot_table1, sweep_markdown,
                                 sweep_title, table1, table_markdown)
 
@@ -66,14 +67,22 @@ PAPER_BF = {
 BF_VARIANTS = BF_COLUMNS[1:5]  # random, Bayes random, magnitude, Bayes magnitude (the paper's order)
 
 
-# (directory under results/, heading): the BMRS Table 1 blocks, most faithful first
-# (directory under results/, heading, how many runs shared the 2 cores): the BMRS Table 1 blocks
-BMRS_SECTIONS = [
-    ("paper/bmrs-table1", "BMRS Table 1 (continuous pruning) at the paper's epochs (50 + 10): ours",
-     "2 runs in parallel; 3 for LeNet5/Fashion-MNIST and the None (no noise) and LeNet5 SNR rows, whose times are therefore up to ~1.5x what 2 at a time take"),
-    ("repro/bmrs-table1", "BMRS Table 1 (continuous pruning) at a reduced budget (MLP 5 + 2, LeNet5 4 + 1 epochs, noise lr 1e-2): ours",
-     "2 runs in parallel"),
-]
+# (directory under results/, heading, command, how many runs shared the 2 cores): the BMRS Table 1 blocks.
+# The command is the one that makes (or resumes) every run of the folder (" ;; " between two);
+# {seeds} is filled in from the summaries.
+BMRS_PAPER = ("paper/bmrs-table1", "BMRS Table 1 (continuous pruning) at the paper's epochs",
+              "bayesprune reproduce bmrs-table1 --seeds {seeds} --threshold reference --data-dir ../shared/datasets "
+              "--out-dir runs/paper --jobs 2",
+              "2 runs in parallel; 3 for LeNet5/Fashion-MNIST and the None (no noise) and LeNet5 SNR rows, whose "
+              "times are therefore up to ~1.5x what 2 at a time take")
+BMRS_REDUCED = ("repro/bmrs-table1", "BMRS Table 1 (continuous pruning) at a reduced budget (MLP 5 + 2, LeNet5 4 + 1 epochs, "
+                "noise lr 1e-2)",
+                "bayesprune reproduce bmrs-table1 --seeds {seeds} --epochs 5 --finetune-epochs 2 --noise-lr 1e-2 "
+                "--threshold reference --data-dir ../shared/datasets --models mlp --datasets mnist fashion-mnist --jobs 2 "
+                "--out-dir runs/repro ;; bayesprune reproduce bmrs-table1 --seeds {seeds} --epochs 4 --finetune-epochs 1 "
+                "--noise-lr 1e-2 --threshold reference --data-dir ../shared/datasets --models lenet5 --datasets mnist "
+                "--jobs 2 --out-dir runs/repro",
+                "2 runs in parallel")
 # (directory under results/variants/, description): the settings compared on LeNet5/MNIST
 VARIANTS = [
     ("default", 'noise per (example, channel), KL "mean" (our default)'),
@@ -84,12 +93,22 @@ VARIANTS = [
     ("finetune10", 'as our default, with `--shrink` and 10 fine-tuning epochs instead of 1'),
 ]
 VARIANT_ROWS = ["BMRS_N (dF ≥ -0.919)", "BMRS_U-8"]
-# (directory under results/, budget): the Bayes-factor Table 1 runs
-BF_SECTIONS = [
-    ("h100/bf-table1", "at the paper's 25 epochs on the lent H100 GPU (CNN on all three data sets, FCN on CIFAR-10)"),
-    ("paper/bf-table1", "at the paper's 25 epochs on the CPU (FCN on MNIST and Fashion-MNIST)"),
-    ("repro/bf-table1", "at a reduced budget (3 epochs)"),
+# (directory under results/, budget, command): the Bayes-factor Table 1 runs at the paper's epochs
+BF_PAPER = [
+    ("h100/bf-table1", "on the lent H100 GPU (CNN on all three data sets, FCN on CIFAR-10)",
+     'scripts/gpu_bf_table1.sh cnn DATA runs/h100 "plain bayes" mnist fashion-mnist cifar10; '
+     'scripts/gpu_bf_table1.sh fcn DATA runs/h100 "plain bayes" cifar10 (with SEEDS="1 2" for the plain columns\' seeds 1-2; '
+     "DATA: a copy of ../shared/datasets on the device)"),
+    ("paper/bf-table1", "on the CPU (FCN on MNIST and Fashion-MNIST)",
+     "bayesprune reproduce bf-table1 --seeds {seeds} --models fcn --datasets mnist fashion-mnist --jobs 1 "
+     "--data-dir ../shared/datasets --out-dir runs/paper; the output-spared column: bayesprune bf-run --model fcn "
+     "--dataset mnist --mode magnitude random --sparsity 0.99 --no-gated --spare-output --seeds 0 --epochs 25 "
+     "--data-dir ../shared/datasets --out-dir runs/paper/bf-table1"),
 ]
+BF_REDUCED = [("repro/bf-table1", "at a reduced budget",
+               "bayesprune reproduce bf-table1 --seeds {seeds} --epochs 3 --data-dir ../shared/datasets --models fcn "
+               "--datasets mnist --jobs 2 --out-dir runs/repro")]
+NOTES = "RESULTS-notes.md"
 
 
 def _bf_beside_paper(summaries) -> list[str]:
@@ -101,52 +120,77 @@ def _bf_beside_paper(summaries) -> list[str]:
         unpruned, paper = PAPER_BF.get((model, dataset), (None, {}))
         ours = next((cell.text for (r, c), cell in table.cells.items() if c == (model, dataset, "unpruned")), "–")
         paper_txt = "–" if unpruned is None else f"{100 * unpruned:.2f}"
-        parts.append(f"**{model.upper()} / {dataset}**: unpruned ours {ours}, paper {paper_txt}. Cells: ours · paper.\n")
-        parts.append("| r | " + " | ".join(BF_VARIANTS) + " |")
-        parts.append("|---|" + "---|" * len(BF_VARIANTS))
+        # ours only: the variants that left the output layer unpruned (the paper does not say it did)
+        spared = [c[2] for c in table.columns if c[:2] == (model, dataset) and c[2].endswith("(output spared)")]
+        parts.append(f"**{model.upper()} / {dataset}**: unpruned ours {ours}, paper {paper_txt}. Cells: ours · paper"
+                     + ("; the output-spared columns: ours only" if spared else "") + ".\n")
+        parts.append("| r | " + " | ".join([*BF_VARIANTS, *spared]) + " |")
+        parts.append("|---|" + "---|" * len([*BF_VARIANTS, *spared]))
         for r in table.rows:
             cells = []
-            for i, v in enumerate(BF_VARIANTS):
+            for i, v in enumerate([*BF_VARIANTS, *spared]):
                 cell = table.cells.get((r, (model, dataset, v)))
                 text = cell.text if cell else "–"
-                p = paper.get(float(r))
+                p = paper.get(float(r)) if i < len(BF_VARIANTS) else None
                 cells.append(f"{text} · {100 * p[i]:.2f}" if p else text)
             parts.append(f"| {r} | " + " | ".join(cells) + " |")
         parts.append("")
     return parts
 
 
-def _bmrs_section(directory: Path, heading: str, name: str, parallel: str) -> tuple[list[str], set]:
-    if not directory.exists():
-        return [], set()
-    summaries = [s for _, s in find_summaries([directory])]
+def _seeds(summaries) -> str:
+    return " ".join(str(k) for k in sorted({s["config"]["seed"] for s in summaries}))
+
+
+def _epochs(summaries, finetune: bool = True) -> str:
+    """The training budgets of ``summaries``: "50 + 10" (epochs + fine-tuning epochs), joined."""
+    budgets = sorted({(s["config"]["epochs"], s["config"].get("finetune_epochs")) for s in summaries}, key=str)
+    return ", ".join(f"{e} + {f}" if finetune and f is not None else f"{e}" for e, f in budgets)
+
+
+def _bmrs_section(directory: Path, heading: str, name: str, command: str, parallel: str,
+                  beside_paper: bool) -> tuple[list[str], list[str]]:
+    """(parts for the page, parts for the notes) of one BMRS Table 1 folder: our table (with the
+    paper's beside it when ``beside_paper``), the plot, the budget and the command; the notes get
+    what the reference threshold would have pruned on the exact-rule runs."""
+    summaries = [s for _, s in find_summaries([directory])] if directory.exists() else []
     if not summaries:
-        return [], set()
+        return [], []
     t = table1(summaries)
     walls: dict = {}
     for s in summaries:
         cfg = s["config"]
         walls.setdefault((cfg["model"], cfg["dataset"]), []).append(s.get("wall_time_s", 0.0))
     img = ROOT / "docs" / "img" / f"{name.replace('/', '-')}.png"
-    plot_table1(t, img, paper=_paper_points(), title=heading.split(":")[0])
-    parts = [f"## {heading}\n\nGenerated by `bayesprune.experiments.results.table1` (what `bayesprune table results/{name}` "
-             "prints) from the committed run summaries.\n", table_markdown(t),
-             f"\n![{name}](img/{img.name})\n\nFilled markers: ours (mean ± std over seeds); hollow circles: the paper's "
-             "means in the same colour (the paper's BMRS_N is the reference threshold, our `BMRS_N (dF ≥ -0.919)`).\n"]
-    parts.append(f"\nRun wall time on this machine (sum over the runs of each column; {parallel}): "
-                 + "; ".join(f"{m}/{d}: {sum(v) / 60:.1f} min ({len(v)} runs)" for (m, d), v in sorted(walls.items())) + "\n")
+    plot_table1(t, img, paper=_paper_points(), title=heading)
+    parts = [f"## {heading}\n",
+             f"**Budget**: {_epochs(summaries)} epochs (pruning epochs + fine-tuning epochs), seeds {_seeds(summaries)} "
+             f"(`n` in each cell: the seeds that ran; `–`: not run), {len(summaries)} runs. Run wall time on this "
+             f"machine, summed over the runs of each column ({parallel}): "
+             + "; ".join(f"{m}/{d} {sum(v) / 60:.1f} min ({len(v)} runs)" for (m, d), v in sorted(walls.items())) + ".\n",
+             "**Command**: " + "; ".join(f"`{c.strip()}`" for c in command.format(seeds=_seeds(summaries)).split(";;"))
+             + ", then `python docs/make_results.py --copy runs`.\n",
+             f"Ours (`bayesprune table results/{name}`):\n",
+             table_markdown(t), ""]
+    if beside_paper:
+        parts += ["The paper (its Table 1: 10 runs, 50 + 10 epochs, mean ± std; its BMRS_N is our "
+                  "`BMRS_N (dF ≥ -0.919)`, prior odds √(2π), docs/maths.md section 2.2):\n", _paper_table(sorted(t.columns)), ""]
+    parts.append(f"![{name}](img/{img.name})\n\nFilled markers: ours (mean ± std over seeds); hollow circles: the paper's "
+                 "means in the same colour.\n")
     if any(s["config"]["dataset"] == "cifar10" for s in summaries):
         parts.append("CIFAR-10 columns come from the **JPEG copy** of CIFAR-10 in ../shared/datasets (lossy, "
-                     "quality 75), not the original images the paper used; n gives the number of seeds.\n")
+                     "quality 75), not the original images the paper used.\n")
     ref = [(s["config"]["model"], s["config"]["dataset"], s["config"]["seed"], s["reference_offset"])
            for s in summaries if "reference_offset" in s]
+    notes = []
     if ref:
-        parts.append("Exact BMRS_N (threshold 0) runs: what the reference code's threshold would have pruned on their "
-                     "final model, from each summary's `reference_offset`:\n")
-        parts += [f"* {m}/{d} seed {k}: {100 * r['param_compression']:.2f} % of parameters, "
+        notes.append(f"## Exact BMRS_N runs of results/{name}: what prior odds √(2π) would have pruned\n")
+        notes.append("From each exact-rule (threshold 0) summary's `reference_offset`: the reference code's threshold "
+                     "(dF ≥ -0.919) applied to the same final model:\n")
+        notes += [f"* {m}/{d} seed {k}: {100 * r['param_compression']:.2f} % of parameters, "
                   f"{100 * r['structure_compression']:.2f} % of structures" for m, d, k, r in sorted(ref, key=lambda x: x[:3])]
-        parts.append("")
-    return parts, set(t.columns)
+        notes.append("")
+    return parts, notes
 
 
 def _paper_points() -> dict:
@@ -170,32 +214,74 @@ def _variants_section(directory: Path) -> list[str]:
     paper = PAPER_BMRS[("lenet5", "mnist")]
     lines.append("| paper (10 runs, 50 + 10 epochs) | " + " | ".join(paper[r.split(" ")[0]] for r in VARIANT_ROWS) + " |")
     return ["## Beating the paper's LeNet5/MNIST BMRS rows: which setting (measured, seeds 0 1 2)\n",
-            "Generated from `results/variants/` (commands below, in docs/RESULTS.tail.md). Parameter compression % / "
+            "Generated from `results/variants/` (commands in \"Beating the paper: the settings compared\" below). Parameter compression % / "
             "test accuracy %, mean ± std over seeds:\n", "\n".join(lines), ""]
 
 
-def _sweep_sections() -> list[str]:
-    """One section per ``*-sweep`` directory under results/ (post-training protocol): the plot, the
-    curve table and the BMRS stop points, mean over the seeds found."""
-    parts = []
-    for sweep_dir in sorted(RESULTS.rglob("*-sweep")):
+def _sweep_command(sweep_dir: Path, sweeps) -> str:
+    cfg = sweeps[0]["config"]
+    out = Path("runs") / sweep_dir.relative_to(RESULTS).parent
+    data = f" --data-dir {cfg['data_dir']}" if cfg.get("data_dir") else ""
+    return (f"bayesprune sweep --model {cfg['model']} --dataset {cfg['dataset']} --epochs {cfg['epochs']} "
+            f"--sharing {cfg['sharing']} --seeds {' '.join(str(sw['config']['seed']) for sw in sweeps)}{data} "
+            f"--out-dir {out.as_posix()}")
+
+
+def _sweep_sections(root: Path) -> tuple[list[str], list[str], dict]:
+    """Per ``*-sweep`` folder under ``root`` (post-training protocol): (page parts: plot, stop
+    points, budget, command; notes parts: the curve table; {title: knee distances})."""
+    parts, notes, knees = [], [], {}
+    for sweep_dir in sorted(root.rglob("*-sweep")) if root.exists() else []:
         sweeps = load_sweeps(sweep_dir)
         if not sweeps:
             continue
         rel = sweep_dir.relative_to(RESULTS)
         cfg = sweeps[0]["config"]
+        title = f"{cfg['model']} / {cfg['dataset']}"
         img = ROOT / "docs" / "img" / f"{sweep_dir.name}.png"
         plot_sweep(sweeps, img, title=sweep_title(sweeps))
-        parts.append(f"## Post-training sweep: {cfg['model']} / {cfg['dataset']} (results/{rel})\n")
-        parts.append(f"{len(sweeps)} seed(s); trained {cfg['epochs']} epochs without pruning (noise and KL on), then "
-                     f"each criterion pruned to each target and fine-tuned {cfg['sweep_finetune_epochs']} epoch(s). "
-                     f"Test accuracy (mean ± sd over seeds) against the share of parameters removed.\n")
-        parts.append(f"![sweep](img/{img.name})\n")
-        parts.append(sweep_markdown(sweeps))
+        table = sweep_markdown(sweeps)
+        curves, _, stops = table.partition("\n* ")
         walls = [sw.get("train_wall_time_s", 0) + sw.get("sweep_wall_time_s", 0) for sw in sweeps]
-        if all(walls):
-            parts.append(f"Wall time (training + sweep, summed over seeds): {sum(walls) / 60:.1f} min.\n")
+        wall = f" Wall time (training + sweep, summed over seeds): {sum(walls) / 60:.1f} min." if all(walls) else ""
+        parts += [f"### Post-training sweep: {title} (results/{rel})\n",
+                  f"**Budget**: {len(sweeps)} seed(s); {cfg['epochs']} epochs without pruning decisions (noise and KL on), "
+                  f"then each criterion pruned to each target and fine-tuned {cfg['sweep_finetune_epochs']} epoch(s).{wall}\n",
+                  f"**Command**: `{_sweep_command(sweep_dir, sweeps)}`\n",
+                  f"![sweep](img/{img.name})\n", "* " + stops.strip() + "\n"]
+        notes += [f"### Post-training sweep curves: {title} (results/{rel})\n", curves.strip() + "\n"]
+        if any(sw.get("stops") for sw in sweeps):
+            knees[title] = (sweeps, stop_distances(sweeps))
+    return parts, notes, knees
+
+
+def _knee_section(knees: dict) -> list[str]:
+    """The knee table over the sweeps and one plot per sweep marking the knee and the stops."""
+    if not knees:
+        return []
+    parts = ["### The knee and the BMRS stops (docs/maths.md section 4.2)\n",
+             knee_markdown({title: dists for title, (_, dists) in knees.items()})]
+    for title, (sweeps, _) in knees.items():
+        img = ROOT / "docs" / "img" / f"knee-{title.replace(' / ', '-')}.png"
+        plot_knees(sweeps, img, title=f"{title}: knee and BMRS stops (mean over {len(sweeps)} seeds)")
+        parts.append(f"![knee {title}](img/{img.name})")
+    parts.append("")
     return parts
+
+
+def _bf_section(bf_dir: str, budget: str, command: str, beside_paper: bool = True) -> list[str]:
+    summaries = [s for _, s in find_summaries([RESULTS / bf_dir])] if (RESULTS / bf_dir).exists() else []
+    if not summaries:
+        return []
+    walls = [s.get("wall_time_s", 0.0) for s in summaries]
+    epochs = ", ".join(str(e) for e in sorted({s["config"]["epochs"] for s in summaries}))
+    parts = [f"### Bayes-factor pruning, Table 1 layout, {budget} (results/{bf_dir})\n",
+             f"**Budget**: {epochs} epochs, seeds {_seeds(summaries)} (`n` in each cell), {len(walls)} runs, "
+             f"{sum(walls) / 60:.1f} min of run wall time (sum over the runs).\n",
+             f"**Command**: `{command.format(seeds=_seeds(summaries))}`\n",
+             "Test accuracy %, mean ± sd over seeds (`bayesprune.experiments.results.bf_table`)"
+             + (", beside the paper's (its Table 1, 25 epochs, mean of 5 repeats)" if beside_paper else "") + ".\n"]
+    return parts + _bf_beside_paper(summaries)
 
 
 FINISHED_MARKERS = ("summary.json", "sweep.json")
@@ -226,38 +312,56 @@ def _paper_table(columns) -> str:
     return "\n".join(lines)
 
 
+def _generated(sources: str) -> str:
+    return (f"<!-- Generated by `python docs/make_results.py` from results/ ({sources}). "
+            "Do not edit by hand. -->\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--copy", type=Path, default=None, help="run directory tree to copy small result files from")
     args = ap.parse_args()
     if args.copy:
         copy_runs(args.copy)
-    parts = [(ROOT / "docs" / "RESULTS.head.md").read_text()]
-    columns = set()
-    for directory, heading, parallel in BMRS_SECTIONS:
-        section, cols = _bmrs_section(RESULTS / directory, heading, directory, parallel)
-        parts += section
-        columns |= cols
-    if columns:
-        parts.append("## BMRS Table 1: the paper (10 runs, 50 + 10 epochs)\n")
-        parts.append(_paper_table(sorted(columns)))
-        parts.append("")
-    parts += _variants_section(RESULTS / "variants")
-    parts += _sweep_sections()
-    for bf_dir, budget in BF_SECTIONS:
-        summaries = [s for _, s in find_summaries([RESULTS / bf_dir])] if (RESULTS / bf_dir).exists() else []
-        if summaries:
-            walls = [s.get("wall_time_s", 0.0) for s in summaries]
-            parts.append(f"## Bayes-factor pruning, Table 1 layout: ours, {budget}\n")
-            parts.append(f"Generated from `results/{bf_dir}` by `bayesprune.experiments.results.bf_table`. Run wall time: "
-                         f"{sum(walls) / 60:.1f} min over {len(walls)} runs (sum).\n")
-            parts += _bf_beside_paper(summaries)
-            parts.append("The paper's values are means of 5 repeats at 25 epochs (its Table 1).\n")
-    tail = ROOT / "docs" / "RESULTS.tail.md"
+    docs = ROOT / "docs"
+    page = [(docs / "RESULTS.head.md").read_text().replace("<!-- generated -->", _generated("and docs/RESULTS.head.md"))]
+    notes = [(docs / "RESULTS-notes.head.md").read_text().replace(
+        "<!-- generated -->", _generated("and docs/RESULTS-notes.head.md, docs/RESULTS-notes.tail.md"))]
+
+    directory, heading, command, parallel = BMRS_PAPER
+    section, ref_notes = _bmrs_section(RESULTS / directory, heading, directory, command, parallel, beside_paper=True)
+    page += section
+
+    sweeps, curve_notes, knees = _sweep_sections(RESULTS / "paper")
+    if sweeps:
+        page += ["## Post-training pruning at the paper's epochs: accuracy against compression\n",
+                 "Each curve: one criterion's ranking, pruned to each target and fine-tuned; the stop points are where "
+                 "each BMRS rule stops removing. The paper shows these curves as plots, without numbers to set "
+                 f"beside ours. The curve tables are in [{NOTES}]({NOTES}).\n"]
+        page += sweeps + _knee_section(knees)
+
+    bf = [p for bf_dir, budget, command in BF_PAPER for p in _bf_section(bf_dir, f"at the paper's epochs {budget}", command)]
+    if bf:
+        page += ["## Bayes-factor pruning, Table 1 (Mathew and Rowe): ours beside the paper\n"] + bf
+    page.append(f"## More\n\n[{NOTES}]({NOTES}): what ran and how (every command), the reduced-budget and one-epoch "
+                "checks, the settings compared, where and why we differ from the papers, the machine's use.\n")
+
+    notes += ref_notes
+    directory, heading, command, parallel = BMRS_REDUCED
+    notes += _bmrs_section(RESULTS / directory, heading, directory, command, parallel, beside_paper=False)[0]
+    notes += _variants_section(RESULTS / "variants")
+    notes += curve_notes
+    other, other_curves, _ = _sweep_sections(RESULTS / "digits")
+    if other:
+        notes += ["## Post-training sweep on the embedded digits data\n"] + other + other_curves
+    for bf_dir, budget, command in BF_REDUCED:
+        notes += _bf_section(bf_dir, budget, command)
+    tail = docs / "RESULTS-notes.tail.md"
     if tail.exists():
-        parts.append(tail.read_text())
-    (ROOT / "docs" / "RESULTS.md").write_text("\n".join(parts))
-    print(f"wrote {ROOT / 'docs' / 'RESULTS.md'}")
+        notes.append(tail.read_text())
+    for name, parts in (("RESULTS.md", page), (NOTES, notes)):
+        (docs / name).write_text("\n".join(parts))
+        print(f"wrote {docs / name}")
 
 
 if __name__ == "__main__":
