@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
+from . import _torch_pruning as _tp
 from .noise import noise_layers, remove_noise, stored_example_inputs
 from .removal import count_parameters, example_from_spec
 
@@ -154,8 +154,8 @@ def size_speed_report(
     shape = _example_shape(original, shrunk, example_inputs)
     a, b = _plain(original), _plain(shrunk)
     x1 = torch.randn(1, *shape)
-    macs_a, _ = tp.utils.count_ops_and_params(a, example_inputs=x1)
-    macs_b, _ = tp.utils.count_ops_and_params(b, example_inputs=x1)
+    macs_a, _ = _tp.count_ops_and_params(a, example_inputs=x1)
+    macs_b, _ = _tp.count_ops_and_params(b, example_inputs=x1)
     report = SizeSpeedReport(count_parameters(a), count_parameters(b), int(macs_a), int(macs_b),
                              threads=torch.get_num_threads())
     for bs in batch_sizes:

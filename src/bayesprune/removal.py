@@ -39,11 +39,9 @@ import math
 import weakref
 
 import torch
-import torch_pruning as tp
 from torch import nn
-from torch_pruning import ops as _tp_ops
-from torch_pruning.dependency import shape_infer as _tp_shape_infer
-from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
+
+from . import _torch_pruning as _tp
 
 from .noise import (
     _BN_TYPES,
@@ -166,9 +164,9 @@ def _mismatch(reference, model, inputs, values: bool = True) -> str | None:
 
 def _out_pruner(module):
     if isinstance(module, nn.Linear):
-        return tp.prune_linear_out_channels
+        return _tp.prune_linear_out_channels
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return tp.prune_conv_out_channels
+        return _tp.prune_conv_out_channels
     raise TypeError(f"cannot remove output structures of {type(module).__name__}")
 
 
@@ -206,8 +204,8 @@ def _shapes(grad_fn):
         return None
 
 
-_OP_TYPES = {_tp_ops.OPTYPE.ELEMENTWISE, _tp_ops.OPTYPE.RESHAPE, _tp_ops.OPTYPE.CONCAT, _tp_ops.OPTYPE.SPLIT,
-             _tp_ops.OPTYPE.EXPAND, _tp_ops.OPTYPE.SLICE, _tp_ops.OPTYPE.UNBIND}
+_OP_TYPES = {_tp.OPTYPE.ELEMENTWISE, _tp.OPTYPE.RESHAPE, _tp.OPTYPE.CONCAT, _tp.OPTYPE.SPLIT,
+             _tp.OPTYPE.EXPAND, _tp.OPTYPE.SLICE, _tp.OPTYPE.UNBIND}
 
 
 def _grad_name(node) -> str:
@@ -218,7 +216,7 @@ def _grad_name(node) -> str:
 def _tied_to_untraced(node) -> bool:
     """An element-wise add/sub/mul/div one of whose tensor operands Torch-Pruning cannot prune
     (a model input or a buffer, e.g. ``tokens + attn(tokens)``): its channels cannot be removed."""
-    if node.type != _tp_ops.OPTYPE.ELEMENTWISE:
+    if node.type != _tp.OPTYPE.ELEMENTWISE:
         return False
     name = _grad_name(node)
     if not name.startswith(("AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0")):
@@ -247,7 +245,7 @@ def _through_permute(node, limit: int = 64) -> bool:
             continue  # a layer (conv, BN, ...) sets the channel dimension
         seen.add(id(n))
         name = _grad_name(n).lower()
-        if n.type == _tp_ops.OPTYPE.RESHAPE or "permute" in name or "transpose" in name or len(seen) > limit:
+        if n.type == _tp.OPTYPE.RESHAPE or "permute" in name or "transpose" in name or len(seen) > limit:
             return True
         stack.extend(n.inputs)
     return False
@@ -266,7 +264,7 @@ def _fix_flatten_mappings(graph) -> None:
     if graph._2d_4d:
         return  # Torch-Pruning maps flattens itself then
     for node in list(graph.module2node.values()):
-        if node.type != _tp_ops.OPTYPE.RESHAPE or len(node.inputs) != 1:
+        if node.type != _tp.OPTYPE.RESHAPE or len(node.inputs) != 1:
             continue
         shapes = _shapes(node.grad_fn)
         if shapes is None:
@@ -275,15 +273,15 @@ def _fix_flatten_mappings(graph) -> None:
         if len(src) < 3 or len(dst) != 2 or dst[0] != src[0] or dst[1] != math.prod(src[1:]) or dst[1] <= src[1]:
             continue
         in_node = node.inputs[0]
-        if _tp_shape_infer.infer_out_channels_recursively(graph, in_node, [0]) != src[1] or _through_permute(in_node):
+        if _tp.infer_out_channels(graph, in_node) != src[1] or _through_permute(in_node):
             continue
         stride = dst[1] // src[1]
         for dep in node.dependencies:
             if dep.target is in_node:
-                dep.index_mapping[0] = _FlattenIndexMapping(stride=stride, reverse=True)
+                dep.index_mapping[0] = _tp.FlattenIndexMapping(stride=stride, reverse=True)
         for dep in in_node.dependencies:
             if dep.target is node:
-                dep.index_mapping[0] = _FlattenIndexMapping(stride=stride, reverse=False)
+                dep.index_mapping[0] = _tp.FlattenIndexMapping(stride=stride, reverse=False)
 
 
 def _build_graph(model, example_inputs):
@@ -292,7 +290,7 @@ def _build_graph(model, example_inputs):
     try:
         with torch.enable_grad():
             # forward_fn: Torch-Pruning's own call retries after a bare `except`, hiding the real error
-            graph = tp.DependencyGraph().build_dependency(
+            graph = _tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, forward_fn=_run, verbose=False
             )
     finally:
@@ -692,14 +690,14 @@ class _Analysis:
     def _odd_op(node) -> bool:
         """An operation whose index mapping Torch-Pruning may get wrong."""
         name = _grad_name(node).lower()
-        if node.type == _tp_ops.OPTYPE.RESHAPE:
-            if any(isinstance(dep.index_mapping[0], _FlattenIndexMapping) for dep in node.dependencies):
+        if node.type == _tp.OPTYPE.RESHAPE:
+            if any(isinstance(dep.index_mapping[0], _tp.FlattenIndexMapping) for dep in node.dependencies):
                 return False
             shapes = _shapes(node.grad_fn)
             return shapes is None or shapes[0][-1] != shapes[1][-1]
-        if node.type == _tp_ops.OPTYPE.ELEMENTWISE:
+        if node.type == _tp.OPTYPE.ELEMENTWISE:
             return any(k in name for k in ("permute", "transpose", "bmm", "matmul", "unknown")) or name == ""
-        return node.type not in (_tp_ops.OPTYPE.CONCAT, _tp_ops.OPTYPE.SPLIT, _tp_ops.OPTYPE.EXPAND)
+        return node.type not in (_tp.OPTYPE.CONCAT, _tp.OPTYPE.SPLIT, _tp.OPTYPE.EXPAND)
 
     @staticmethod
     def _breaks(base, example_inputs, probe, reference, name, root) -> bool:

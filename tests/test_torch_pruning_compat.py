@@ -1,0 +1,106 @@
+"""Torch-Pruning is reached through bayesprune._torch_pruning only, which refuses too old a release
+by name and maps the 1.5.x and 1.6.x layouts of its private helpers onto one set of names."""
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bayesprune import _torch_pruning as tpc
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "bayesprune"
+
+
+def test_no_other_module_imports_torch_pruning():
+    offenders = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path.name == "_torch_pruning.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            offenders += [f"{path.relative_to(SRC)}:{node.lineno}" for n in names if n.split(".")[0] == "torch_pruning"]
+    assert offenders == []
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=240)
+
+
+def test_too_old_a_release_is_refused_naming_the_version_needed():
+    out = _run("""
+        from importlib import metadata
+        real = metadata.version
+        metadata.version = lambda name: "1.4.3" if name == "torch-pruning" else real(name)
+        import bayesprune
+    """)
+    assert out.returncode != 0
+    assert "ImportError: bayesprune needs Torch-Pruning >= 1.5.0" in out.stderr and "found 1.4.3" in out.stderr
+
+
+def test_the_1_5_layout_is_used_when_the_1_6_modules_are_absent():
+    """Torch-Pruning 1.5.x: no dependency.index_mapping / shape_infer; the helpers come from
+    _helpers and DependencyGraph (faked here on the installed release)."""
+    out = _run("""
+        import sys, types
+        import torch_pruning, torch_pruning.dependency.index_mapping as im, torch_pruning.dependency.shape_infer as si
+        helpers = types.ModuleType("torch_pruning._helpers")
+        helpers.__dict__.update(vars(sys.modules["torch_pruning._helpers"]))
+        helpers._FlattenIndexMapping = im._FlattenIndexMapping
+        sys.modules["torch_pruning._helpers"] = helpers
+        sys.modules["torch_pruning.dependency.index_mapping"] = None
+        sys.modules["torch_pruning.dependency.shape_infer"] = None
+        calls = []
+        def method(self, node, depth):
+            calls.append(depth)
+            return si.infer_out_channels_recursively(self, node, depth)
+        torch_pruning.DependencyGraph._infer_out_channels_recursively = method
+        from bayesprune import _torch_pruning as tpc
+        assert tpc.FlattenIndexMapping is im._FlattenIndexMapping
+        import torch
+        from torch import nn
+        import bayesprune as bp
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+        x = torch.randn(2, 1, 8, 8)
+        bp.add_noise(m, x)
+        bp.noise_layers(m)[0].mask[[0, 2]] = 0
+        m.eval()
+        small = bp.shrink(m)
+        assert small[0].out_channels == 2 and small[3].in_features == 2 * 6 * 6, small
+        assert torch.allclose(small(x), m(x), rtol=1e-4, atol=1e-5)
+        plain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten())
+        graph = tpc.DependencyGraph().build_dependency(plain, example_inputs=x)
+        assert tpc.infer_out_channels(graph, graph.module2node[plain[0]]) == 4
+        assert calls == [[0]], calls
+        print("ok")
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_the_names_are_torch_pruning_s_own():
+    import torch_pruning as tp
+
+    assert tpc.DependencyGraph is tp.DependencyGraph
+    assert tpc.prune_linear_out_channels is tp.prune_linear_out_channels
+    assert tpc.prune_conv_out_channels is tp.prune_conv_out_channels
+    assert tpc.count_ops_and_params is tp.utils.count_ops_and_params
+    assert tpc.OPTYPE is tp.ops.OPTYPE
+    assert tpc.VERSION.split(".")[:2] >= ["1", "5"]
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 3), (2, 5, 5)])
+def test_infer_out_channels_reads_the_channels_of_a_conv(shape):
+    model = nn.Sequential(nn.Conv2d(1, shape[0], 3), nn.ReLU(), nn.Flatten())
+    graph = tpc.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 1, 8, 8))
+    node = graph.module2node[model[0]]
+    assert tpc.infer_out_channels(graph, node) == shape[0]
