@@ -231,3 +231,22 @@ def test_nothing_points_at_the_old_math_page():
     files = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "src").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]
     hits = [str(f.relative_to(ROOT)) for f in files if old in f.read_text()]
     assert not hits, f"files still pointing at {old}: {hits}"
+
+
+# --------------------------------------------------------------------------- machine paths
+MACHINE_PATH = re.compile(r"(?<![\w.])/(work|tmp|home|root|Users)/")
+
+
+def test_committed_results_and_docs_hold_no_machine_paths():
+    """results/ and docs/ name folders relative to the repository (scripts/relative_result_paths.py
+    rewrote the old runs' absolute out_dir / data_dir)."""
+    files = [p for p in (ROOT / "results").rglob("*") if p.suffix in (".json", ".jsonl", ".md")]
+    files += list((ROOT / "docs").glob("*.md"))
+    assert len(files) > 100, "results/ lost its summaries"
+    hits = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in files for m in [MACHINE_PATH.search(p.read_text())] if m]
+    assert not hits, "absolute paths of the machine in committed files:\n" + "\n".join(hits[:20])
+
+
+def test_machine_path_pattern_finds_what_it_should():
+    assert MACHINE_PATH.search('"out_dir": "/work/runs/paper"') and MACHINE_PATH.search("(/tmp/gpu2/bf-table1)")
+    assert not MACHINE_PATH.search('"out_dir": "results/paper/bmrs-table1"') and not MACHINE_PATH.search("../shared/datasets")
