@@ -67,7 +67,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         return original(model, *args, **kwargs)
 
     monkeypatch.setattr(tr, "_train_epoch", poisoned)
-    with pytest.raises(tr.TrainingDiverged, match="last good checkpoint"):
+    with pytest.raises(tr.TrainingDiverged, match=r"checkpoint\.pt \(after epoch 1\); the same command resumes"):
         tr.run_continuous(cfg, progress=False)
     state = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1
@@ -85,9 +85,14 @@ def test_config_errors(tmp_path):
         tr.resolve_config(lr=-1.0)
     with pytest.raises(ValueError, match="needs --compression"):
         tr.resolve_config(method="l2")
+    (tmp_path / "x").mkdir()
     tr.RunDir(tmp_path / "x").write_config(_cfg(tmp_path, "x"))
+    # a config.json without a checkpoint holds no training (a failed start): replaced, not refused
+    tr.RunDir(tmp_path / "x").write_config(_cfg(tmp_path, "x", seed=5))
+    assert json.loads((tmp_path / "x" / "config.json").read_text())["seed"] == 5
+    tr.save_checkpoint({"epoch": 1}, tmp_path / "x" / "checkpoint.pt")
     with pytest.raises(ValueError, match="another configuration"):
-        tr.RunDir(tmp_path / "x").write_config(_cfg(tmp_path, "x", seed=5))
+        tr.RunDir(tmp_path / "x").write_config(_cfg(tmp_path, "x", seed=6))
 
 
 def test_finished_run_with_another_configuration_is_not_reused(tmp_path):

@@ -9,18 +9,24 @@
 
 A run directory holds ``config.json`` (the resolved configuration), ``metrics.jsonl`` (one JSON
 line per epoch), ``checkpoint.pt`` (model, optimiser and RNG state after the last finished
-epoch) and, at the end, ``summary.json``.  Re-running the same command resumes from the
-checkpoint and ends with exactly the numbers of an uninterrupted run.
+epoch; ``checkpoint.prev.pt`` the one before, kept until the next is safely written),
+``run.lock`` (held while a process runs it) and, at the end, ``summary.json``.  Every file is
+written atomically (rundir.py); a finished run is only read.  Re-running the same command resumes
+from the checkpoint and ends with exactly the numbers of an uninterrupted run; a run that fails
+before its first checkpoint leaves nothing that blocks a corrected command.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import math
 import os
 import platform
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -38,8 +44,10 @@ from .models import build_model
 from ..noise import DEFAULT_SHARING, add_noise, kl, noise_layers
 from ..reduction import REFERENCE_THRESHOLD
 from ..removal import count_parameters
+from . import rundir as files
 
-__all__ = ["RunConfig", "PAPER_DEFAULTS", "run_continuous", "run_sweep", "run_dir_name", "TrainingDiverged", "resolve_config", "METHODS"]
+__all__ = ["RunConfig", "PAPER_DEFAULTS", "run_continuous", "run_sweep", "run_dir_name", "TrainingDiverged", "CheckpointError",
+           "resolve_config", "METHODS", "MAX_CROSS_ENTROPY"]
 
 #: methods of a continuous run: "none" trains the same noisy network (noise + KL) without pruning;
 #: "dense" trains the network without noise layers at all (plain cross-entropy), the reference
@@ -58,7 +66,17 @@ PAPER_DEFAULTS: dict[tuple[str, str], dict] = {
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the last good checkpoint is kept."""
+    """The loss became NaN/inf (or absurd), or the optimiser's step overflowed; the message says
+    which checkpoint the run directory holds."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or that is not a checkpoint of this run."""
+
+
+#: mean cross-entropy (nats per example) above which training counts as diverged: a uniform guess
+#: gives log(classes), about 2.3 for 10 classes; 1e4 means logits of order 1e4, weights blown up
+MAX_CROSS_ENTROPY = 1e4
 
 
 @dataclass
@@ -125,8 +143,11 @@ class RunConfig:
             raise ValueError(f"method {self.method!r} needs --compression (the paper uses BMRS_N's) or --threshold")
         if self.compression is not None and not 0 <= self.compression <= 1:
             raise ValueError(f"compression must be in [0, 1], got {self.compression}")
-        if self.method == "bmrs_u" and not self.precision > 0:
+        if not self.precision > 0:
             raise ValueError(f"precision must be > 0, got {self.precision}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}: the best-validation checkpoint "
+                             "of the fine-tuning phase needs a validation set, and a training set must remain")
         if self.method == "dense" and self.shrink:
             raise ValueError("method 'dense' has no noise layers and prunes nothing: --shrink does not apply")
 
@@ -234,16 +255,20 @@ def _train_epoch(model, opt, loader, cfg: RunConfig, num_train: int, device, des
         ce = F.cross_entropy(model(x), y)
         k = kl(model, cfg.kl_weighting, num_train) if noisy else torch.zeros((), device=ce.device)
         loss = ce + k
-        if not torch.isfinite(loss):  # the one host-device sync of a step
+        if not (torch.isfinite(loss) & (ce <= MAX_CROSS_ENTROPY)):  # the one host-device sync of a step
             for n in noise_layers(model):
                 n.check_finite()  # names the layer whose parameters went non-finite
-            raise TrainingDiverged(
-                f"loss became {loss.item()} (cross-entropy {ce.item()}, KL {k.item()}) in {desc}; "
-                "the run stopped and its last good checkpoint is kept (lower --lr and re-run)"
-            )
+            what = "became" if not math.isfinite(loss.item()) else f"exceeds {MAX_CROSS_ENTROPY:g} nats (absurd):"
+            raise TrainingDiverged(f"loss {what} {loss.item():.4g} (cross-entropy {ce.item():.4g}, KL {k.item():.4g}) "
+                                   f"in {desc}; lower --lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        try:
+            opt.step()
+        except RuntimeError as e:  # Adam's step size lr / (1 - beta1^t) beyond float32
+            if "overflow" not in str(e):
+                raise
+            raise TrainingDiverged(f"the optimiser's step overflowed in {desc} ({e}): --lr {cfg.lr:g} is far too large") from None
         sums += torch.stack([loss.detach(), ce.detach(), k.detach()]).to(sums.dtype)
         steps += 1
     tot, ce_sum, kl_sum = sums.tolist()
@@ -285,70 +310,181 @@ def run_dir_name(model: str, dataset: str, method: str, precision: float | None 
     return name
 
 
+#: RunConfig fields that do not change the experiment: where the data and outputs live, which device runs it
+FREE_FIELDS = ("out_dir", "data_dir", "device")
+#: what a checkpoint of run_continuous holds
+CHECKPOINT_KEYS = ("model", "optimizer", "rng", "epoch", "metric_rows")
+
+
+def config_difference(old: dict, new: dict) -> dict:
+    """{field: (old, new)} of the fields in which two configs differ, ``FREE_FIELDS`` left out;
+    fields ``old`` lacks were added to RunConfig later and cannot differ."""
+    return {k: (old[k], v) for k, v in new.items() if k in old and old[k] != v and k not in FREE_FIELDS}
+
+
 class RunDir:
-    """config.json, metrics.jsonl, checkpoint.pt, summary.json of one run."""
+    """config.json, metrics.jsonl, checkpoint.pt (+ checkpoint.prev.pt), summary.json and run.lock
+    of one run; every write is atomic (rundir.py)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.loaded_from: Path | None = None
 
     @property
     def checkpoint(self) -> Path:
         return self.path / "checkpoint.pt"
 
     @property
+    def previous(self) -> Path:
+        return self.path / "checkpoint.prev.pt"
+
+    @property
     def summary(self) -> Path:
         return self.path / "summary.json"
 
-    def write_config(self, cfg: RunConfig) -> None:
-        cfg_path = self.path / "config.json"
-        new = asdict(cfg)
-        if cfg_path.exists():
-            old = json.loads(cfg_path.read_text())
-            # where the data and outputs live and which device runs it do not change the experiment;
-            # keys the old file lacks were added to RunConfig later: they cannot differ
-            free = ("out_dir", "data_dir", "device")
-            diff = {k: (old[k], v) for k, v in new.items() if k in old and old[k] != v and k not in free}
-            if diff:
-                raise ValueError(
-                    f"{cfg_path} holds a run with another configuration ({diff}); "
-                    "use another --out-dir or delete the directory"
-                )
-        cfg_path.write_text(json.dumps(new, indent=2))
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def has_training(self) -> bool:
+        """A checkpoint or a summary exists: the directory holds (part of) a run."""
+        return any(p.exists() for p in (self.checkpoint, self.previous, self.summary))
+
+    def check_config(self, cfg: "RunConfig") -> None:
+        """Raise if the directory holds training of another configuration (a config.json without
+        a checkpoint or summary holds no training and is replaced)."""
+        if not self.has_training():
+            return
+        if self.config_path.exists():
+            where, old = self.config_path, files.read_json(self.config_path)
+        elif self.summary.exists():
+            where, old = self.summary, files.read_json(self.summary).get("config", {})
+        else:
+            return
+        diff = config_difference(old, asdict(cfg))
+        if diff:
+            raise ValueError(f"{where} holds a run with another configuration ({diff}); "
+                             "use another --out-dir or delete the directory")
+
+    def finished(self, cfg: "RunConfig") -> dict | None:
+        """The summary of a finished run of ``cfg`` (read only), or None if it has not finished."""
+        if not self.summary.exists():
+            return None
+        self.check_config(cfg)
+        return files.read_json(self.summary)
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Create the directory and hold its lock (rundir.RunLock) for the block; if the block
+        leaves nothing in a directory it created (a failed start), the directory goes again."""
+        created = []
+        p = self.path
+        while not p.exists() and p != p.parent:
+            created.append(p)
+            p = p.parent
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as e:  # a file where a folder should be
+            raise NotADirectoryError(e.errno, "a file is in the way of the run directory", e.filename) from None
+        lock = files.RunLock(self.path).acquire()
+        files.remove_stale_temporaries(self.path)
+        empty = False
+        try:
+            yield lock
+        finally:
+            empty = not any(q.name != files.LOCK_NAME for q in self.path.iterdir())
+            lock.release(remove=empty)
+        if empty:
+            for d in created:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+
+    def write_config(self, cfg: "RunConfig") -> None:
+        """config.json of ``cfg`` (refused if the directory holds training of another config)."""
+        self.check_config(cfg)
+        files.write_json(self.config_path, asdict(cfg))
 
     def append_metrics(self, row: dict) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        files.append_line(self.metrics, json.dumps(row))
 
     def truncate_metrics(self, n_rows: int) -> None:
         """Drop metric lines written after the checkpoint (an interrupted epoch)."""
-        p = self.path / "metrics.jsonl"
-        if not p.exists():
-            return
-        lines = p.read_text().splitlines()[:n_rows]
-        p.write_text("".join(line + "\n" for line in lines))
+        files.keep_lines(self.metrics, n_rows)
 
     def save(self, state: dict) -> None:
-        save_checkpoint(state, self.checkpoint)
+        """checkpoint.pt := ``state``; the checkpoint it replaces becomes checkpoint.prev.pt only
+        once the new one is written in full."""
+        data = checkpoint_bytes(state)
+        if self.checkpoint.exists():
+            os.replace(self.checkpoint, self.previous)
+        files.write_bytes(self.checkpoint, data)
 
     def load(self) -> dict | None:
-        return load_checkpoint(self.checkpoint) if self.checkpoint.exists() else None
+        """The latest readable checkpoint (checkpoint.pt, else checkpoint.prev.pt with a message
+        on stderr), or None if there is none; ``CheckpointError`` if none can be read."""
+        errors = []
+        for i, path in enumerate((self.checkpoint, self.previous)):
+            if not path.exists():
+                continue
+            try:
+                state = load_checkpoint(path, keys=CHECKPOINT_KEYS)
+            except CheckpointError as e:
+                errors.append(str(e))
+                continue
+            if errors:
+                print(f"warning: {errors[0]}; resuming from {path} (epoch {state['epoch']}) instead", file=sys.stderr)
+                bad = self.checkpoint.with_name(self.checkpoint.name + ".damaged")
+                os.replace(self.checkpoint, bad)  # kept for a look; the next save starts a fresh pair
+            self.loaded_from = path
+            return state
+        if errors:
+            raise CheckpointError(f"{'; '.join(errors)}; no readable checkpoint is left: delete {self.path} to start over")
+        return None
+
+    def describe_checkpoints(self) -> str:
+        """What checkpoint the directory holds, in words, for error messages."""
+        held = []
+        for path in (self.checkpoint, self.previous):
+            if path.exists():
+                try:
+                    held.append(f"{path} (after epoch {int(load_checkpoint(path, keys=CHECKPOINT_KEYS)['epoch'])})")
+                except CheckpointError:
+                    held.append(f"{path} (unreadable)")
+        if not held:
+            return (f"no checkpoint was written (the run failed before its first finished epoch), so nothing in "
+                    f"{self.path} blocks a corrected command")
+        return (f"{self.path} holds {' and '.join(held)}; the same command resumes from there, while a changed "
+                "--lr is another configuration: use another --out-dir or delete the directory")
+
+
+def checkpoint_bytes(state: dict) -> bytes:
+    """``torch.save(state)`` as bytes (written by rundir.write_bytes, so a full disk is an ``OSError``)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``<path>.tmp``, then rename: an interruption never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` written atomically (rundir.write_bytes): an interruption never leaves half a file."""
+    files.write_bytes(path, checkpoint_bytes(state))
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """``torch.load(weights_only=True)`` onto the CPU; an unreadable file is a ``ValueError`` naming it."""
+def load_checkpoint(path: str | os.PathLike, *, keys: tuple[str, ...] = ()) -> dict:
+    """``torch.load(weights_only=True)`` onto the CPU; a file that cannot be read, is not a dict
+    or lacks one of ``keys`` is a ``CheckpointError`` naming it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to start over") from e
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to start over") from None
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of this kind of run (it lacks {', '.join(missing)}); "
+                              "delete it to start over")
+    return state
 
 
 def _rng_state() -> dict:
@@ -376,12 +512,24 @@ def _structure_state(model) -> dict:
 
 
 def run_continuous(cfg: RunConfig, progress: bool = True) -> dict:
-    """Continuous pruning (the BMRS paper's Table 1 protocol).  Returns the summary dict."""
+    """Continuous pruning (the BMRS paper's Table 1 protocol).  Returns the summary dict.
+
+    A finished run is only read (its summary returned); otherwise the run directory is locked
+    (``rundir.RunLockedError`` if another process runs it) and the run starts or resumes."""
     cfg.validate()
     rd = RunDir(cfg.out_dir)
-    rd.write_config(cfg)  # raises if the directory holds a run with another configuration
-    if rd.summary.exists():
-        return json.loads(rd.summary.read_text())
+    done = rd.finished(cfg)  # raises if the directory holds a run with another configuration
+    if done is not None:
+        return done
+    with rd.locked():
+        done = rd.finished(cfg)  # finished by another process a moment ago
+        if done is not None:
+            return done
+        return _run_continuous(cfg, rd, progress)
+
+
+def _run_continuous(cfg: RunConfig, rd: RunDir, progress: bool) -> dict:
+    rd.check_config(cfg)
     device = _device(cfg.device)
     t_start = time.time()
     splits = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
@@ -393,12 +541,16 @@ def run_continuous(cfg: RunConfig, progress: bool = True) -> dict:
     start_epoch, best, rows, kept_index = 0, None, 0, None
     state = rd.load()
     if state is not None:
-        if state.get("kept_index") is not None:
-            model = _rebuild_shrunk(model, example, state["kept_index"])
-            opt = _optimizer(model, cfg)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
+        try:
+            if state.get("kept_index") is not None:
+                model = _rebuild_shrunk(model, example, state["kept_index"])
+                opt = _optimizer(model, cfg)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            _set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{rd.loaded_from} does not fit this run's model ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0]}); delete {rd.path} to start over") from None
         start_epoch, rows = int(state["epoch"]), int(state["metric_rows"])
         best = state.get("best")
         kept_index = state.get("kept_index")
@@ -413,7 +565,10 @@ def run_continuous(cfg: RunConfig, progress: bool = True) -> dict:
         phase = "prune" if epoch < cfg.epochs else "finetune"
         loader = make_loader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed * 100003 + epoch)
         t0 = time.perf_counter()
-        loss, ce, k = _train_epoch(model, opt, loader, cfg, splits.num_train, device, f"epoch {epoch + 1}")
+        try:
+            loss, ce, k = _train_epoch(model, opt, loader, cfg, splits.num_train, device, f"epoch {epoch + 1}")
+        except TrainingDiverged as e:
+            raise TrainingDiverged(f"{e}; {rd.describe_checkpoints()}") from None
         train_time = time.perf_counter() - t0
         if phase == "prune" or epoch == cfg.epochs - 1:
             rep = _prune(model, cfg, example)
@@ -436,6 +591,8 @@ def run_continuous(cfg: RunConfig, progress: bool = True) -> dict:
             epoch_time=train_time,
             kept={r.layer: r.kept for r in rep.layers},
         )
+        if epoch == start_epoch:
+            rd.write_config(cfg)  # with the first checkpoint: a failed start leaves no config behind
         rd.append_metrics(row)
         rows += 1
         # best-validation checkpoint of the fine-tuning phase (after the final pruning)
@@ -482,7 +639,9 @@ def run_continuous(cfg: RunConfig, progress: bool = True) -> dict:
             structure_compression=ref.structure_compression,
         )
     summary["size_speed"] = _size_speed(model, example, splits) if cfg.method != "dense" else None
-    rd.summary.write_text(json.dumps(summary, indent=2))
+    files.write_json(rd.summary, summary)
+    with contextlib.suppress(OSError):
+        rd.previous.unlink()  # checkpoint.pt is the final state; its predecessor is no longer needed
     return summary
 
 
@@ -538,23 +697,51 @@ def _rebuild_shrunk(model, example, kept_index):
 
 # ---------------------------------------------------------------------------------------------
 def run_sweep(cfg: RunConfig, progress: bool = True) -> dict:
-    """Post-training pruning: train (method "none"), then sweep compression per criterion."""
+    """Post-training pruning: train (method "none"), then sweep compression per criterion.
+
+    A finished sweep (its ``sweep.json``) is only read; otherwise the sweep directory is locked
+    for the training (in ``train/``, a run directory of its own) and the sweep."""
+    cfg.validate()
+    rd = RunDir(cfg.out_dir)
+    out_path = rd.path / "sweep.json"
+    done = _finished_sweep(out_path, cfg)
+    if done is not None:
+        return done
+    with rd.locked():
+        return _finished_sweep(out_path, cfg) or _run_sweep(cfg, out_path, progress)
+
+
+def _finished_sweep(path: Path, cfg: RunConfig) -> dict | None:
+    if not path.exists():
+        return None
+    done = files.read_json(path)
+    diff = config_difference(done.get("config", {}), asdict(cfg))
+    if diff:
+        raise ValueError(f"{path} holds a sweep with another configuration ({diff}); "
+                         "use another --out-dir or delete the directory")
+    return done
+
+
+def _run_sweep(cfg: RunConfig, out_path: Path, progress: bool) -> dict:
     base_cfg = copy.deepcopy(cfg)
     base_cfg.method = "none"
     base_cfg.finetune_epochs = 0
     base_cfg.out_dir = str(Path(cfg.out_dir) / "train")
     train = run_continuous(base_cfg, progress=progress)
-    rd = RunDir(cfg.out_dir)
-    out_path = rd.path / "sweep.json"
-    if out_path.exists():
-        return json.loads(out_path.read_text())
     t_sweep = time.time()
     device = _device(cfg.device)
     splits = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
     _seed_all(cfg.seed)
     model, example = _build(base_cfg, splits, device)
-    state = RunDir(base_cfg.out_dir).load()
-    model.load_state_dict(state["model"])
+    trained = RunDir(base_cfg.out_dir)
+    state = trained.load()
+    if state is None:
+        raise CheckpointError(f"{trained.checkpoint} is missing although {trained.summary} exists: delete {trained.path} to train again")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{trained.loaded_from} does not fit this run's model ({str(e).splitlines()[0]}); "
+                              f"delete {trained.path} to train again") from None
     params_dense = count_parameters(model)
     results: list[dict] = []
     stops: dict[str, dict] = {}
@@ -577,7 +764,7 @@ def run_sweep(cfg: RunConfig, progress: bool = True) -> dict:
     bar.close()
     summary = dict(config=asdict(cfg), points=results, stops=stops,
                    train_wall_time_s=train.get("wall_time_s"), sweep_wall_time_s=time.time() - t_sweep)
-    out_path.write_text(json.dumps(summary, indent=2))
+    files.write_json(out_path, summary)
     return summary
 
 
