@@ -281,6 +281,23 @@ def test_hf_callback_refuses_a_plain_trainer_and_bmrs_trainer_needs_its_callback
                     callbacks=[BMRSPruningCallback()], optimizers=(opt, None))
 
 
+def test_hf_noise_parameters_get_their_own_group_without_weight_decay(tmp_path):
+    model = _bert()
+    trainer = BMRSTrainer(model=model, args=_args(tmp_path, weight_decay=0.1), train_dataset=TokenData(8, seed=0),
+                          callbacks=[BMRSPruningCallback()], noise_lr=0.05)
+    opt = trainer.create_optimizer()
+    noise = {id(p) for n in bp.noise_layers(model) for p in (n.mu, n.log_sigma)}
+    groups = [({id(p) for p in g["params"]}, g["lr"], g["weight_decay"]) for g in opt.param_groups]
+    assert [(lr, wd) for ids, lr, wd in groups if ids == noise] == [(0.05, 0.0)]
+    others = [(ids, lr, wd) for ids, lr, wd in groups if ids != noise]
+    assert all(not ids & noise and lr == 1e-2 for ids, lr, wd in others)
+    assert {wd for _, _, wd in others} == {0.1, 0.0}  # the Trainer's decay / no-decay split is kept
+    assert set().union(*(ids for ids, _, _ in groups)) == {id(p) for p in model.parameters()}
+    with pytest.raises(ValueError, match="noise_lr must be > 0"):
+        BMRSTrainer(model=_bert(), args=_args(tmp_path), train_dataset=TokenData(8, seed=0),
+                    callbacks=[BMRSPruningCallback()], noise_lr=0)
+
+
 # ------------------------------------------------------------------------------------------ imports
 def test_integrations_are_not_imported_by_the_core_and_name_their_extra_when_missing():
     script = textwrap.dedent(

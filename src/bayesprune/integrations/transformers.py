@@ -27,6 +27,8 @@ except ImportError as e:
 
 import torch
 
+from ..criteria import finite
+from ..noise import noise_layers
 from .common import BMRSSchedule, example_from_batch
 
 __all__ = ["BMRSPruningCallback", "BMRSTrainer"]
@@ -92,10 +94,14 @@ class BMRSTrainer(hf.Trainer):
     Give the :class:`BMRSPruningCallback` in ``callbacks``; the noise goes on ``model`` here, so
     let the Trainer build the optimizer (``optimizers=`` built before would miss the noise
     parameters).  Evaluation losses are the model's own (no KL).  Under gradient accumulation the
-    KL enters once per optimizer step.
+    KL enters once per optimizer step.  The noise parameters get no weight decay; ``noise_lr``:
+    their learning rate (default: the Trainer's ``learning_rate``), a group of their own.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, noise_lr: float | None = None, **kwargs):
+        if noise_lr is not None and not finite("noise_lr", noise_lr) > 0:
+            raise ValueError(f"noise_lr must be > 0, got {noise_lr}")
+        self.noise_lr = noise_lr
         super().__init__(*args, **kwargs)
         found = [c for c in self.callback_handler.callbacks if isinstance(c, BMRSPruningCallback)]
         if len(found) != 1:
@@ -124,6 +130,27 @@ class BMRSTrainer(hf.Trainer):
         if isinstance(example, dict):
             return {k: v.to(device) if torch.is_tensor(v) else v for k, v in example.items()}
         return example.to(device)
+
+    def _noise_parameters(self) -> set[int]:
+        return {id(p) for m in noise_layers(self.model) for p in m.parameters(recurse=False)}
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """The Trainer's weight-decayed parameters, less the noise parameters."""
+        noise = self._noise_parameters()
+        names = super().get_decay_parameter_names(model)
+        return [n for n, p in model.named_parameters() if n in names and id(p) not in noise]
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with the noise parameters in a group of their own at ``noise_lr``."""
+        opt = super().create_optimizer(model)
+        if self.noise_lr is not None:
+            noise = self._noise_parameters()
+            moved = [p for g in opt.param_groups for p in g["params"] if id(p) in noise]
+            for g in opt.param_groups:
+                g["params"] = [p for p in g["params"] if id(p) not in noise]
+            opt.param_groups[:] = [g for g in opt.param_groups if g["params"]]
+            opt.add_param_group({"params": moved, "lr": self.noise_lr, "weight_decay": 0.0})
+        return opt
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
