@@ -284,13 +284,27 @@ def _plt():
 
 
 def _save(fig, path: str | Path, dpi: int = 110, tight_bbox: bool = False) -> Path:
-    """Lay out ``fig``, write it as PNG to ``path`` (creating its folder) and close it."""
+    """Lay out ``fig``, write it as PNG to ``path`` (creating its folder; atomically,
+    rundir.write_bytes) and close it."""
+    from .rundir import write_bytes
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight" if tight_bbox else None)
-    _plt().close(fig)
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight_bbox else None)
+    finally:
+        _plt().close(fig)
+    write_bytes(path, buf.getvalue())
     return path
+
+
+def _integer_ticks(ax) -> None:
+    """Ticks at whole numbers only (epochs)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def aggregate_sweeps(sweeps: Sequence[dict]) -> dict:
@@ -397,24 +411,47 @@ def sweep_markdown(sweeps: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_SWEEP_STYLES = (("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", (0, (5, 1))), ("P", (0, (3, 1, 1, 1))))
+
+
+def _same_curve(a: Sequence[tuple], b: Sequence[tuple]) -> bool:
+    """Whether two aggregated curves lie on top of each other: at every target the same
+    accuracy to 0.05 points and the same compression to 1 point (a marker's width)."""
+    return len(a) == len(b) and all(abs(p[1] - q[1]) < 1.0 and abs(p[2] - q[2]) < 0.05 for p, q in zip(a, b))
+
+
 def plot_sweep(sweeps: Sequence[dict], path: str | Path, title: str | None = None) -> Path:
     """Accuracy against parameter compression for every criterion, mean over the ``sweeps``
-    (one ``sweep.json`` dict per seed); BMRS stop points are marked with stars."""
+    (one ``sweep.json`` dict per seed); BMRS stop points are marked with stars (with their
+    rule).  Each criterion has its own marker and line style; a curve that lies on an earlier
+    one is drawn with hollow, larger markers and the legend says which it coincides with."""
     plt = _plt()
     agg = aggregate_sweeps(sweeps)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    colors = {}
-    for c, rows in agg["curves"].items():
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    colors, drawn = {}, []
+    for i, (c, rows) in enumerate(agg["curves"].items()):
         x = [r[1] for r in rows]
         y = [r[2] for r in rows]
         e = [r[3] for r in rows]
-        (line,) = ax.plot(x, y, marker="o", ms=3, label=c)
-        ax.fill_between(x, np.subtract(y, e), np.add(y, e), color=line.get_color(), alpha=0.15)
+        marker, ls = _SWEEP_STYLES[i % len(_SWEEP_STYLES)]
+        under = [d for d, drows in drawn if _same_curve(rows, drows)]
+        label = c + (f" (lies on {', '.join(under)})" if under else "")
+        hollow = dict(mfc="none", ms=4 + 3 * len(under), mew=1.4) if under else dict(ms=4)
+        (line,) = ax.plot(x, y, marker=marker, ls=ls, lw=1.3, label=label, zorder=3 + i, **hollow)
+        ax.fill_between(x, np.subtract(y, e), np.add(y, e), color=line.get_color(), alpha=0.12)
         colors[c] = line.get_color()
+        drawn.append((c, rows))
+    thresholds = {}
+    for sw in sweeps:
+        for c, st in sw.get("stops", {}).items():
+            thresholds.setdefault(c, st.get("threshold"))
     for c, (comp, acc, _n) in agg["stops"].items():
         base = c.split(" ")[0]
         marker = "*" if base == c else "P"
-        ax.plot([comp], [acc], marker=marker, ms=14 if marker == "*" else 11, color=colors.get(base, "k"), mec="k", ls="none", label=f"{c} stop")
+        thr = thresholds.get(c)
+        rule = f", dF ≥ {thr:.3g}" if thr is not None else ""
+        ax.plot([comp], [acc], marker=marker, ms=14 if marker == "*" else 11, color=colors.get(base, "k"), mec="k", ls="none",
+                label=f"{c} stop{rule}", zorder=20)
     ax.set_xlabel("parameter compression (%)")
     ax.set_ylabel("test accuracy (%)")
     n = len(sweeps)
@@ -445,23 +482,39 @@ def structure_stats(model, precision: float = 8.0) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def _hist_kept_pruned(ax, values, kept, title, xlabel, log=False):
+def _hist_kept_pruned(ax, values, kept, title, xlabel, log=False, labels=("kept", "pruned")):
+    """Histogram of ``values`` split by ``kept``; infinite values (and, with ``log``, values
+    <= 0) are drawn in the outermost bin on their side and counted in the legend, so every
+    structure is in the picture; only NaN is left out (and counted in the title)."""
     v = np.asarray(values, dtype=np.float64)
-    finite = np.isfinite(v)
+    nan = np.isnan(v)
+    low = np.zeros_like(nan)
     if log:
-        finite &= v > 0
-        v = np.where(finite, np.log10(np.where(finite, v, 1.0)), np.nan)
+        low = ~nan & (v <= 0)
+        v = np.where(~nan & ~low, np.log10(np.where(~nan & ~low, v, 1.0)), v)
+    finite = np.isfinite(v) & ~low
     data = v[finite]
-    bins = np.histogram_bin_edges(data, bins=40) if data.size else 10
-    for sel, label, color in ((kept, "kept", "tab:blue"), (~kept, "pruned", "tab:red")):
-        d = v[finite & sel]
+    lo, hi = (float(data.min()), float(data.max())) if data.size else (-1.0, 1.0)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    bins = np.histogram_bin_edges(data, bins=40, range=(lo, hi))
+    edge = 0.5 * (bins[1] - bins[0])
+    clipped = np.where(low | (v == -np.inf), lo + edge, np.where(v == np.inf, hi - edge, v))
+    outside = ~nan & ~finite
+    for sel, label, color in ((kept, labels[0], "tab:blue"), (~kept, labels[1], "tab:red")):
+        d = clipped[~nan & sel]
         if d.size:
-            ax.hist(d, bins=bins, alpha=0.6, label=f"{label} ({d.size})", color=color)
-    dropped = int((~finite).sum())
-    ax.set_title(title + (f" [{dropped} non-finite not shown]" if dropped else ""), fontsize=9)
+            extra = int((outside & sel).sum())
+            note = f", {extra} beyond the axis drawn at its edge" if extra else ""
+            ax.hist(d, bins=bins, alpha=0.6, label=f"{label} ({d.size}{note})", color=color)
+    dropped = int(nan.sum())
+    ax.set_title(title + (f" [{dropped} NaN not shown]" if dropped else ""), fontsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("structures")
-    ax.legend(fontsize=8)
+    if v.size:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no structures", transform=ax.transAxes, ha="center", va="center")
 
 
 def _symlog(x: np.ndarray) -> np.ndarray:
@@ -470,26 +523,34 @@ def _symlog(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.log10(1.0 + np.abs(x))
 
 
-def plot_structure_histograms(stats: dict[str, np.ndarray], path: str | Path, precision: float = 8.0, title: str = "") -> Path:
-    """Histograms of E[theta] before pruning (all structures, kept vs pruned), after pruning
-    (kept only), and of dF_N and dF_U (kept vs pruned); log10 scale for E[theta], a signed
-    log scale for dF."""
+def plot_structure_histograms(stats: dict[str, np.ndarray], path: str | Path, precision: float = 8.0, title: str = "", *,
+                              threshold_n: float = 0.0, threshold_u: float = 0.0) -> Path:
+    """Histograms of E[theta] before pruning (all structures, kept vs pruned by the run's masks),
+    after pruning (the kept ones), and of dF_N and dF_U, each coloured by its own rule (removed
+    when dF >= ``threshold_n`` / ``threshold_u``, docs/maths.md), whatever rule the run used;
+    log10 scale for E[theta], a signed log scale for dF with the threshold marked."""
     plt = _plt()
     kept = stats["kept"].astype(bool)
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    _hist_kept_pruned(axes[0, 0], stats["etheta"], kept, "E[θ] before pruning (all structures)", "log10 E[θ]", log=True)
-    _hist_kept_pruned(axes[0, 1], np.where(kept, stats["etheta"], np.nan), kept, "E[θ] after pruning (kept structures)", "log10 E[θ]", log=True)
-    _hist_kept_pruned(axes[1, 0], _symlog(stats["df_n"]), kept, "ΔF BMRS_N (prune if ≥ 0)", "sign(ΔF_N) log10(1 + |ΔF_N|)")
-    _hist_kept_pruned(axes[1, 1], _symlog(stats["df_u"]), kept, f"ΔF BMRS_U-{precision:g} (prune if ≥ 0)", "sign(ΔF_U) log10(1 + |ΔF_U|)")
-    for ax, key in zip(axes[1], ("df_n", "df_u")):
-        d = _symlog(stats[key])
+    fig, axes = plt.subplots(2, 2, figsize=(10.5, 7.2))
+    _hist_kept_pruned(axes[0, 0], stats["etheta"], kept, "E[θ] before pruning (all structures, by the run's masks)", "log10 E[θ]", log=True)
+    _hist_kept_pruned(axes[0, 1], stats["etheta"][kept], np.ones(int(kept.sum()), bool),
+                      f"E[θ] after pruning ({int(kept.sum())} kept; {int((~kept).sum())} pruned are gone)", "log10 E[θ]", log=True)
+    for ax, key, name, thr in ((axes[1, 0], "df_n", "BMRS_N", threshold_n), (axes[1, 1], "df_u", f"BMRS_U-{precision:g}", threshold_u)):
+        df = np.asarray(stats[key], dtype=np.float64)
+        removed = df >= thr
+        short = name.split("_")[1].split("-")[0]
+        _hist_kept_pruned(ax, _symlog(df), ~removed, f"ΔF {name}: removed when ΔF ≥ {thr:.3g} (its own rule)",
+                          f"sign(ΔF_{short}) log10(1 + |ΔF_{short}|)", labels=("kept by this rule", "removed by this rule"))
+        d = _symlog(df)
         d = d[np.isfinite(d)]
-        span = float(d.max() - d.min()) if d.size else 0.0
-        if d.size and (d.max() >= -5 * max(span, 1e-3)):  # 0 is near the data: mark it
-            ax.axvline(0.0, color="k", lw=0.8, ls="--")
-        elif d.size:  # marking 0 would squeeze the histogram into one pixel column
-            ax.text(0.98, 0.95, "all ΔF < 0 (nothing to prune);\n0 lies far to the right", transform=ax.transAxes,
-                    ha="right", va="top", fontsize=8)
+        mark = float(_symlog(np.array([thr]))[0])
+        span = max(float(d.max() - d.min()) if d.size else 0.0, 0.05)
+        if d.size and d.min() - 2 * span <= mark <= d.max() + 2 * span:  # the threshold is near the data: mark it
+            ax.axvline(mark, color="k", lw=0.8, ls="--", label=f"threshold {thr:.3g}")
+        elif d.size:  # marking it would squeeze the histogram into one pixel column
+            side, verdict = ("right", "nothing to remove") if mark > d.max() else ("left", "every structure is removed")
+            ax.text(0.98, 0.95, f"threshold ΔF = {thr:.3g} lies far to the {side}:\n{verdict} by this rule",
+                    transform=ax.transAxes, ha="right", va="top", fontsize=8)
     if title:
         fig.suptitle(title)
     return _save(fig, path)
@@ -564,7 +625,7 @@ def plot_spearman(labels: Sequence[str], m: np.ndarray, path: str | Path, title:
     for i in range(k):
         for j in range(k):
             ax.text(j, i, "n/a" if not math.isfinite(m[i, j]) else f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="Spearman rank correlation ρ")
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
 
@@ -579,6 +640,7 @@ def plot_bf_history(history: dict, path: str | Path, title: str = "") -> Path:
     a1.plot(ep, history["train_loss"], marker="o", ms=3, label="training loss")
     a1.plot(ep, history["val_loss"], marker="o", ms=3, label="validation loss")
     a1.set_xlabel("epoch")
+    _integer_ticks(a1)
     a1.set_ylabel("cross-entropy")
     a1.grid(alpha=0.3)
     a1.legend(fontsize=8)
@@ -589,6 +651,7 @@ def plot_bf_history(history: dict, path: str | Path, title: str = "") -> Path:
     else:
         a2.text(0.5, 0.5, "no Bayes factor (ungated / unpruned)", transform=a2.transAxes, ha="center", fontsize=8)
     a2.set_xlabel("epoch")
+    _integer_ticks(a2)
     a2.set_ylabel("log Bayes factor", color="tab:green")
     a2.grid(alpha=0.3)
     a3 = a2.twinx()
