@@ -1,24 +1,30 @@
 """Command line: ``bayesprune run | sweep | table | plot | bf-run`` (see ``docs/cli.md``).
 
-Errors the user can fix (unknown names, bad values, missing or corrupt data files, a run
-directory holding another configuration) are printed as ``error: ...`` with exit code 2; a
-diverged training run exits with 1 (its last good checkpoint is kept); Ctrl-C exits with 130
-and the same command resumes the run.
+Every error the user can fix is one line ``error: ...`` naming the option or file, never a
+traceback; the exit codes (docs/cli.md's error table): 2 bad option, value, data file, checkpoint
+or a run directory holding another configuration; 1 training diverged (the message says which
+checkpoint exists), a download failed, or some runs of a sweep/reproduction failed; 3 the run
+directory is in use by another process; 4 an operating-system error on a file (not a
+directory, permission, disk full); 5 out of memory; 130 Ctrl-C (the same command resumes).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from .rundir import read_json, write_text
+
 __all__ = ["main", "build_parser"]
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 1
+EXIT_LOCKED = 3
+EXIT_OS = 4
+EXIT_MEMORY = 5
 EXIT_INTERRUPTED = 130
 
 
@@ -120,14 +126,14 @@ def _add_common(p: argparse.ArgumentParser, methods: bool = True) -> None:
     if methods:
         g.add_argument("--finetune-epochs", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--lr", type=float, default=None)
-    g.add_argument("--noise-lr", type=float, default=None, help="learning rate of the noise parameters (default: --lr)")
+    g.add_argument("--lr", type=_finite, default=None)
+    g.add_argument("--noise-lr", type=_finite, default=None, help="learning rate of the noise parameters (default: --lr)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
     g.add_argument("--kl-weighting", choices=KL_WEIGHTINGS, default=None)
     g.add_argument("--sharing", choices=SHARING, default=None,
                    help=f"noise draws: per (example, channel), per element (the reference code's) or per channel (default: {DEFAULT_SHARING})")
     g.add_argument("--precision", type=_finite, default=None, help="BMRS_U precision p (default 8)")
-    g.add_argument("--val-fraction", type=float, default=None, help="validation share of the training set (default 0.2)")
+    g.add_argument("--val-fraction", type=_finite, default=None, help="validation share of the training set (default 0.2)")
     if methods:
         default = BMRSNormal()
         g.add_argument("--threshold", type=_threshold, default=None,
@@ -136,7 +142,7 @@ def _add_common(p: argparse.ArgumentParser, methods: bool = True) -> None:
         g.add_argument("--prior-odds", type=_prior_odds, default=None,
                        help=f"BMRS prior odds of removal: removed when dF + log(odds) >= 0 (default for bmrs_n: "
                             f"{default.prior_odds:.4g} = sqrt(2 pi), the paper's; 1 = exact BMR, bmrs_u's default)")
-        g.add_argument("--compression", type=float, default=None, help="target parameter compression in [0, 1] (l2, grad)")
+        g.add_argument("--compression", type=_finite, default=None, help="target parameter compression in [0, 1] (l2, grad)")
         g.add_argument("--no-monotone", action="store_true", help="allow pruned structures to come back")
         g.add_argument("--shrink", action="store_true", help="physically remove pruned structures during training")
     g.add_argument("--device", default=None, help="auto (default), cpu or cuda")
@@ -162,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "writes <out-dir>/<model>-<dataset>-sweep/seed<k>/sweep.json and accuracy_vs_compression.png.")
     _add_common(s, methods=False)
     s.add_argument("--criteria", nargs="+", default=None, help="criteria (default: l2 snr etheta bmrs_n bmrs_u)")
-    s.add_argument("--points", type=float, nargs="+", default=None, help="target compressions in [0, 1]")
+    s.add_argument("--points", type=_finite, nargs="+", default=None, help="target compressions in [0, 1]")
     s.add_argument("--sweep-finetune-epochs", type=int, default=None, help="fine-tune epochs at each point (default 1)")
+    _add_engine(s)
     s.set_defaults(func=cmd_sweep)
 
     t = sub.add_parser("table", help="aggregate run directories into the papers' Table 1 (Markdown + CSV)")
@@ -188,12 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out-dir", default="runs")
     b.add_argument("--mode", nargs="+", choices=("none", "random", "magnitude"), default=["random"],
                    help="pruning modes; 'none' is the unpruned baseline (default: random)")
-    b.add_argument("--sparsity", type=float, nargs="+", default=[0.5], help="target sparsities r in [0, 1)")
+    b.add_argument("--sparsity", type=_finite, nargs="+", default=[0.5], help="target sparsities r in [0, 1)")
     b.add_argument("--gated", action=argparse.BooleanOptionalAction, default=True,
                    help="Bayes-factor gate (--gated, default) or the plain baseline pruning every epoch (--no-gated)")
-    b.add_argument("--beta", type=float, default=1.0, help="Bayes-factor threshold (default 1)")
-    b.add_argument("--prior-std", type=float, default=1.0)
-    b.add_argument("--prior-mean", type=float, default=0.0)
+    b.add_argument("--beta", type=_finite, default=1.0, help="Bayes-factor threshold (default 1)")
+    b.add_argument("--prior-std", type=_finite, default=1.0)
+    b.add_argument("--prior-mean", type=_finite, default=0.0)
     b.add_argument("--first-log-bf", type=float, default=math.inf, help="log BF before any pruning (default inf: prune first)")
     b.add_argument("--likelihood-batches", type=int, default=None, help="use a fixed subset of k batches for log p(D|w) (default: whole training set)")
     b.add_argument("--steps", type=int, default=1, help="pruning events to ramp up to r (default 1)")
@@ -203,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--on-skip", choices=SKIP_POLICIES, default="unit")
     b.add_argument("--epochs", type=int, default=25)
     b.add_argument("--batch-size", type=int, default=64)
-    b.add_argument("--lr", type=float, default=1e-3)
+    b.add_argument("--lr", type=_finite, default=1e-3)
     b.add_argument("--seeds", type=int, nargs="+", default=[0])
     b.add_argument("--device", default="auto")
     b.add_argument("--quiet", action="store_true")
@@ -228,13 +235,51 @@ def build_parser() -> argparse.ArgumentParser:
                     help="runs in parallel, each with cores/jobs threads (default: one per core on the CPU, "
                          "measured ~1.9x faster than one run with all threads; 1 on CUDA)")
     rp.add_argument("--sharing", choices=SHARING, default=None, help="noise draws (default: channel)")
-    rp.add_argument("--noise-lr", type=float, default=None, help="learning rate of the noise parameters (default: --lr)")
+    rp.add_argument("--noise-lr", type=_finite, default=None, help="learning rate of the noise parameters (default: --lr)")
     rp.add_argument("--threshold", type=_threshold, default=None, help="BMRS_N/BMRS_U threshold (default 0; 'reference')")
     rp.add_argument("--kl-weighting", choices=KL_WEIGHTINGS, default=None, help="KL weighting (default: mean, the reference's)")
     rp.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     rp.add_argument("--quiet", action="store_true", help="no per-run progress lines")
+    _add_engine(rp)
     rp.set_defaults(func=cmd_reproduce)
     return p
+
+
+def _add_engine(p: argparse.ArgumentParser) -> None:
+    from .engines import ENGINES
+
+    g = p.add_argument_group("engine (docs/scale-out.md)")
+    g.add_argument("--engine", choices=ENGINES, default="local",
+                   help="local: processes of this machine (default); ray: one Ray task per run")
+    g.add_argument("--ray-address", default=None,
+                   help="--engine ray: the cluster to run on ('auto', <head>:6379, ray://<head>:10001; "
+                        "default: a local Ray started for this command)")
+    g.add_argument("--cpus-per-run", type=_finite, default=None, help="--engine ray: CPUs (and torch threads) of each run (default 1)")
+    g.add_argument("--gpus-per-run", type=_finite, default=None,
+                   help="--engine ray: GPUs of each run, a fraction below 1 shares a GPU (default 0)")
+
+
+def _engine(args, jobs: int | None = 1):
+    """The engine of ``--engine`` and its options (engines.make_engine)."""
+    from .engines import make_engine
+
+    if args.engine == "ray" and getattr(args, "jobs", None) is not None:
+        raise CLIError("--jobs applies to --engine local; with --engine ray each run takes --cpus-per-run CPUs of the Ray cluster")
+    try:
+        return make_engine(args.engine, jobs=jobs or 1, address=args.ray_address, num_cpus_per_run=args.cpus_per_run,
+                           num_gpus_per_run=args.gpus_per_run)
+    except ImportError as e:
+        raise CLIError(str(e)) from None
+
+
+def _failed(failures) -> int:
+    """1 after listing the runs that failed (with their errors) on stderr, else 0."""
+    if not failures:
+        return 0
+    print(f"error: {len(failures)} run(s) failed (the others finished; run the same command again to retry them):", file=sys.stderr)
+    for o in failures:
+        print(f"  {getattr(o.config, 'out_dir', o.config)}: {o.error}", file=sys.stderr)
+    return 1
 
 
 def cmd_reproduce(args) -> int:
@@ -245,16 +290,17 @@ def cmd_reproduce(args) -> int:
                                                   kl_weighting=args.kl_weighting, device=args.device).items() if v is not None}
     out = Path(args.out_dir) / args.name
     jobs = args.jobs
-    if jobs is None:
+    if jobs is None and args.engine == "local":
         from .reproduce import usable_cores
         from .training import _device
 
         jobs = 1 if _device(args.device or "auto").type == "cuda" else usable_cores()
-    if jobs < 1:
+    if jobs is not None and jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    engine = _engine(args, jobs)
     res = reproduce(args.name, out, seeds=args.seeds, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                     data_dir=args.data_dir, jobs=jobs, models=args.models, datasets=args.datasets,
-                    progress=not args.quiet, **extra)
+                    progress=not args.quiet, engine=engine, **extra)
     summaries = [s for _, s in find_summaries([out])]
     print()
     if args.name == "bf-table1":
@@ -262,12 +308,12 @@ def cmd_reproduce(args) -> int:
     elif args.name == "bmrs-table1":
         table, header = table1(summaries), "method"
     else:
-        return _print_sweeps(out, res["wall_time_s"])
+        return _print_sweeps(out, res["wall_time_s"]) or _failed(res.get("failures"))
     md = table_markdown(table, row_header=header)
     print(md)
     _write_pair(str(out / "table"), md, table_csv(table, row_header=header))
     print(f"wall time {res['wall_time_s']:.0f} s; table written to {out / 'table.md'} and {out / 'table.csv'}")
-    return 0
+    return _failed(res.get("failures"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +388,7 @@ def _print_sweeps(out: Path, wall_time_s: float) -> int:
         parts.append(f"## {title}\n\n{sweep_markdown(sweeps)}\nplot: {png}\n")
     md = "\n".join(parts)
     print(md)
-    (out / "table.md").write_text(md)
+    write_text(out / "table.md", md)
     print(f"wall time {wall_time_s:.0f} s; table written to {out / 'table.md'}")
     return 0
 
@@ -375,11 +421,19 @@ def cmd_sweep(args) -> int:
     print(f"sweep on {base.model}/{base.dataset}: train {base.epochs} epochs, criteria {' '.join(base.sweep_criteria)}, "
           f"{len(base.sweep_points)} points, seeds {' '.join(map(str, args.seeds))} -> {group}", flush=True)
     _maybe_download(args, base.dataset)
-    sweeps = []
-    for seed in args.seeds:
-        cfg = _resolved(args, seed=seed, out_dir=str(group / f"seed{seed}"), **extra)
-        _current["run_dir"] = cfg.out_dir
-        sweeps.append(run_sweep(cfg, progress=not args.quiet))
+    from functools import partial
+
+    from .engines import run_all
+
+    engine = _engine(args)
+    cfgs = [_resolved(args, seed=seed, out_dir=str(group / f"seed{seed}"), **extra) for seed in args.seeds]
+    _current["run_dir"] = str(group)
+    failures = []
+    bars = not args.quiet and args.engine == "local"  # run in this process: its progress bars
+    sweeps = [s for s in run_all(engine, partial(run_sweep, progress=bars), cfgs, progress=not args.quiet,
+                                 failures=failures) if s is not None]
+    if not sweeps:
+        return _failed(failures)
     rows = []
     from .results import aggregate_sweeps
 
@@ -393,7 +447,7 @@ def cmd_sweep(args) -> int:
     _print_table(("criterion", "target %", "param compression %", "test acc %", "n"), rows)
     png = plot_sweep(sweeps, group / "accuracy_vs_compression.png", title=f"{base.model} / {base.dataset}")
     print(f"plot: {png}")
-    return 0
+    return _failed(failures)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,8 +486,8 @@ def _write_pair(prefix: str, md: str, csv_text: str) -> list[Path]:
     if p.parent != Path(""):
         p.parent.mkdir(parents=True, exist_ok=True)
     md_path, csv_path = Path(f"{prefix}.md"), Path(f"{prefix}.csv")
-    md_path.write_text(md)
-    csv_path.write_text(csv_text)
+    write_text(md_path, md)
+    write_text(csv_path, csv_text)
     return [md_path, csv_path]
 
 
@@ -448,29 +502,65 @@ def load_run_model(run_dir: str | Path, data_dir: str | None = None):
     from .data import load_dataset
     from .training import RunConfig, RunDir, _build, _rebuild_shrunk
 
+    from .training import CheckpointError
+
     rd = Path(run_dir)
-    if not (rd / "checkpoint.pt").exists() and (rd / "train" / "checkpoint.pt").exists():
+    ckpts = ("checkpoint.pt", "checkpoint.prev.pt")
+    if not any((rd / c).exists() for c in ckpts) and any((rd / "train" / c).exists() for c in ckpts):
         rd = rd / "train"  # a sweep directory: its trained network
     cfg_path = rd / "config.json"
     if not cfg_path.exists():
         raise CLIError(f"{cfg_path} does not exist: not a run directory")
-    if not (rd / "checkpoint.pt").exists():
-        raise CLIError(f"{rd / 'checkpoint.pt'} does not exist: the run has not finished an epoch")
-    raw = json.loads(cfg_path.read_text())
+    run = RunDir(rd)
+    if not run.has_training():
+        raise CLIError(f"{rd} holds no checkpoint.pt: the run has not finished an epoch")
+    raw = read_json(cfg_path)
     known = {f.name for f in dataclasses.fields(RunConfig)}
-    cfg = RunConfig(**{k: v for k, v in raw.items() if k in known})
+    try:
+        cfg = RunConfig(**{k: v for k, v in raw.items() if k in known})
+    except TypeError as e:
+        raise CLIError(f"{cfg_path} is not a run configuration ({e})") from None
     cfg.device = "cpu"
     if data_dir is not None:
         cfg.data_dir = data_dir
     splits = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     model, example = _build(cfg, splits, torch.device("cpu"))
-    state = RunDir(rd).load()
-    if state.get("kept_index") is not None:
-        model = _rebuild_shrunk(model, example, state["kept_index"])
-    model.load_state_dict(state["model"])
+    state = run.load()
+    if state is None:
+        raise CLIError(f"{rd} holds no checkpoint.pt: the run has not finished an epoch")
+    try:
+        if state.get("kept_index") is not None:
+            model = _rebuild_shrunk(model, example, state["kept_index"])
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{run.loaded_from} does not fit the model of {cfg_path} "
+                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     model.eval()
     return model, cfg, rd
+
+
+def _rule_text(cfg) -> str:
+    """The rule a run pruned by, in words (criteria.Criterion.rule, or its target compression)."""
+    from .training import criterion_of
+
+    if cfg.compression is not None:
+        return f"{cfg.method}, lowest scores removed first to {100 * cfg.compression:g} % of the parameters"
+    rule = criterion_of(cfg)
+    return rule.rule if rule is not None else f"no pruning ({cfg.method})"
+
+
+def _panel_thresholds(cfg) -> dict[str, float]:
+    """dF threshold of the BMRS_N and BMRS_U histogram panels: the run's own where it used that
+    criterion with a threshold, else the criterion's default rule."""
+    from ..criteria import get_criterion
+    from .training import criterion_of
+
+    out = {}
+    for name in ("bmrs_n", "bmrs_u"):
+        own = cfg.method == name and cfg.compression is None
+        out[name] = float((criterion_of(cfg) if own else get_criterion(name)).threshold)
+    return out
 
 
 def cmd_plot(args) -> int:
@@ -492,13 +582,16 @@ def cmd_plot(args) -> int:
     stats = structure_stats(model, precision=cfg.precision)
     kept = stats["kept"].astype(bool)
     title = f"{cfg.method} {cfg.model}/{cfg.dataset} seed {cfg.seed}"
-    h = plot_structure_histograms(stats, out / "structure_histograms.png", precision=cfg.precision, title=title)
-    print(f"{title}: {int(kept.sum())} of {kept.size} structures kept "
-          f"(dF_N >= 0: {int((stats['df_n'] >= 0).sum())}, dF_U-{cfg.precision:g} >= 0: {int((stats['df_u'] >= 0).sum())})")
+    thr = _panel_thresholds(cfg)
+    h = plot_structure_histograms(stats, out / "structure_histograms.png", precision=cfg.precision,
+                                  title=f"{title}; rule: {_rule_text(cfg)}", threshold_n=thr["bmrs_n"], threshold_u=thr["bmrs_u"])
+    print(f"{title}: {int(kept.sum())} of {kept.size} structures kept (rule: {_rule_text(cfg)}; "
+          f"dF_N >= {thr['bmrs_n']:.3g}: {int((stats['df_n'] >= thr['bmrs_n']).sum())}, "
+          f"dF_U-{cfg.precision:g} >= {thr['bmrs_u']:.3g}: {int((stats['df_u'] >= thr['bmrs_u']).sum())})")
     labels, m = spearman_matrix(criterion_scores(model))
     print(f"\nSpearman rank correlation of the keep scores over all {kept.size} structures:\n")
     print(matrix_markdown(labels, m))
-    (out / "spearman.csv").write_text(matrix_csv(labels, m))
+    write_text(out / "spearman.csv", matrix_csv(labels, m))
     hm = plot_spearman(labels, m, out / "spearman.png", title=f"Spearman rank correlation, {title}")
     print(f"wrote {h}\nwrote {out / 'spearman.csv'}\nwrote {hm}")
     return 0
@@ -537,8 +630,20 @@ _current: dict[str, str | None] = {"run_dir": None}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``bayesprune`` console script; returns the exit code."""
+    """Entry point of the ``bayesprune`` console script; returns the exit code (module docstring)."""
+    _current["run_dir"] = None
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        where = f" (run directory {_current['run_dir']})" if _current["run_dir"] else ""
+        print(f"\ninterrupted{where}; run the same command again to resume from the last finished "
+              f"epoch", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from .data import DataError, DataNotFoundError, DownloadError
+    from .rundir import RunLockedError
     from .training import TrainingDiverged
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -552,25 +657,77 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
-    _current["run_dir"] = None
     try:
+        _check_args(args)
         return int(args.func(args) or 0)
     except TrainingDiverged as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
-        if _current["run_dir"]:
-            print(f"the last good checkpoint is kept in {_current['run_dir']}", file=sys.stderr)
         return EXIT_DIVERGED
-    except KeyboardInterrupt:
-        where = f" (run directory {_current['run_dir']})" if _current["run_dir"] else ""
-        print(f"\ninterrupted{where}; run the same command again to resume from the last finished "
-              f"epoch", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except RunLockedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_LOCKED
     except DownloadError as e:
         print(f"error: download failed: {e}", file=sys.stderr)
         return 1
     except (CLIError, DataError, DataNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:
+        print(f"error: {_os_error(e)}", file=sys.stderr)
+        return EXIT_OS
+    except (MemoryError, RuntimeError) as e:
+        if not _is_allocation_failure(e):
+            raise
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: out of memory ({first}); the model or batch is too large for this machine: lower --width, "
+              "--batch-size or use another --device", file=sys.stderr)
+        return EXIT_MEMORY
+
+
+def _check_args(args) -> None:
+    """Combinations argparse cannot see: duplicate seeds, a precision for a rule that has none."""
+    seeds = getattr(args, "seeds", None) or []
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise CLIError(f"--seeds lists {', '.join(map(str, twice))} more than once: each seed is one run, "
+                       "and a repeated one would count twice in the mean")
+    if getattr(args, "precision", None) is not None and args.command in ("run", "sweep"):
+        uses = (args.method == "bmrs_u") if args.command == "run" else ("bmrs_u" in (args.criteria or ["bmrs_u"]))
+        if not uses:
+            what = f"--method {args.method or 'bmrs_n'}" if args.command == "run" else "the --criteria given"
+            raise CLIError(f"--precision is the precision of BMRS_U (--method bmrs_u); {what} has no precision")
+
+
+_OS_ADVICE = {
+    "ENOSPC": "no space left on the device: free some space and run the same command again (a run resumes from "
+              "its last checkpoint)",
+    "EDQUOT": "disk quota exceeded: free some space and run the same command again",
+    "EACCES": "permission denied: choose a writable --out-dir (or fix the permissions)",
+    "EPERM": "operation not permitted: choose a writable --out-dir (or fix the permissions)",
+    "EROFS": "read-only file system: choose another --out-dir",
+    "ENOTDIR": "not a directory (a file is in the way): choose another --out-dir or move the file",
+    "EEXIST": "exists and is not a directory: choose another --out-dir or move the file",
+    "EISDIR": "is a directory where a file was expected",
+    "ENOENT": "does not exist",
+}
+
+
+def _os_error(e: OSError) -> str:
+    """``<file>: <what happened and what to do>`` of an operating-system error."""
+    import errno
+
+    name = errno.errorcode.get(e.errno or -1, "")
+    what = _OS_ADVICE.get(name, e.strerror or str(e))
+    where = e.filename if e.filename is not None else "file system"
+    return f"{where}: {what}" + (f" ({name})" if name else "")
+
+
+def _is_allocation_failure(e: BaseException) -> bool:
+    if isinstance(e, MemoryError):
+        return True
+    text = str(e)
+    return ("can't allocate memory" in text or "out of memory" in text.lower()
+            or type(e).__name__ == "OutOfMemoryError")
 
 
 if __name__ == "__main__":  # pragma: no cover

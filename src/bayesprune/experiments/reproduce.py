@@ -8,20 +8,18 @@
   unpruned).
 
 Runs already finished are skipped, interrupted ones resume (their run directories are durable).
-``jobs`` runs go in parallel, each process with ``usable_cores() // jobs`` threads.
+The runs execute on an engine (engines.py): by default ``jobs`` local processes, each with
+``usable_cores() // jobs`` threads, or Ray tasks (docs/scale-out.md).  A run that fails is
+reported with its error (``"failures"`` of the result) and the others go on.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
-from multiprocessing import get_context
 from pathlib import Path
 
-import torch
-
+from .engines import LocalEngine, RunOutcome, run_all, usable_cores  # noqa: F401  (usable_cores: the CLI's --jobs default)
 from .training import RunConfig, resolve_config, run_continuous, run_dir_name, run_sweep
 
 __all__ = ["TARGETS", "bmrs_table1_configs", "reproduce"]
@@ -59,10 +57,6 @@ def bmrs_table1_configs(out, seeds, epochs=None, finetune_epochs=None, data_dir=
     return cfgs
 
 
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
 def _run_one(cfg: RunConfig) -> dict:
     return run_continuous(cfg, progress=False)
 
@@ -92,57 +86,36 @@ def _bf_group(group) -> list[dict]:
     return [run_bayes_factor(cfg, data_cache=cache) for cfg in configs]
 
 
-def usable_cores() -> int:
-    """Cores this process may run on: its CPU affinity (taskset, cgroup cpusets) where the OS
-    reports one, else ``os.cpu_count()``."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def _map(fn, cfgs, jobs: int, progress: bool):
-    jobs = max(1, min(jobs, len(cfgs))) if cfgs else 1
-    threads = max(1, usable_cores() // jobs)
-    if jobs == 1:
-        _init_worker(threads)
-        out = []
-        for i, c in enumerate(cfgs):
-            if progress:
-                print(f"[{i + 1}/{len(cfgs)}] {getattr(c, 'out_dir', c)}", flush=True)
-            out.append(fn(c))
-        return out
-    with ProcessPoolExecutor(jobs, mp_context=get_context("fork"), initializer=_init_worker, initargs=(threads,)) as ex:
-        futures = [ex.submit(fn, c) for c in cfgs]
-        out = []
-        for i, (c, f) in enumerate(zip(cfgs, futures)):
-            out.append(f.result())
-            if progress:
-                print(f"[{i + 1}/{len(cfgs)}] done {getattr(c, 'out_dir', c)}", flush=True)
-        return out
-
-
-def reproduce(name: str, out: str | Path, seeds=(0,), epochs=None, finetune_epochs=None, data_dir=None, jobs: int = 1, models=None, datasets=None, progress: bool = True, **extra) -> dict:
-    """Run (or resume) every run of target ``name``; returns {"summaries": [...], "wall_time_s": ...}."""
+def reproduce(name: str, out: str | Path, seeds=(0,), epochs=None, finetune_epochs=None, data_dir=None, jobs: int = 1, models=None, datasets=None, progress: bool = True, engine=None, **extra) -> dict:
+    """Run (or resume) every run of target ``name`` on ``engine`` (default ``LocalEngine(jobs)``);
+    returns {"summaries": [...], "wall_time_s": ..., "failures": [RunOutcome of each failed run]}."""
     if name not in TARGETS:
         raise ValueError(f"unknown reproduction {name!r}; valid: {', '.join(TARGETS)}")
+    engine = LocalEngine(jobs) if engine is None else engine
+    t0 = time.time()
+    with engine:  # one Ray for every stage of the target
+        summaries, failures = _reproduce(name, out, seeds, epochs, finetune_epochs, data_dir, models, datasets, progress, engine, **extra)
+    return {"summaries": summaries, "wall_time_s": time.time() - t0, "failures": failures}
+
+
+def _reproduce(name, out, seeds, epochs, finetune_epochs, data_dir, models, datasets, progress, engine, **extra) -> tuple[list, list[RunOutcome]]:
+    failures: list[RunOutcome] = []
     if epochs is not None and finetune_epochs is None:
         finetune_epochs = min(10, epochs)  # a short smoke run should not fine-tune 10 epochs
-    t0 = time.time()
     out = Path(out)
     if name == "bmrs-table1":
         cfgs = bmrs_table1_configs(out, seeds, epochs, finetune_epochs, data_dir, models or BMRS_MODELS, datasets or BMRS_DATASETS, **extra)
-        summaries = _map(_run_one, cfgs, jobs, progress)
+        summaries = run_all(engine, _run_one, cfgs, progress=progress, failures=failures)
         # L2 at BMRS_N's compression, per (model, dataset, seed)
         l2 = []
         thresholded = {(c.model, c.dataset, c.seed) for c in cfgs if c.method == "bmrs_n" and c.threshold is not None}
         for cfg, s in zip(cfgs, summaries):
             key = (cfg.model, cfg.dataset, cfg.seed)
-            if cfg.method == "bmrs_n" and ((cfg.threshold is not None) == (key in thresholded)):
+            if s is not None and cfg.method == "bmrs_n" and ((cfg.threshold is not None) == (key in thresholded)):
                 d = asdict(cfg)
                 d.update(method="l2", threshold=None, prior_odds=None, compression=float(s["param_compression"]), out_dir=str(out / run_dir_name(cfg.model, cfg.dataset, "l2") / f"seed{cfg.seed}"))
                 l2.append(RunConfig(**d))
-        summaries += _map(_run_one, l2, jobs, progress)
+        summaries = [s for s in summaries + run_all(engine, _run_one, l2, progress=progress, failures=failures) if s is not None]
     elif name == "bmrs-posttrain":
         cfgs = []
         for model in models or BMRS_MODELS:
@@ -150,7 +123,7 @@ def reproduce(name: str, out: str | Path, seeds=(0,), epochs=None, finetune_epoc
                 for seed in seeds:
                     extra.pop("threshold", None)
                     cfgs.append(resolve_config(model=model, dataset=dataset, method="none", seed=seed, epochs=epochs, finetune_epochs=0, data_dir=data_dir, out_dir=str(out / run_dir_name(model, dataset, "sweep") / f"seed{seed}"), **extra))
-        summaries = _map(_sweep_one, cfgs, jobs, progress)
+        summaries = [s for s in run_all(engine, _sweep_one, cfgs, progress=progress, failures=failures) if s is not None]
     else:
         groups = [
             (model, dataset, gated, tuple(seeds), epochs, data_dir, str(out))
@@ -158,8 +131,8 @@ def reproduce(name: str, out: str | Path, seeds=(0,), epochs=None, finetune_epoc
             for dataset in datasets or BMRS_DATASETS
             for gated in (False, True)
         ]
-        _map(_bf_group, groups, jobs, progress)
+        run_all(engine, _bf_group, groups, progress=progress, failures=failures)
         from .results import find_summaries
 
         summaries = [s for _, s in find_summaries([out])]
-    return {"summaries": summaries, "wall_time_s": time.time() - t0}
+    return summaries, failures
