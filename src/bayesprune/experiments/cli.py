@@ -113,7 +113,7 @@ def _add_common(p: argparse.ArgumentParser, methods: bool = True) -> None:
 
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", choices=DATASETS, default=None, help="data set (default: digits, offline)")
-    g.add_argument("--model", default=None, help="mlp, lenet5, resnet18-cifar, fcn, cnn or tv:<torchvision name> (default: lenet5)")
+    g.add_argument("--model", default=None, help="mlp, lenet5, resnet18-cifar, fcn, cnn or tv:<torchvision name> (default: mlp, or lenet5 with a data set other than digits)")
     g.add_argument("--data-dir", default=None, help="folder holding the data files (default: $BAYESPRUNE_DATA_DIR or ~/.cache/bayesprune/data)")
     g.add_argument("--download", action="store_true", help="download the data set first if its files are missing")
     g.add_argument("--out-dir", default="runs", help="root of the run directories (default: runs)")
@@ -127,7 +127,8 @@ def _add_common(p: argparse.ArgumentParser, methods: bool = True) -> None:
         g.add_argument("--finetune-epochs", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--lr", type=_finite, default=None)
-    g.add_argument("--noise-lr", type=_finite, default=None, help="learning rate of the noise parameters (default: --lr)")
+    g.add_argument("--noise-lr", type=_finite, default=None,
+                   help="learning rate of the noise parameters (default: 0.05, or --lr with a data set other than digits)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
     g.add_argument("--kl-weighting", choices=KL_WEIGHTINGS, default=None)
     g.add_argument("--sharing", choices=SHARING, default=None,
