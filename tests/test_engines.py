@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,11 @@ def test_resources_no_node_has_are_refused(ray_engine):
     with pytest.raises(ValueError, match=r"num_cpus_per_run \(--cpus-per-run\) is 3 but .*largest: 2"):
         list(RayEngine(num_cpus_per_run=3).map(rep._run_one, [cfg]))
     assert ray.is_initialized()  # refusing did not stop the module's Ray
+
+
+def test_a_task_without_a_gpu_share_sees_no_gpu(ray_engine):
+    (seen,) = ray_engine.map(partial(os.getenv, "CUDA_VISIBLE_DEVICES"), ["not set"])
+    assert seen.ok and seen.result == ""  # so device "auto" trains on the CPU, not on a GPU Ray did not give
 
 
 def test_cli_engine_options_reach_reproduce_and_bad_ones_are_refused(tmp_path, monkeypatch, capsys):

@@ -157,7 +157,9 @@ class RayEngine(_Engine):
     the duration of :meth:`map`, or of a ``with`` block around several calls, and shuts it down
     afterwards; ``address`` (``"auto"``, ``"<head>:6379"``, ``"ray://<head>:10001"``) connects to
     a running cluster instead.  Where Ray is already initialised in this process it is used as it
-    is and left running.  Each task runs with ``max(1, floor(num_cpus_per_run))`` torch threads.
+    is and left running.  Each task runs with ``max(1, floor(num_cpus_per_run))`` torch threads;
+    a task with no GPU share sees no GPU (``CUDA_VISIBLE_DEVICES=""``), one with a share sees the
+    GPU Ray gave it.
     """
 
     def __init__(self, address: str | None = None, *, num_cpus_per_run: float = 1, num_gpus_per_run: float = 0,
@@ -216,7 +218,10 @@ class RayEngine(_Engine):
         with self:
             ray = self._ray
             self._check_resources()
-            task = ray.remote(num_cpus=self.num_cpus_per_run, num_gpus=self.num_gpus_per_run)(_guarded)
+            options = dict(num_cpus=self.num_cpus_per_run, num_gpus=self.num_gpus_per_run)
+            if self.num_gpus_per_run == 0:  # Ray leaves a node's GPUs visible to a task that asked for none
+                options["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
+            task = ray.remote(**options)(_guarded)
             threads = max(1, int(self.num_cpus_per_run))
             refs = {task.remote(fn, c, threads, os.getcwd()): i for i, c in enumerate(configs)}
             pending = list(refs)
