@@ -102,3 +102,26 @@ def test_bmrs_posttrain_prints_curves_and_stop_points(tmp_path, monkeypatch, cap
     # the loader both printers share: seeds in folder order, nothing for a group not yet finished
     assert load_sweeps(group) == [sweep]
     assert load_sweeps(tmp_path / "mlp-none-sweep") == []
+
+
+def test_a_locked_run_is_reported_not_run(tmp_path, capsys):
+    """reproduce takes the run directory lock of every run: a run another process holds is
+    reported as failed (naming the holder) and not run; once free, the same call runs it."""
+    import os
+
+    from bayesprune.experiments.rundir import RunLock
+
+    out = tmp_path / "bmrs-posttrain"
+    kw = dict(seeds=[0], epochs=1, models=["mlp"], datasets=["digits"], width=16, sweep_points=[0.5],
+              sweep_criteria=["snr"], progress=False)
+    seed_dir = out / "mlp-digits-sweep" / "seed0"
+    seed_dir.mkdir(parents=True)
+    held = RunLock(seed_dir).acquire()
+    res = reproduce("bmrs-posttrain", out, **kw)
+    held.release()
+    assert res["summaries"] == [] and len(res["failures"]) == 1
+    assert f"RunLockedError: run directory {seed_dir} is in use by process {os.getpid()}" in res["failures"][0].error
+    assert not (seed_dir / "sweep.json").exists() and not (seed_dir / "train").exists()
+    assert "FAILED" in capsys.readouterr().err
+    again = reproduce("bmrs-posttrain", out, **kw)
+    assert again["failures"] == [] and (seed_dir / "sweep.json").exists()

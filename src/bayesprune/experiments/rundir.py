@@ -194,6 +194,9 @@ class RunLock:
             except OSError as e:
                 os.close(fd)
                 raise _named(e, self.file) from None
+            except BaseException:
+                os.close(fd)
+                raise
             self._fd = fd
             return self
         raise RunLockedError(f"run directory {self.path}: could not take its lock {self.file}")

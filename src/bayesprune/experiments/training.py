@@ -392,14 +392,12 @@ class RunDir:
             raise NotADirectoryError(e.errno, "a file is in the way of the run directory", e.filename) from None
         lock = files.RunLock(self.path).acquire()
         files.remove_stale_temporaries(self.path)
-        empty = False
         try:
             yield lock
         finally:
             empty = not any(q.name != files.LOCK_NAME for q in self.path.iterdir())
             lock.release(remove=empty)
-        if empty:
-            for d in created:
+            for d in created if empty else ():
                 with contextlib.suppress(OSError):
                     d.rmdir()
 
