@@ -99,9 +99,11 @@ class Criterion:
         return tuple(f.name for f in fields(cls) if f.init)
 
 
+@dataclass(frozen=True)
 class _ScoreThreshold(Criterion):
     """Removed when score <= threshold."""
 
+    threshold: float | None = None
     default_threshold: ClassVar[float | None] = None
 
     def __post_init__(self):
@@ -221,7 +223,6 @@ class BMRSUniform(_BMRS):
 class SNR(_ScoreThreshold):
     """Signal-to-noise ratio E[theta] / sd[theta] of the posterior."""
 
-    threshold: float | None = None
     name: ClassVar[str] = "snr"
     label: ClassVar[str] = "SNR"
     default_threshold: ClassVar[float] = 1.0
@@ -236,7 +237,6 @@ class SNR(_ScoreThreshold):
 class ExpectedTheta(_ScoreThreshold):
     """Posterior mean E[theta] of the noise variable."""
 
-    threshold: float | None = None
     name: ClassVar[str] = "etheta"
     label: ClassVar[str] = "E[θ]"
     default_threshold: ClassVar[float] = 0.1
@@ -255,7 +255,6 @@ def _incoming_weight(model: nn.Module, noise: MultiplicativeNoise) -> torch.Tens
 class L2Norm(_ScoreThreshold):
     """L2 norm of each structure's incoming weights (no default rule)."""
 
-    threshold: float | None = None
     name: ClassVar[str] = "l2"
     label: ClassVar[str] = "L2"
     threshold_meaning: ClassVar[str] = "L2 norm of the incoming weights: removed when norm <= threshold"
@@ -269,7 +268,6 @@ class L2Norm(_ScoreThreshold):
 class GradNorm(_ScoreThreshold):
     """L2 norm of the gradient of each structure's incoming weights (run ``loss.backward()`` first)."""
 
-    threshold: float | None = None
     name: ClassVar[str] = "grad"
     label: ClassVar[str] = "Grad"
     threshold_meaning: ClassVar[str] = "L2 norm of the weights' gradient: removed when norm <= threshold"

@@ -5,7 +5,6 @@ with per-epoch checkpoints from which an interrupted run resumes exactly; and
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader
 from ..bayes_factor import (LIKELIHOOD_BATCH_SIZE, MODES, SKIP_POLICIES, BayesFactorPruner, count_dead_structures,
                             prunable_weights, shrink_dead)
 from ..bayes_factor.posterior import _model_device
+from . import rundir as files
 from .training import evaluate, load_checkpoint, save_checkpoint
 
 __all__ = ["train_bayes_factor", "BayesFactorRunConfig", "bayes_factor_grid", "bf_run_dir", "run_bayes_factor"]
@@ -337,7 +337,7 @@ def run_bayes_factor(config: BayesFactorRunConfig, *, data_cache: dict | None = 
     summary_path = d / "summary.json"
     if summary_path.exists():
         print(f"skip {d} (summary.json exists)")
-        return json.loads(summary_path.read_text())
+        return files.read_json(summary_path)
     cache = {} if data_cache is None else data_cache
     key = (cfg.dataset, cfg.data_dir, cfg.seed)
     if key not in cache:
@@ -365,7 +365,7 @@ def run_bayes_factor(config: BayesFactorRunConfig, *, data_cache: dict | None = 
     earlier_s = sum(hist["seconds"][: hist["resumed_from_epoch"]])  # epochs run before an interruption
     dead = count_dead_structures(model)
     hist = _jsonable(hist)
-    (d / "history.json").write_text(json.dumps(hist, indent=1))
+    files.write_json(d / "history.json", hist, indent=1)
     summary = dict(
         kind="bayes_factor",
         model=cfg.model,
@@ -390,8 +390,6 @@ def run_bayes_factor(config: BayesFactorRunConfig, *, data_cache: dict | None = 
              + ("" if cfg.mode == "none" else f" {'Bayes' if cfg.gated else 'plain'} r={cfg.sparsity:g}")
              + f" seed {cfg.seed}")
     plot_bf_history(hist, d / "curves.png", title=title)
-    tmp = summary_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(summary_path)
+    files.write_json(summary_path, summary)
     checkpoint.unlink(missing_ok=True)  # finished: summary.json and history.json hold the run
     return summary

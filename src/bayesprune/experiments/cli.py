@@ -45,20 +45,6 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.2f}"
 
 
-def _threshold(text: str) -> float:
-    from ..reduction import REFERENCE_THRESHOLD
-
-    if text == "reference":
-        return REFERENCE_THRESHOLD
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'reference', got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number or 'reference', got {text!r}")
-    return value
-
-
 def _finite(text: str) -> float:
     try:
         value = float(text)
@@ -67,6 +53,17 @@ def _finite(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
+
+
+def _threshold(text: str) -> float:
+    from ..reduction import REFERENCE_THRESHOLD
+
+    if text == "reference":
+        return REFERENCE_THRESHOLD
+    try:
+        return _finite(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a finite number or 'reference', got {text!r}") from None
 
 
 def _prior_odds(text: str) -> float:
