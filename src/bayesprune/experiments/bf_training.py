@@ -384,7 +384,7 @@ def run_bayes_factor(config: BayesFactorRunConfig, *, data_cache: dict | None = 
         dead_per_layer=dead["per_layer"],
         wall_time_s=time.time() - t0 + earlier_s,
         resumed_from_epoch=hist["resumed_from_epoch"],
-        config=asdict(cfg),
+        config=files.recorded(asdict(cfg)),
     )
     title = (f"{cfg.model}/{cfg.dataset} {cfg.mode}"
              + ("" if cfg.mode == "none" else f" {'Bayes' if cfg.gated else 'plain'} r={cfg.sparsity:g}")

@@ -27,6 +27,28 @@ LOCK_NAME = "run.lock"
 _TMP_SUFFIX = ".tmp"
 
 
+PATH_FIELDS = ("out_dir", "data_dir")
+
+
+def portable_path(path: str | os.PathLike | None) -> str | None:
+    """``path`` as a run file records it: relative to the working directory when it lies under
+    it or under its parent (``/work/shared/datasets`` from ``/work/main`` is ``../shared/datasets``),
+    as given otherwise; a relative path is kept as given. Committed results thus carry no
+    absolute path of the machine that made them."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_absolute():
+        return p.as_posix()
+    rel = Path(os.path.relpath(p.resolve(), Path.cwd().resolve()))
+    return rel.as_posix() if rel.parts[:2] != ("..", "..") else p.as_posix()
+
+
+def recorded(config: dict) -> dict:
+    """A configuration dict with its path fields (``PATH_FIELDS``) made portable."""
+    return {k: portable_path(v) if k in PATH_FIELDS and v is not None else v for k, v in config.items()}
+
+
 def _named(e: OSError, path) -> OSError:
     """``e`` with ``filename`` set to ``path`` where the OS left it out (``write`` and ``fsync``)."""
     if e.filename is None:

@@ -404,7 +404,7 @@ class RunDir:
     def write_config(self, cfg: "RunConfig") -> None:
         """config.json of ``cfg`` (refused if the directory holds training of another config)."""
         self.check_config(cfg)
-        files.write_json(self.config_path, asdict(cfg))
+        files.write_json(self.config_path, files.recorded(asdict(cfg)))
 
     def append_metrics(self, row: dict) -> None:
         files.append_line(self.metrics, json.dumps(row))
@@ -615,7 +615,7 @@ def _run_continuous(cfg: RunConfig, rd: RunDir, progress: bool) -> dict:
     test_loss, test_acc = evaluate(model, splits.test, device)
     rep = _report(model, cfg, example)
     summary = dict(
-        config=asdict(cfg),
+        config=files.recorded(asdict(cfg)),
         test_acc=test_acc,
         test_loss=test_loss,
         best_epoch=best["epoch"] if best else total_epochs,
@@ -760,7 +760,7 @@ def _run_sweep(cfg: RunConfig, out_path: Path, progress: bool) -> dict:
                 acc = _finetune_and_test(m, cfg, splits, device)
                 stops[label] = dict(param_compression=1 - rep.params_kept / params_dense, structure_compression=rep.structure_compression, test_acc=acc, threshold=thr)
     bar.close()
-    summary = dict(config=asdict(cfg), points=results, stops=stops,
+    summary = dict(config=files.recorded(asdict(cfg)), points=results, stops=stops,
                    train_wall_time_s=train.get("wall_time_s"), sweep_wall_time_s=time.time() - t_sweep)
     files.write_json(out_path, summary)
     return summary
