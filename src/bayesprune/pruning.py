@@ -2,8 +2,10 @@
 
 ``prune(model, criterion)`` scores every structure and applies the criterion's rule
 (:mod:`bayesprune.criteria`); ``compression=c`` instead removes structures lowest score first,
-over all layers, until the share of parameters removed reaches ``c``.  Every decision is
-computed before any mask changes: when ``prune`` raises, every mask is as it was.
+over all layers, until the share of parameters removed reaches ``c``.  ``round_to=k`` then
+keeps more structures, so that each layer, or each group of layers whose outputs are coupled
+(a residual stage), keeps a multiple of k (kernel-friendly widths; :func:`round_masks`).  Every
+decision is computed before any mask changes: when ``prune`` raises, every mask is as it was.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from torch import nn
 
 from .criteria import Criterion, finite, get_criterion
 from .noise import check_not_meta, noise_layers
-from .removal import _example, count_parameters, remaining_parameters
+from .removal import _analysis, _example, count_parameters, remaining_parameters
 
-__all__ = ["prune", "report", "scores", "PruneReport", "LayerReport"]
+__all__ = ["prune", "report", "scores", "round_masks", "PruneReport", "LayerReport"]
+
+#: the criterion of ``prune`` and ``round_masks`` when none is given
+DEFAULT_CRITERION = "bmrs_n"
 
 
 @dataclass
@@ -39,6 +44,10 @@ class PruneReport:
     params_total: int = 0
     params_kept: int = 0
     rule: str = ""
+    #: ``round_to`` of ``prune`` and the kept counts before rounding (None: no rounding)
+    round_to: int | None = None
+    structures_kept_unrounded: int | None = None
+    params_kept_unrounded: int | None = None
 
     @property
     def structure_compression(self) -> float:
@@ -50,10 +59,25 @@ class PruneReport:
         """Share of parameters removed (weights and biases into and out of removed structures)."""
         return 1 - self.params_kept / self.params_total if self.params_total else 0.0
 
+    @property
+    def param_compression_unrounded(self) -> float:
+        """Share of parameters the rule alone removed, before ``round_to`` kept more."""
+        if self.params_kept_unrounded is None:
+            return self.param_compression
+        return 1 - self.params_kept_unrounded / self.params_total if self.params_total else 0.0
+
+    @property
+    def rounding_cost(self) -> float:
+        """Share of the parameters that ``round_to`` kept on top of the rule (0 without rounding)."""
+        return self.param_compression_unrounded - self.param_compression
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["structure_compression"] = self.structure_compression
         d["param_compression"] = self.param_compression
+        if self.round_to is not None:
+            d["param_compression_unrounded"] = self.param_compression_unrounded
+            d["rounding_cost"] = self.rounding_cost
         return d
 
     def __str__(self) -> str:
@@ -64,6 +88,13 @@ class PruneReport:
             f"parameters removed {100 * self.param_compression:.2f} % "
             f"({self.params_kept}/{self.params_total} kept)"
         )
+        if self.round_to is not None:
+            rows.append(
+                f"round_to={self.round_to}: {self.structures_kept - self.structures_kept_unrounded} more structures and "
+                f"{self.params_kept - self.params_kept_unrounded} more parameters kept; parameters removed "
+                f"{100 * self.param_compression_unrounded:.2f} % without rounding, {100 * self.param_compression:.2f} % "
+                f"with (cost {100 * self.rounding_cost:.2f} points)"
+            )
         return "\n".join(rows)
 
 
@@ -112,10 +143,11 @@ def report(model: nn.Module, *, criterion: str = "", rule: str = "", example_inp
 @torch.no_grad()
 def prune(
     model: nn.Module,
-    criterion: str | Criterion = "bmrs_n",
+    criterion: str | Criterion = DEFAULT_CRITERION,
     *,
     compression: float | None = None,
     monotone: bool = True,
+    round_to: int | None = None,
     example_inputs=None,
     **options,
 ) -> PruneReport:
@@ -126,8 +158,12 @@ def prune(
     criterion object (``prune(model, BMRSUniform(precision=4))``).  ``compression`` (in [0, 1])
     switches to target mode.  ``monotone=True`` never revives a removed structure (needed for
     physical removal during training); ``False`` overwrites masks like the reference code.
+    ``round_to=k``: then keep, per layer or coupled group, the removed structures with the highest
+    keep scores until a multiple of k remain (:func:`round_masks`); the report gives the counts
+    without rounding too (``structures_kept_unrounded``, ``params_kept_unrounded``, ``rounding_cost``).
     ``example_inputs``: another input than the one given to ``add_noise``.
     """
+    round_to = _check_round_to(round_to)
     crit = get_criterion(criterion, **options)
     if compression is not None:
         if options.get("threshold") is not None or options.get("prior_odds") is not None:
@@ -152,7 +188,15 @@ def prune(
                 n.mask.copy_(n.mask * new if monotone else new)
         else:
             _prune_to_compression(model, layers, sc, compression, monotone, example_inputs)
-        return report(model, criterion=crit.name, rule=rule, example_inputs=example_inputs)
+        if round_to is None:
+            return report(model, criterion=crit.name, rule=rule, example_inputs=example_inputs)
+        unrounded = report(model, example_inputs=example_inputs)
+        _round(model, layers, sc, round_to, old if monotone else None, example_inputs)
+        rep = report(model, criterion=crit.name, rule=rule, example_inputs=example_inputs)
+        rep.round_to = round_to
+        rep.structures_kept_unrounded = unrounded.structures_kept
+        rep.params_kept_unrounded = unrounded.params_kept
+        return rep
     except BaseException:
         for n, o in zip(layers, old):
             n.mask.copy_(o)
@@ -188,3 +232,113 @@ def _prune_to_compression(model, layers, sc, target, monotone, example_inputs) -
         else:
             lo = mid + 1
     apply(lo)
+
+
+def _check_round_to(round_to):
+    if round_to is None:
+        return None
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a positive integer (structures per layer a multiple of it), got {round_to!r}")
+    return int(round_to)
+
+
+@torch.no_grad()
+def round_masks(
+    model: nn.Module,
+    round_to: int,
+    criterion: str | Criterion = DEFAULT_CRITERION,
+    *,
+    example_inputs=None,
+    **options,
+) -> PruneReport:
+    """Keep more structures so that each layer keeps a multiple of ``round_to`` (in place).
+
+    Kernels run fastest on widths that are multiples of their vector or tile size; a layer of 37
+    channels costs about as much as one of 40 or 48.  Each layer, or each group of layers whose
+    outputs are coupled (channels tied across residual additions, removed only together), keeps
+    ceil(kept / k) * k structures, at most all it has: the extra ones are its removed structures
+    with the highest keep scores of ``criterion`` (docs/maths.md section 3), the score of a coupled
+    channel being the highest of its layers'.  A revived structure is revived in every layer of its
+    group.  The width counted is the one :func:`bayesprune.shrink` leaves: masked structures that
+    removal must keep (coupled to a layer without noise, or to a LayerNorm) count as kept.  A
+    layer whose every structure is masked stays so (Torch-Pruning then keeps one zeroed unit).
+    Returns the report of the rounded masks, with the counts before rounding.
+    """
+    round_to = _check_round_to(round_to)
+    if round_to is None:
+        raise ValueError("round_to must be a positive integer, got None")
+    crit = get_criterion(criterion, **options)
+    layers = _layers(model)
+    example_inputs = _example(model, example_inputs)
+    sc = _scores(model, layers, crit)
+    old = [n.mask.clone() for n in layers]
+    try:
+        unrounded = report(model, example_inputs=example_inputs)
+        _round(model, layers, sc, round_to, None, example_inputs)
+        rep = report(model, criterion=crit.name, rule=f"{crit.label}: masks rounded up to multiples of {round_to}",
+                     example_inputs=example_inputs)
+    except BaseException:
+        for n, o in zip(layers, old):
+            n.mask.copy_(o)
+        raise
+    rep.round_to = round_to
+    rep.structures_kept_unrounded = unrounded.structures_kept
+    rep.params_kept_unrounded = unrounded.params_kept
+    return rep
+
+
+def _round(model, layers, sc, k, before, example_inputs) -> None:
+    """Revive masked structures, highest score first, until each coupled group keeps a multiple
+    of ``k``.  ``before``: the masks before this pruning step (monotone: only structures alive
+    then may be revived, and they get their old mask value back); None: any, set to 1."""
+    an = _analysis(model, example_inputs)
+    names = [n.layer_name for n in layers]
+    start = [0]
+    for n in layers:
+        start.append(start[-1] + n.num_structures)
+    where = {name: i for i, name in enumerate(names)}
+    parent = list(range(start[-1]))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    masks = [n.mask.detach().cpu() for n in layers]
+    kept = torch.cat([m != 0 for m in masks])
+    for li, name in enumerate(names):
+        for r in an.veto.get(name, ()):
+            kept[start[li] + r] = True  # removal keeps it: it counts as kept
+        for r, coupled in enumerate(an.coupled.get(name, ())):
+            for other, j in coupled:
+                if other is None:
+                    kept[start[li] + r] = True  # tied to a layer without noise, which keeps it
+                elif other in where:
+                    a, b = find(start[li] + r), find(start[where[other]] + j)
+                    if a != b:
+                        parent[a] = b
+    score = torch.cat([s.detach().cpu().double() for s in sc]).nan_to_num(nan=-math.inf).tolist()
+    eligible = [True] * start[-1] if before is None else torch.cat([b.detach().cpu() != 0 for b in before]).tolist()
+    kept = kept.tolist()
+    layer_of = [li for li in range(len(names)) for _ in range(start[li + 1] - start[li])]
+    members: dict[int, list[int]] = {}
+    for i in range(start[-1]):
+        members.setdefault(find(i), []).append(i)
+    groups: dict[frozenset, list[list[int]]] = {}  # the channels of one coupled tensor: same set of layers
+    for comp in members.values():
+        groups.setdefault(frozenset(layer_of[i] for i in comp), []).append(comp)
+    revive = torch.zeros(start[-1], dtype=torch.bool)
+    for comps in groups.values():
+        present = sum(any(kept[i] for i in c) for c in comps)
+        if not present:
+            continue
+        target = min(len(comps), -(-present // k) * k)
+        absent = [c for c in comps if not any(kept[i] for i in c) and any(eligible[i] for i in c)]
+        absent.sort(key=lambda c: (-max(score[i] for i in c), c[0]))  # highest keep score first
+        for c in absent[: target - present]:
+            revive[c] = True
+    for li, n in enumerate(layers):
+        r = revive[start[li]:start[li + 1]].to(n.mask.device)
+        value = torch.ones_like(n.mask) if before is None else before[li]
+        n.mask.copy_(torch.where(r, value, n.mask))

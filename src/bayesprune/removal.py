@@ -513,14 +513,23 @@ def _reattach(model, entries, kept) -> None:
 
 
 @torch.no_grad()
-def shrink(model: nn.Module, example_inputs=None, *, fold: bool = True, verify: bool = True) -> nn.Module:
+def shrink(model: nn.Module, example_inputs=None, *, fold: bool = True, verify: bool = True,
+           round_to: int | None = None) -> nn.Module:
     """A plain ``nn.Module`` without noise layers and without the masked structures.
 
     Its eval output equals the masked model's eval output (``fold=True``; checked on a random
     probe when ``verify``).  ``fold=False`` only removes structures (used to count
     parameters; then only output shapes are checked).  The input model is left untouched.
     ``example_inputs``: another input than the one given to ``add_noise``.
+    ``round_to=k``: first round a copy's masks up to multiples of k per layer or coupled group,
+    highest BMRS_N keep scores first (:func:`bayesprune.pruning.round_masks`); the output then
+    equals that copy's masked output.
     """
+    if round_to is not None:
+        from .pruning import round_masks  # pruning imports this module
+
+        model = copy.deepcopy(model)
+        round_masks(model, round_to, example_inputs=example_inputs)
     return _shrink(model, example_inputs, fold=fold, keep_noise=False, verify=verify)
 
 

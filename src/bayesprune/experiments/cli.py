@@ -66,6 +66,16 @@ def _threshold(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a finite number or 'reference', got {text!r}") from None
 
 
+def _round_to(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (structures per layer a multiple of it), got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def _prior_odds(text: str) -> float:
     value = _finite(text)
     if not value > 0:
@@ -94,6 +104,7 @@ def _config_overrides(args: argparse.Namespace) -> dict:
         prior_odds=getattr(args, "prior_odds", None),
         compression=getattr(args, "compression", None),
         monotone=False if getattr(args, "no_monotone", False) else None,
+        round_to=getattr(args, "round_to", None),
         shrink=True if getattr(args, "shrink", False) else None,
         device=args.device,
         val_fraction=args.val_fraction,
@@ -142,6 +153,9 @@ def _add_common(p: argparse.ArgumentParser, methods: bool = True) -> None:
                             f"{default.prior_odds:.4g} = sqrt(2 pi), the paper's; 1 = exact BMR, bmrs_u's default)")
         g.add_argument("--compression", type=_finite, default=None, help="target parameter compression in [0, 1] (l2, grad)")
         g.add_argument("--no-monotone", action="store_true", help="allow pruned structures to come back")
+        g.add_argument("--round-to", type=_round_to, default=None,
+                       help="each layer keeps a multiple of this many structures, the extra ones those of highest "
+                            "keep score (kernel-friendly widths); off unless given")
         g.add_argument("--shrink", action="store_true", help="physically remove pruned structures during training")
     g.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     g.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -103,6 +103,7 @@ class RunConfig:
     prior_odds: float | None = None
     compression: float | None = None
     monotone: bool = True
+    round_to: int | None = None  # each layer (coupled group) keeps a multiple of it (pruning.round_masks)
     shrink: bool = False
     device: str = "auto"
     val_fraction: float = 0.2
@@ -145,6 +146,11 @@ class RunConfig:
             raise ValueError(f"compression must be in [0, 1], got {self.compression}")
         if not self.precision > 0:
             raise ValueError(f"precision must be > 0, got {self.precision}")
+        if self.round_to is not None:
+            if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+                raise ValueError(f"round_to must be a positive integer, got {self.round_to!r}")
+            if self.method in ("none", "dense"):
+                raise ValueError(f"method {self.method!r} prunes nothing: round_to does not apply")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}: the best-validation checkpoint "
                              "of the fine-tuning phase needs a validation set, and a training set must remain")
@@ -287,7 +293,8 @@ def _prune(model, cfg: RunConfig, example):
     criterion = criterion_of(cfg)
     if criterion is None:
         return _report(model, cfg, example)
-    return crit.prune(model, criterion, compression=cfg.compression, monotone=cfg.monotone, example_inputs=example)
+    return crit.prune(model, criterion, compression=cfg.compression, monotone=cfg.monotone, round_to=cfg.round_to,
+                      example_inputs=example)
 
 
 # ---------------------------------------------------------------------------------------------
