@@ -1,6 +1,7 @@
 import math
 from types import SimpleNamespace
 
+import json
 import pytest
 import torch
 from torch import nn
@@ -522,3 +523,23 @@ def test_reproduce_bf_table1_calls_run_bayes_factor_not_the_cli(tmp_path, monkey
                                                       for r in (0.25, 0.5, 0.75, 0.9, 0.99)}
     assert {c.mode for c in plain} == {"random", "magnitude", "none"}
     assert all(c.epochs == 3 and c.quiet and c.out_dir == str(tmp_path) and c.model == "fcn" for c in seen)
+
+
+def test_bf_run_directory_is_locked_while_it_runs(tmp_path):
+    """A Bayes-factor run takes its directory's lock as a BMRS run does: a second process on the
+    same run is refused at once, naming the directory, and leaves nothing behind; once the holder
+    is gone the run goes ahead."""
+    from bayesprune.experiments.bf_training import BayesFactorRunConfig, bf_run_dir, run_bayes_factor
+    from bayesprune.experiments.rundir import RunLock, RunLockedError
+
+    cfg = BayesFactorRunConfig(model="fcn", dataset="digits", epochs=1, mode="magnitude", sparsity=0.5,
+                               likelihood_batches=1, seed=0, quiet=True, device="cpu", out_dir=str(tmp_path))
+    d = bf_run_dir(cfg)
+    d.mkdir(parents=True)
+    with RunLock(d):  # another holder (flock conflicts between two open files, also in one process)
+        with pytest.raises(RunLockedError, match=str(d)):
+            run_bayes_factor(cfg)
+        assert sorted(p.name for p in d.iterdir()) == ["run.lock"]
+    summary = run_bayes_factor(cfg)
+    assert json.loads((d / "summary.json").read_text())["test_acc"] == summary["test_acc"] > 0.5
+    RunLock(d).acquire().release()  # the finished run holds no lock

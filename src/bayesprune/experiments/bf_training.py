@@ -324,11 +324,9 @@ def run_bayes_factor(config: BayesFactorRunConfig, *, data_cache: dict | None = 
     and ``summary.json``; while it trains, ``checkpoint.pt`` (removed once summary.json exists).
     A run whose summary.json exists is not run again (its summary is returned); an interrupted one
     resumes after the last epoch of its checkpoint.  ``data_cache``: a dict kept across calls so
-    that each (data set, data folder, seed) is loaded once.
+    that each (data set, data folder, seed) is loaded once.  The run directory is locked while
+    the run trains (rundir.held_run_dir), as a BMRS run's is.
     """
-    from .data import load_dataset
-    from .models import build_model
-    from .results import plot_bf_history
     from .training import _device
 
     cfg = config
@@ -338,12 +336,23 @@ def run_bayes_factor(config: BayesFactorRunConfig, *, data_cache: dict | None = 
     if summary_path.exists():
         print(f"skip {d} (summary.json exists)")
         return files.read_json(summary_path)
+    with files.held_run_dir(d):  # a second process on this run is refused (rundir.RunLockedError)
+        if summary_path.exists():  # finished by another process while this one waited to start
+            return files.read_json(summary_path)
+        return _train_and_summarise(cfg, d, device, data_cache)
+
+
+def _train_and_summarise(cfg: "BayesFactorRunConfig", d: Path, device, data_cache: dict | None) -> dict[str, Any]:
+    from .data import load_dataset
+    from .models import build_model
+    from .results import plot_bf_history
+
+    summary_path = d / "summary.json"
     cache = {} if data_cache is None else data_cache
     key = (cfg.dataset, cfg.data_dir, cfg.seed)
     if key not in cache:
         cache[key] = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
     splits = cache[key]
-    d.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, splits.in_channels, splits.image_size, splits.num_classes).to(device)
     pruner = None

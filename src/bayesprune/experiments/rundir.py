@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -20,7 +21,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-__all__ = ["LOCK_NAME", "RunLock", "RunLockedError", "append_line", "keep_lines", "read_json", "write_bytes",
+__all__ = ["LOCK_NAME", "RunLock", "RunLockedError", "held_run_dir", "append_line", "keep_lines", "read_json", "write_bytes",
            "write_json", "write_text"]
 
 LOCK_NAME = "run.lock"
@@ -237,6 +238,33 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def held_run_dir(path: str | os.PathLike):
+    """Create the run directory ``path`` and hold its :class:`RunLock` for the block (temporaries a
+    killed writer left are removed first); if the block leaves nothing in folders it created (a
+    failed start), they go again, so the corrected command finds no trace of it."""
+    path = Path(path)
+    created = []
+    p = path
+    while not p.exists() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:  # a file where a folder should be
+        raise NotADirectoryError(e.errno, "a file is in the way of the run directory", e.filename) from None
+    lock = RunLock(path).acquire()
+    remove_stale_temporaries(path)
+    try:
+        yield lock
+    finally:
+        empty = not any(q.name != LOCK_NAME for q in path.iterdir())
+        lock.release(remove=empty)
+        for d in created if empty else ():
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def _read_holder(fd: int) -> str:

@@ -44,6 +44,7 @@ from .models import build_model
 from ..noise import DEFAULT_SHARING, add_noise, kl, noise_layers
 from ..reduction import REFERENCE_THRESHOLD
 from ..removal import count_parameters
+from . import distributed
 from . import rundir as files
 
 __all__ = ["RunConfig", "PAPER_DEFAULTS", "run_continuous", "run_sweep", "run_dir_name", "TrainingDiverged", "CheckpointError",
@@ -111,6 +112,18 @@ class RunConfig:
     sweep_criteria: list = field(default_factory=lambda: ["l2", "snr", "etheta", "bmrs_n", "bmrs_u"])
     sweep_points: list = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99])
     sweep_finetune_epochs: int = 1
+    # after the continuous run: shrink, then this many epochs of cross-entropy on the plain small
+    # network (0: off; finetune.py); lr None: the run's lr
+    dense_finetune_epochs: int = 0
+    dense_finetune_lr: float | None = None
+    dense_finetune_schedule: str = "cosine"
+    # processes that train this one run (torchrun / DDP); set by run_continuous from the process group
+    world_size: int = 1
+    # after the continuous run: shrink, then this many epochs of cross-entropy on the plain small
+    # network (0: off; finetune.py); lr None: the run's lr
+    dense_finetune_epochs: int = 0
+    dense_finetune_lr: float | None = None
+    dense_finetune_schedule: str = "cosine"
 
     def validate(self) -> None:
         from .data import DATASETS
@@ -154,6 +167,34 @@ class RunConfig:
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}: the best-validation checkpoint "
                              "of the fine-tuning phase needs a validation set, and a training set must remain")
+        if not isinstance(self.dense_finetune_epochs, int) or self.dense_finetune_epochs < 0:
+            raise ValueError(f"dense_finetune_epochs must be an integer >= 0 (0: off), got {self.dense_finetune_epochs!r}")
+        v = self.dense_finetune_lr
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"dense_finetune_lr must be a positive number, got {v}")
+        from .finetune import SCHEDULES
+
+        if self.dense_finetune_schedule not in SCHEDULES:
+            raise ValueError(f"unknown dense_finetune_schedule {self.dense_finetune_schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if v is not None and not self.dense_finetune_epochs:
+            raise ValueError("dense_finetune_lr needs dense_finetune_epochs >= 1")
+        if self.method == "dense" and self.dense_finetune_epochs:
+            raise ValueError("method 'dense' has no noise layers and prunes nothing: --dense-finetune-epochs does not apply")
+        if not (isinstance(self.world_size, int) and self.world_size >= 1):
+            raise ValueError(f"world_size must be an integer >= 1, got {self.world_size!r}")
+        if not isinstance(self.dense_finetune_epochs, int) or self.dense_finetune_epochs < 0:
+            raise ValueError(f"dense_finetune_epochs must be an integer >= 0 (0: off), got {self.dense_finetune_epochs!r}")
+        v = self.dense_finetune_lr
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"dense_finetune_lr must be a positive number, got {v}")
+        from .finetune import SCHEDULES
+
+        if self.dense_finetune_schedule not in SCHEDULES:
+            raise ValueError(f"unknown dense_finetune_schedule {self.dense_finetune_schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if v is not None and not self.dense_finetune_epochs:
+            raise ValueError("dense_finetune_lr needs dense_finetune_epochs >= 1")
+        if self.method == "dense" and self.dense_finetune_epochs:
+            raise ValueError("method 'dense' has no noise layers and prunes nothing: --dense-finetune-epochs does not apply")
         if self.method == "dense" and self.shrink:
             raise ValueError("method 'dense' has no noise layers and prunes nothing: --shrink does not apply")
 
@@ -384,29 +425,9 @@ class RunDir:
         self.check_config(cfg)
         return files.read_json(self.summary)
 
-    @contextlib.contextmanager
     def locked(self):
-        """Create the directory and hold its lock (rundir.RunLock) for the block; if the block
-        leaves nothing in a directory it created (a failed start), the directory goes again."""
-        created = []
-        p = self.path
-        while not p.exists() and p != p.parent:
-            created.append(p)
-            p = p.parent
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except FileExistsError as e:  # a file where a folder should be
-            raise NotADirectoryError(e.errno, "a file is in the way of the run directory", e.filename) from None
-        lock = files.RunLock(self.path).acquire()
-        files.remove_stale_temporaries(self.path)
-        try:
-            yield lock
-        finally:
-            empty = not any(q.name != files.LOCK_NAME for q in self.path.iterdir())
-            lock.release(remove=empty)
-            for d in created if empty else ():
-                with contextlib.suppress(OSError):
-                    d.rmdir()
+        """Create the directory and hold its lock for the block (rundir.held_run_dir)."""
+        return files.held_run_dir(self.path)
 
     def write_config(self, cfg: "RunConfig") -> None:
         """config.json of ``cfg`` (refused if the directory holds training of another config)."""
@@ -520,8 +541,23 @@ def run_continuous(cfg: RunConfig, progress: bool = True) -> dict:
     """Continuous pruning (the BMRS paper's Table 1 protocol).  Returns the summary dict.
 
     A finished run is only read (its summary returned); otherwise the run directory is locked
-    (``rundir.RunLockedError`` if another process runs it) and the run starts or resumes."""
+    (``rundir.RunLockedError`` if another process runs it) and the run starts or resumes.
+    With ``dense_finetune_epochs > 0`` the dense fine-tune follows (finetune.py) and its summary
+    is returned."""
     cfg.validate()
+    if cfg.dense_finetune_epochs:
+        from .finetune import run_dense_finetune
+
+        return run_dense_finetune(cfg, progress=progress)
+    ctx = distributed.context()  # None in a single process
+    if ctx is not None:  # one run on world_size processes: rank 0 decides, locks and writes
+        cfg = ctx.record(cfg)
+        rd = RunDir(cfg.out_dir)
+        done = ctx.broadcast(rd.finished(cfg) if ctx.is_writer else None)
+        if done is not None:
+            return done
+        with rd.locked() if ctx.is_writer else contextlib.nullcontext():
+            return _run_continuous(cfg, rd, progress and ctx.is_writer, ctx)
     rd = RunDir(cfg.out_dir)
     done = rd.finished(cfg)  # raises if the directory holds a run with another configuration
     if done is not None:
@@ -533,18 +569,22 @@ def run_continuous(cfg: RunConfig, progress: bool = True) -> dict:
         return _run_continuous(cfg, rd, progress)
 
 
-def _run_continuous(cfg: RunConfig, rd: RunDir, progress: bool) -> dict:
-    rd.check_config(cfg)
-    device = _device(cfg.device)
+def _run_continuous(cfg: RunConfig, rd: RunDir, progress: bool, ctx: "distributed.Context | None" = None) -> dict:
+    writer = ctx is None or ctx.is_writer
+    if writer:
+        rd.check_config(cfg)
+    device = _device(cfg.device) if ctx is None else ctx.device(_device(cfg.device))
     t_start = time.time()
     splits = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
     _seed_all(cfg.seed)
     model, example = _build(cfg, splits, device)
+    if ctx is not None:
+        ctx.seed_noise(cfg.seed)
     params_dense = count_parameters(model)
     opt = _optimizer(model, cfg)
     total_epochs = cfg.epochs + cfg.finetune_epochs
     start_epoch, best, rows, kept_index = 0, None, 0, None
-    state = rd.load()
+    state = rd.load() if ctx is None else ctx.broadcast(rd.load() if writer else None)
     if state is not None:
         try:
             if state.get("kept_index") is not None:
@@ -552,7 +592,7 @@ def _run_continuous(cfg: RunConfig, rd: RunDir, progress: bool) -> dict:
                 opt = _optimizer(model, cfg)
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
-            _set_rng_state(state["rng"])
+            _set_rng_state(state["rng"] if ctx is None else state["rng_ranks"][ctx.rank])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{rd.loaded_from} does not fit this run's model ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0]}); delete {rd.path} to start over") from None
@@ -560,18 +600,24 @@ def _run_continuous(cfg: RunConfig, rd: RunDir, progress: bool) -> dict:
         best = state.get("best")
         kept_index = state.get("kept_index")
         t_start -= float(state.get("elapsed", 0.0))
-        rd.truncate_metrics(rows)
+        if writer:
+            rd.truncate_metrics(rows)
     else:
-        rd.truncate_metrics(0)
+        if writer:
+            rd.truncate_metrics(0)
         kept_index = {n.layer_name: list(range(n.num_structures)) for n in noise_layers(model)} if cfg.shrink else None
     epochs_bar = tqdm(range(start_epoch, total_epochs), desc=f"{cfg.method} {cfg.model}/{cfg.dataset} seed {cfg.seed}", disable=not progress, initial=start_epoch, total=total_epochs)
     rep = None
+    train_model = model if ctx is None else ctx.wrap(model, device)  # DDP: gradients all-reduced
     for epoch in epochs_bar:
         phase = "prune" if epoch < cfg.epochs else "finetune"
-        loader = make_loader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed * 100003 + epoch)
+        if ctx is None:
+            loader = make_loader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed * 100003 + epoch)
+        else:
+            loader = ctx.train_loader(splits.train, cfg.batch_size, cfg.seed * 100003, epoch)
         t0 = time.perf_counter()
         try:
-            loss, ce, k = _train_epoch(model, opt, loader, cfg, splits.num_train, device, f"epoch {epoch + 1}")
+            loss, ce, k = _train_epoch(train_model, opt, loader, cfg, splits.num_train, device, f"epoch {epoch + 1}")
         except TrainingDiverged as e:
             raise TrainingDiverged(f"{e}; {rd.describe_checkpoints()}") from None
         train_time = time.perf_counter() - t0
@@ -579,8 +625,11 @@ def _run_continuous(cfg: RunConfig, rd: RunDir, progress: bool) -> dict:
             rep = _prune(model, cfg, example)
         else:
             rep = _report(model, cfg, example)
+        if ctx is not None and cfg.method != "dense" and not ctx.sync_masks(model):
+            rep = _report(model, cfg, example)  # rank 0's decisions, now every rank's
         if cfg.shrink and phase == "prune" and rep.structures_kept < sum(n.num_structures for n in noise_layers(model)):
             model, opt, kept_index = _shrink_step(model, opt, example, cfg, kept_index)
+            train_model = model if ctx is None else ctx.wrap(model, device)
         val_loss, val_acc = evaluate(model, splits.val, device)
         row = dict(
             epoch=epoch + 1,
@@ -596,27 +645,31 @@ def _run_continuous(cfg: RunConfig, rd: RunDir, progress: bool) -> dict:
             epoch_time=train_time,
             kept={r.layer: r.kept for r in rep.layers},
         )
-        if epoch == start_epoch:
+        rng_ranks = None if ctx is None else ctx.gather(_rng_state())
+        if epoch == start_epoch and writer:
             rd.write_config(cfg)  # with the first checkpoint: a failed start leaves no config behind
-        rd.append_metrics(row)
+        if writer:
+            rd.append_metrics(row)
         rows += 1
         # best-validation checkpoint of the fine-tuning phase (after the final pruning)
         if phase == "finetune" or (cfg.finetune_epochs == 0 and epoch == total_epochs - 1):
             if best is None or val_acc > best["val_acc"]:
                 best = {"val_acc": val_acc, "epoch": epoch + 1, "model": copy.deepcopy(model.state_dict())}
         epochs_bar.set_postfix(val_acc=f"{val_acc:.4f}", comp=f"{100 * row['param_compression']:.1f}%")
-        rd.save(
-            dict(
-                model=model.state_dict(),
-                optimizer=opt.state_dict(),
-                rng=_rng_state(),
-                epoch=epoch + 1,
-                metric_rows=rows,
-                best=best,
-                kept_index=kept_index,
-                elapsed=time.time() - t_start,
+        if writer:
+            rd.save(
+                dict(
+                    model=model.state_dict(),
+                    optimizer=opt.state_dict(),
+                    rng=_rng_state(),
+                    epoch=epoch + 1,
+                    metric_rows=rows,
+                    best=best,
+                    kept_index=kept_index,
+                    elapsed=time.time() - t_start,
+                    **({} if rng_ranks is None else {"rng_ranks": rng_ranks}),
+                )
             )
-        )
     if best is not None:
         model.load_state_dict(best["model"])
     test_loss, test_acc = evaluate(model, splits.test, device)
@@ -634,6 +687,7 @@ def _run_continuous(cfg: RunConfig, rd: RunDir, progress: bool) -> dict:
         layers=[asdict(r) for r in rep.layers],
         wall_time_s=time.time() - t_start,
         machine=f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}, device {device}",
+        world_size=cfg.world_size,
     )
     if cfg.method == "bmrs_n" and cfg.compression is None and criterion_of(cfg).threshold > REFERENCE_THRESHOLD:
         # what the reference implementation's dF offset would prune on the final model
@@ -643,7 +697,9 @@ def _run_continuous(cfg: RunConfig, rd: RunDir, progress: bool) -> dict:
             param_compression=1 - ref.params_kept / params_dense,
             structure_compression=ref.structure_compression,
         )
-    summary["size_speed"] = _size_speed(model, example, splits) if cfg.method != "dense" else None
+    summary["size_speed"] = _size_speed(model, example, splits) if cfg.method != "dense" and writer else None
+    if not writer:
+        return summary
     files.write_json(rd.summary, summary)
     with contextlib.suppress(OSError):
         rd.previous.unlink()  # checkpoint.pt is the final state; its predecessor is no longer needed
