@@ -347,6 +347,22 @@ def _resolved(args, **extra):
 
 
 def cmd_run(args) -> int:
+    """``bayesprune run``; under torchrun every process trains the run together (distributed.py)
+    and only rank 0 prints and writes."""
+    import torch.distributed as dist
+
+    from . import distributed
+
+    created = distributed.init_from_env(args.device or "auto")
+    try:
+        with distributed.quiet_unless_writer(distributed.context()):
+            return _cmd_run(args)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _cmd_run(args) -> int:
     from .training import criterion_of, run_continuous, run_dir_name
 
     base = _resolved(args, seed=args.seeds[0])
@@ -697,7 +713,13 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _check_args(args) -> None:
-    """Combinations argparse cannot see: duplicate seeds, a precision for a rule that has none."""
+    """Combinations argparse cannot see: duplicate seeds, a precision for a rule that has none,
+    a command other than ``run`` under torchrun."""
+    from .distributed import launched_by_torchrun
+
+    if args.command != "run" and launched_by_torchrun():
+        raise CLIError(f"bayesprune {args.command} does not run under torchrun (WORLD_SIZE > 1): only bayesprune run "
+                       "trains one model on several processes; for many runs use --engine ray or --jobs")
     seeds = getattr(args, "seeds", None) or []
     twice = sorted({s for s in seeds if seeds.count(s) > 1})
     if twice:
