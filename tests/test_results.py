@@ -190,3 +190,51 @@ def test_plot_table1_writes_one_png_with_our_and_the_papers_points(tmp_path, mon
     assert ("ours", "L2 (n=1)", pytest.approx(90.0), pytest.approx(50.0)) in drawn
     assert ("paper", "paper BMRS_N", 86.9, 95.59) in drawn and ("paper", "paper Other", 10.0, 50.0) in drawn
     assert len([d for d in drawn if d[0] == "ours"]) == 3
+
+
+def _pixels_near(fig, ax, point, half=9):
+    """RGB pixels of the rendered ``fig`` in a (2*half)^2 window around data ``point``."""
+    fig.canvas.draw()
+    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+    x, y = ax.transData.transform(point)
+    row = img.shape[0] - int(round(y))  # display y grows upwards, image rows downwards
+    col = int(round(x))
+    return img[row - half: row + half, col - half: col + half]
+
+
+def test_sweep_plot_shows_coinciding_stops(tmp_path):
+    """Every stop point stays visible where two coincide (the committed digits sweep: BMRS_N with
+    the paper's prior odds and BMRS_U stop 0.4 points apart at the same accuracy), and the legend
+    says which stop the ring is around. Pixels of the rendered figure near the stops, legend
+    removed: a stop is visible when adding it to the other changes the picture there."""
+    import json
+    from pathlib import Path
+
+    sweep = json.loads((Path(__file__).parents[1] / "results/digits/mlp-digits-sweep/seed0/sweep.json").read_text())
+    stops = sweep["stops"]
+    a, b = stops["bmrs_n (reference)"], stops["bmrs_u"]
+    assert abs(a["param_compression"] - b["param_compression"]) < 0.015 and a["test_acc"] == b["test_acc"]
+
+    def picture(keep):
+        sw = dict(sweep, stops={k: v for k, v in stops.items() if k in keep})
+        fig, ax = results.sweep_figure([sw])
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        ax.get_legend().remove()
+        px = _pixels_near(fig, ax, (100 * b["param_compression"], 100 * b["test_acc"]))
+        results._plt().close(fig)
+        return px, labels
+
+    both, labels = picture({"bmrs_n (reference)", "bmrs_u"})
+    upper, _ = picture({"bmrs_u"})
+    lower, _ = picture({"bmrs_n (reference)"})
+    neither, _ = picture(set())
+
+    def changed(x, y):
+        return int((np.abs(x - y).sum(axis=-1) > 60).sum())
+
+    # at least half of each stop's own footprint still shows when the other is drawn as well
+    # (with both drawn solid, the star covered all but 41 % of the cross beneath it)
+    assert changed(both, upper) >= 0.5 * changed(lower, neither) > 0
+    assert changed(both, lower) >= 0.5 * changed(upper, neither) > 0
+    assert any("around the bmrs_n (reference) stop" in t for t in labels)
+    assert results.plot_sweep([sweep], tmp_path / "s.png").stat().st_size > 0

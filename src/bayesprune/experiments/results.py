@@ -39,6 +39,7 @@ __all__ = [
     "table_markdown",
     "table_csv",
     "plot_sweep",
+    "sweep_figure",
     "aggregate_sweeps",
     "sweep_markdown",
     "structure_stats",
@@ -71,6 +72,8 @@ def method_label(config: dict) -> str:
     odds = config.get("prior_odds")
     if method in ("bmrs_n", "bmrs_u") and odds is not None and odds != 1:
         label += f" (prior odds {odds:.3g})"
+    if config.get("dense_finetune_epochs"):  # experiments/finetune.py: shrunk, then cross-entropy only
+        label += f" + dense FT {config['dense_finetune_epochs']}"
     return label
 
 
@@ -424,7 +427,19 @@ def plot_sweep(sweeps: Sequence[dict], path: str | Path, title: str | None = Non
     """Accuracy against parameter compression for every criterion, mean over the ``sweeps``
     (one ``sweep.json`` dict per seed); BMRS stop points are marked with stars (with their
     rule).  Each criterion has its own marker and line style; a curve that lies on an earlier
-    one is drawn with hollow, larger markers and the legend says which it coincides with."""
+    one is drawn with hollow, larger markers and the legend says which it coincides with; so is
+    a stop point that lies on an earlier one (:func:`sweep_figure`)."""
+    fig, _ax = sweep_figure(sweeps, title)
+    return _save(fig, path, dpi=120)
+
+
+def _same_point(a: tuple, b: tuple) -> bool:
+    """Two stop points closer than a marker: 1.5 points of compression and 0.3 of accuracy."""
+    return abs(a[0] - b[0]) < 1.5 and abs(a[1] - b[1]) < 0.3
+
+
+def sweep_figure(sweeps: Sequence[dict], title: str | None = None):
+    """The figure of :func:`plot_sweep`, not yet saved: ``(fig, ax)``."""
     plt = _plt()
     agg = aggregate_sweeps(sweeps)
     fig, ax = plt.subplots(figsize=(6.8, 4.6))
@@ -445,20 +460,27 @@ def plot_sweep(sweeps: Sequence[dict], path: str | Path, title: str | None = Non
     for sw in sweeps:
         for c, st in sw.get("stops", {}).items():
             thresholds.setdefault(c, st.get("threshold"))
+    stops_drawn = []
     for c, (comp, acc, _n) in agg["stops"].items():
         base = c.split(" ")[0]
         marker = "*" if base == c else "P"
         thr = thresholds.get(c)
         rule = f", dF ≥ {thr:.3g}" if thr is not None else ""
-        ax.plot([comp], [acc], marker=marker, ms=14 if marker == "*" else 11, color=colors.get(base, "k"), mec="k", ls="none",
-                label=f"{c} stop{rule}", zorder=20)
+        under = [d for d, pt in stops_drawn if _same_point((comp, acc), pt)]
+        size = (14 if marker == "*" else 11) + 7 * len(under)
+        # a stop on an earlier one: a larger hollow ring around it, so both stay visible
+        style = dict(mfc="none", mew=2.2, mec=colors.get(base, "k")) if under else dict(mec="k")
+        ax.plot([comp], [acc], marker=marker, ms=size, color=colors.get(base, "k"), ls="none",
+                label=f"{c} stop{rule}" + (f" (around the {', '.join(under)} stop)" if under else ""),
+                zorder=20 + len(stops_drawn), **style)
+        stops_drawn.append((c, (comp, acc)))
     ax.set_xlabel("parameter compression (%)")
     ax.set_ylabel("test accuracy (%)")
     n = len(sweeps)
     ax.set_title(title or f"accuracy vs compression (mean over {n} seed{'s' if n != 1 else ''})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path, dpi=120)
+    return fig, ax
 
 
 def structure_stats(model, precision: float = 8.0) -> dict[str, np.ndarray]:
