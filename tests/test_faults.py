@@ -331,6 +331,37 @@ def test_ctrl_c_during_start_up(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "interrupted; run the same command again to resume from the last finished epoch"
 
 
+_INTERRUPT_TORCH_IMPORT = """
+import sys
+class InterruptTorch:  # Ctrl-C arrives while torch is being imported
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, InterruptTorch)
+import _bayesprune_cli
+sys.exit(_bayesprune_cli.main())
+"""
+
+
+def test_ctrl_c_while_torch_is_imported_by_the_console_script():
+    """The console script (``_bayesprune_cli``) imports the CLI, and so torch, inside the same
+    guard: a Ctrl-C during that import is exit 130 and one line, no traceback. Once with the
+    interrupt injected at the import of torch, once with a real SIGINT 0.3 s after start."""
+    import _bayesprune_cli
+
+    assert _bayesprune_cli.EXIT_INTERRUPTED == cli.EXIT_INTERRUPTED
+    p = subprocess.run([sys.executable, "-c", _INTERRUPT_TORCH_IMPORT], capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stderr.strip()) == (130, "interrupted while starting; nothing was run")
+    script = Path(sys.executable).parent / "bayesprune"
+    proc = subprocess.Popen([str(script), "run", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    # it may have got further (the CLI's own handler, or even finished --help): never a traceback
+    assert "Traceback" not in err and proc.returncode in (0, 130), (proc.returncode, err)
+
+
 # --------------------------------------------------------------------------------------------
 # docs/cli.md's error table, row by row
 def _setup_file(tmp):
