@@ -491,15 +491,18 @@ def test_prune_that_raises_leaves_every_mask_unchanged(monkeypatch):
     import bayesprune.pruning as pruning
 
     calls = {"n": 0}
-    real = pruning.remaining_parameters
 
-    def failing(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("counting failed")
-        return real(*a, **k)
+    def failing_version(real):
+        def failing(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("counting failed")
+            return real(*a, **k)
+        return failing
 
-    monkeypatch.setattr(pruning, "remaining_parameters", failing)
+    # the compression search counts with the fast estimate, then with the shrunk network
+    monkeypatch.setattr(pruning, "remaining_parameters", failing_version(pruning.remaining_parameters))
+    monkeypatch.setattr(pruning, "_estimated_remaining", failing_version(pruning._estimated_remaining))
     for kwargs in ({"compression": 0.6}, {}):
         calls["n"] = 0 if kwargs else 2
         with pytest.raises(RuntimeError, match="counting failed"):

@@ -10,7 +10,7 @@ bayesprune needs Torch-Pruning >= 1.5.0 (:data:`MIN_VERSION`).  Its private layo
 
 Both layouts are handled here; anything missing raises an ``ImportError`` naming the version
 needed.  Besides the names below, :mod:`bayesprune.removal` reads these attributes of Torch-Pruning
-objects: ``DependencyGraph.module2node`` and ``._2d_4d``, a node's ``type``, ``inputs``,
+objects: ``DependencyGraph.module2node`` and ``._2d_4d``, a node's ``type``, ``inputs``, ``outputs``,
 ``dependencies`` and ``grad_fn``, a dependency's ``target``, ``handler`` and ``index_mapping``, a
 group item's ``dep``, ``idxs`` and ``root_idxs`` (present in 1.5.0 to 1.6.1).
 """

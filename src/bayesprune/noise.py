@@ -341,7 +341,7 @@ def _trace(model: nn.Module, example_inputs) -> list[_Call]:
         calls.append(_Call(names[module], module, tuple(a for a in args if torch.is_tensor(a)), output))
 
     for m in model.modules():
-        if len(list(m.children())) == 0 or isinstance(m, PRUNABLE_TYPES):
+        if len(list(m.children())) == 0 or isinstance(m, PRUNABLE_TYPES + _BN_TYPES):  # BN: also fused BN+act
             handles.append(m.register_forward_hook(hook))
     was_training = model.training
     model.eval()

@@ -18,7 +18,7 @@ from torch import nn
 
 from .criteria import Criterion, finite, get_criterion
 from .noise import check_not_meta, noise_layers
-from .removal import _analysis, _example, count_parameters, remaining_parameters
+from .removal import _analysis, _estimated_remaining, _example, count_parameters, remaining_parameters
 
 __all__ = ["prune", "report", "scores", "round_masks", "PruneReport", "LayerReport"]
 
@@ -206,7 +206,9 @@ def prune(
 def _prune_to_compression(model, layers, sc, target, monotone, example_inputs) -> None:
     """Remove lowest-score structures until the parameter share removed reaches ``target``.
 
-    Binary search over the number k of removed structures (the share is monotone in k).
+    Binary search over the number k of removed structures (the share is monotone in k), on the
+    fast estimate first, then on the shrunk network's count where that falls short (the estimate
+    never removes less than shrink does, so the k found is still the smallest).
     """
     old = [n.mask.clone() for n in layers]
     flat = torch.cat([s.cpu() for s in sc])
@@ -215,22 +217,25 @@ def _prune_to_compression(model, layers, sc, target, monotone, example_inputs) -
     sizes = [len(s) for s in sc]
     total = count_parameters(model)
 
-    def apply(k: int) -> float:
+    def apply(k: int, count=_estimated_remaining) -> float:
         keep = torch.ones_like(flat, dtype=torch.bool)
         keep[order[:k]] = False
         for n, o, kp in zip(layers, old, torch.split(keep, sizes)):
             n.mask.copy_((o if monotone else torch.ones_like(o)) * kp.to(o.dtype).to(o.device))
-        return 1 - remaining_parameters(model, example_inputs) / total
+        return 1 - count(model, example_inputs) / total
 
-    lo, hi = 0, len(flat)
-    if monotone:
-        lo = int((~alive).sum())
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if apply(mid) >= target - 1e-12:
-            hi = mid
-        else:
-            lo = mid + 1
+    def search(lo, hi, count):
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if apply(mid, count) >= target - 1e-12:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    lo = search(int((~alive).sum()) if monotone else 0, len(flat), _estimated_remaining)
+    if lo < len(flat) and apply(lo, remaining_parameters) < target - 1e-12:
+        lo = search(lo + 1, len(flat), remaining_parameters)  # shrink keeps more than estimated
     apply(lo)
 
 

@@ -22,10 +22,18 @@ Channels coupled to a LayerNorm/GroupNorm (which normalises across them) are nev
 Every function here uses the example input given to ``add_noise`` (kept by the noise layers)
 unless it is passed another one.
 
-Safety net: the result is run on a random probe shaped like ``example_inputs`` and compared
-with the masked model's eval output.  If it differs (e.g. removing q/k/v features breaks an
-attention reshape that Torch-Pruning cannot see), removal is retried layer by layer and the
-layers whose removal breaks the output keep their structures (zeroed, not removed).
+Verification: the result is compared with the masked model's eval output on several inputs
+(the example and two random ones shaped like it), and again on a copy whose BatchNorm running
+statistics are randomised (a zeroed channel that still feeds a BatchNorm gives a constant, not
+a zero, so its removal is inexact once the statistics move), each to ``VERIFY_RTOL`` of the
+output scale (docs/shrink.md, "Exactness").  If any differs (e.g. removing q/k/v features
+breaks an attention reshape that Torch-Pruning cannot see), removal is retried layer by layer
+and the layers whose removal breaks the output keep their structures (zeroed, not removed):
+``shrunk.bayesprune_kept`` names them with the reason.  An inexact fold raises.
+
+``remaining_parameters`` (the count ``prune`` reports and ``compression=`` searches on) is the
+parameter count of the network ``shrink`` returns; the shrunk network is cached with the
+model's state, so ``shrink`` after ``prune`` costs a copy.
 
 The shrunk model carries ``model.bayesprune_pruning = {"inputs": ..., "steps": ...}``:
 the Torch-Pruning history (``[layer name, True, [output indices]]`` per step) that rebuilds it
@@ -60,7 +68,7 @@ __all__ = ["shrink", "shrink_for_training", "parameter_origins", "carry_optimize
 #: f(s x) = s f(x) for a per-channel s >= 0: a scale after them folds into the module before them
 _HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity) + _POOL_TYPES
 _CROSS_CHANNEL_NORMS = (nn.LayerNorm, nn.GroupNorm)
-VERIFY_RTOL = 1e-4  # of the output scale; the fold itself is exact up to float rounding
+VERIFY_RTOL = 1e-5  # of the output scale; the fold itself is exact up to float rounding
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -120,20 +128,52 @@ def _tensors(out) -> list[torch.Tensor]:
     return []
 
 
-def _probe(example_inputs):
+def _probe(example_inputs, seed: int = 0, scale: float = 1.0, shift: float = 0.0):
     """Random inputs shaped like ``example_inputs`` (integer tensors, e.g. token ids, kept)."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
 
     def rand(x):
         if torch.is_tensor(x) and x.is_floating_point():
-            return torch.randn(x.shape, generator=g, dtype=torch.float32).to(dtype=x.dtype, device=x.device)
+            r = torch.randn(x.shape, generator=g, dtype=torch.float32) * scale + shift
+            return r.to(dtype=x.dtype, device=x.device)
         return x
 
     return _map_inputs(rand, example_inputs)
 
 
+def _probes(example_inputs) -> list:
+    """The inputs a removal is verified on: the example, a standard normal one and a wider,
+    shifted one (only the example when every input is an integer tensor)."""
+    if not any(t.is_floating_point() for t in _tensors(example_inputs)):
+        return [example_inputs]
+    return [example_inputs, _probe(example_inputs, 0), _probe(example_inputs, 1, 2.0, 0.5)]
+
+
+def _randomised_bn(model) -> nn.Module | None:
+    """A copy of ``model`` whose BatchNorm running statistics are random (mean N(0, 0.5^2),
+    variance U(0.5, 2); the same values for models with the same BatchNorm layers, in order);
+    None when it has no BatchNorm with running statistics."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    if not bns:
+        return None
+    twin = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    for m in twin.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            n = m.running_mean.numel()
+            m.running_mean.copy_(0.5 * torch.randn(n, generator=g, dtype=torch.float64))
+            m.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=g, dtype=torch.float64))
+    return twin
+
+
+class _ProbeList(list):
+    """Several verification inputs (a list, not one input given as a list of arguments)."""
+
+
 @torch.no_grad()
 def _eval_outputs(model, inputs):
+    if isinstance(inputs, _ProbeList):
+        return [_eval_outputs(model, x) for x in inputs]
     was = model.training
     model.eval()
     try:
@@ -143,7 +183,17 @@ def _eval_outputs(model, inputs):
 
 
 def _mismatch(reference, model, inputs, values: bool = True) -> str | None:
-    """None if ``model`` reproduces ``reference`` on ``inputs`` (only its shapes unless ``values``)."""
+    """None if ``model`` reproduces ``reference`` on ``inputs`` (only its shapes unless ``values``).
+
+    ``inputs`` may be a list of inputs (:func:`_probes`) with ``reference`` the list of their outputs."""
+    if isinstance(inputs, _ProbeList):
+        for k, (ref, inp) in enumerate(zip(reference, inputs)):
+            why = _mismatch(ref, model, inp, values=values)
+            if why is not None:
+                return f"{why} on verification input {k}" if values else why
+            if not values:
+                return None  # shapes: one input is enough
+        return None
     try:
         outs = _eval_outputs(model, inputs)
     except Exception as e:  # a removal that broke a reshape, a concat, ...
@@ -153,6 +203,11 @@ def _mismatch(reference, model, inputs, values: bool = True) -> str | None:
     if not values:
         return None
     for a, b in zip(outs, reference):
+        if b.is_floating_point() and not bool(torch.isfinite(b).all()):  # NaN/inf where the reference has them
+            finite = torch.isfinite(b)
+            if not torch.equal(finite, torch.isfinite(a)) or not torch.equal(a[~finite].isnan(), b[~finite].isnan()):
+                return "non-finite outputs differ"
+            a, b = a[finite], b[finite]
         scale = b.abs().max().item() if b.numel() else 0.0
         diff = (a.double() - b.double()).abs().max().item() if b.numel() else 0.0
         # half/bfloat16 networks round at ~1e-3/1e-2: the fold then moves outputs by a few ulps
@@ -321,18 +376,47 @@ def _fold_into_consumers(graph, layer, scale) -> None:
     """Scale the input weights that read structure i (column j of a consumer reads root i)."""
     group = graph.get_pruning_group(layer, _out_pruner(layer), idxs=list(range(len(scale))))
     found = False
-    for dep, pairs in _items(group):
+    items = list(_items(group))
+    # a depthwise conv reading the structures is in the group by its outputs (Torch-Pruning couples
+    # its input and output channels): its filter i reads structure i, and what lies after it reads
+    # its output, not the noisy tensor
+    downstream, depthwise = set(), []
+    for dep, pairs in items:
+        mod = dep.target.module
+        if (mod is not layer and isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.groups == mod.in_channels
+                and mod.groups > 1 and graph.is_out_channel_pruning_fn(dep.handler)):
+            depthwise.append((mod, pairs))
+            stack = list(dep.target.outputs)
+            while stack:
+                node = stack.pop()
+                if id(node) not in downstream:
+                    downstream.add(id(node))
+                    stack.extend(node.outputs)
+    for mod, pairs in depthwise:
+        if any(r is None or not 0 <= r < len(scale) for _, r in pairs):
+            raise NotImplementedError(f"cannot map the structures of {type(layer).__name__} to the inputs of {mod}")
+        for i, r in pairs:
+            mod.weight[i] *= scale[r].to(mod.weight.dtype)
+        found = True
+    for dep, pairs in items:
         mod = dep.target.module
         if mod is layer or not isinstance(mod, PRUNABLE_TYPES) or graph.is_out_channel_pruning_fn(dep.handler):
             continue
-        if getattr(mod, "groups", 1) != 1:
-            raise NotImplementedError(f"cannot fold noise into the grouped convolution {mod}")
+        if id(dep.target) in downstream:
+            continue
         if any(r is None or not 0 <= r < len(scale) for _, r in pairs):
             raise NotImplementedError(f"cannot map the structures of {type(layer).__name__} to the inputs of {mod}")
         cols, roots = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).T
         w = mod.weight
-        shape = (1, -1) + (1,) * (w.ndim - 2)
-        w[:, cols] = w[:, cols] * scale[roots].to(w.dtype).view(shape)
+        groups = getattr(mod, "groups", 1)
+        if groups == 1:
+            shape = (1, -1) + (1,) * (w.ndim - 2)
+            w[:, cols] = w[:, cols] * scale[roots].to(w.dtype).view(shape)
+        else:  # input channel c of a grouped conv is column c % (in/g) of its group's output rows
+            per_in, per_out = w.shape[1], w.shape[0] // groups
+            for c, r in zip(cols.tolist(), roots.tolist()):
+                g = c // per_in
+                w[g * per_out:(g + 1) * per_out, c % per_in] *= scale[r].to(w.dtype)
         found = True
     if not found:
         raise NotImplementedError(
@@ -347,6 +431,8 @@ def _fold_site(model, entry) -> nn.Module | None:
     while len(chain) > 1 and isinstance(chain[-1], _HOMOGENEOUS):
         chain.pop()
     site = chain[-1]
+    if isinstance(site, _BN_TYPES) and not all(isinstance(c, _HOMOGENEOUS + (nn.Dropout,)) for c in site.children()):
+        return None  # a fused BatchNorm + activation (timm's BatchNormAct2d) whose activation is not homogeneous
     return site if site is chain[0] or isinstance(site, _BN_TYPES) else None
 
 
@@ -449,8 +535,12 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
             "scale": (noise.expected_theta().double() * noise.mask.double()).detach(),
             "noise": noise,
         })
-    probe = _probe(example_inputs)
-    reference = _eval_outputs(m, probe) if verify else None
+    values = fold or keep_noise
+    probes = _ProbeList(_probes(example_inputs) if values else [_probe(example_inputs)])
+    # the same removal on a twin with random BatchNorm statistics must be exact too
+    twin = _randomised_bn(m) if verify and values else None
+    reference = _eval_outputs(m, probes) if verify else None
+    twin_reference = _eval_outputs(twin, probes) if twin is not None else None
     remove_noise(m)
     if fold:
         graph = None
@@ -458,35 +548,93 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
             if graph is None and _fold_site(m, e) is None:
                 graph = _build_graph(m, example_inputs)  # only consumer folding needs the graph
             _fold(graph, m, e)
+    if twin is not None:  # folding touches no running statistics: the same random ones again
+        twin = _randomised_bn(m)
     names = [e["layer"] for e in entries]
 
     def attempt(allowed):
-        trial = copy.deepcopy(m)
-        try:
-            steps, kept = _remove_structures(trial, example_inputs, entries, allowed)
-        except Exception as e:  # a removal Torch-Pruning cannot map: keep that layer's structures
-            return None, None, f"removal failed: {type(e).__name__}: {e}"
-        if keep_noise:
-            _reattach(trial, entries, kept)
-        why = _mismatch(reference, trial, probe, values=fold or keep_noise) if verify else None
-        return trial, steps, why
+        trials = []
+        for base, ref in ((m, reference), (twin, twin_reference)):
+            if base is None:
+                continue
+            trial = copy.deepcopy(base)
+            try:
+                steps, kept = _remove_structures(trial, example_inputs, entries, allowed)
+            except Exception as e:  # a removal Torch-Pruning cannot map: keep that layer's structures
+                return None, None, f"removal failed: {type(e).__name__}: {e}"
+            if keep_noise:
+                _reattach(trial, entries, kept)
+            why = _mismatch(ref, trial, probes, values=values) if verify else None
+            if why is not None:
+                return None, None, why if base is m else f"{why}, with random BatchNorm statistics"
+            trials.append((trial, steps))
+        return trials[0][0], trials[0][1], None
 
+    refused = {}
     out, steps, why = attempt(set(names))
     if why is not None:  # find the layers whose removal breaks the network and keep theirs
-        masked = {e["layer"] for e in entries if bool((e["mask"] == 0).any())}
-        safe = {n for n in names if n not in masked or n in assume_safe or attempt({n})[2] is None}
+        masked = [e["layer"] for e in entries if bool((e["mask"] == 0).any())]
+
+        def single(n):
+            w = attempt({n})[2]
+            if w is not None:
+                refused[n] = w
+            return w is None
+
+        safe = {n for n in names if n not in masked or n in assume_safe or single(n)}
         out, steps, why = attempt(safe)
         if why is not None and assume_safe:  # the analysis was wrong: check every layer
-            safe = {n for n in names if n not in masked or attempt({n})[2] is None}
+            refused.clear()
+            safe = {n for n in names if n not in masked or single(n)}
             out, steps, why = attempt(safe)
         if why is not None:
-            raise RuntimeError(f"shrink could not reproduce the masked model's eval output ({why})")
+            first = attempt(set())[2]
+            what = ("folding E[theta] * mask into the weights is already inexact, before any removal ("
+                    f"{first})") if first is not None else why
+            raise RuntimeError(
+                f"shrink could not reproduce the masked model's eval output: {what}; layers whose removal "
+                f"alone was inexact: {', '.join(sorted(refused)) or 'none'}"
+            )
     out.train(model.training)
     out.bayesprune_pruning = {**_input_spec(example_inputs), "steps": steps}
+    out.bayesprune_kept = dict(refused)  # layers whose masked structures stay (zeroed): why
     if keep_noise:
         kept_input = stored_example_inputs(model)
         for noise in noise_layers(out):  # one shared input, as add_noise left it
             noise.example_inputs = kept_input if kept_input is not None else example_inputs
+    return out
+
+
+_SHRUNK: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _state_key(model, example_inputs) -> tuple:
+    """Identifies the model's structure, parameters, buffers (by identity and version counter),
+    plain attributes, hooks and the example input: equal keys mean shrink computes the same
+    network."""
+    tensors = []
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        tensors.append((name, id(t), t.data_ptr(), t._version, tuple(t.shape), t.dtype))
+    ins = tuple((id(t), t.data_ptr(), t._version) for t in _tensors(example_inputs))
+    plain = (bool, int, float, str, type(None))
+    attrs = tuple(  # plain attributes that a forward may read (e.g. a flag) and the hooks
+        (tuple(sorted((k, v) for k, v in vars(mod).items() if isinstance(v, plain) and k != "training")),
+         tuple(mod._forward_hooks), tuple(mod._forward_pre_hooks))
+        for mod in model.modules()
+    )
+    return _signature(model, example_inputs), tuple(tensors), ins, attrs
+
+
+@torch.no_grad()
+def _cached_shrink(model, example_inputs) -> nn.Module:
+    """``shrink(model, example_inputs)`` (fold, verified), computed once per model state."""
+    example_inputs = _example(model, example_inputs)
+    key = _state_key(model, example_inputs)
+    hit = _SHRUNK.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    out = _shrink(model, example_inputs, fold=True, keep_noise=False, verify=True)
+    _SHRUNK[model] = (key, out)
     return out
 
 
@@ -517,10 +665,13 @@ def shrink(model: nn.Module, example_inputs=None, *, fold: bool = True, verify: 
            round_to: int | None = None) -> nn.Module:
     """A plain ``nn.Module`` without noise layers and without the masked structures.
 
-    Its eval output equals the masked model's eval output (``fold=True``; checked on a random
-    probe when ``verify``).  ``fold=False`` only removes structures (used to count
+    Its eval output equals the masked model's eval output (``fold=True``; checked when ``verify``
+    on several inputs, also with random BatchNorm statistics, to ``VERIFY_RTOL`` of the output
+    scale).  ``fold=False`` only removes structures (used to count
     parameters; then only output shapes are checked).  The input model is left untouched.
-    ``example_inputs``: another input than the one given to ``add_noise``.
+    ``example_inputs``: another input than the one given to ``add_noise``.  A layer whose removal
+    would not be exact keeps its masked structures (zeroed): ``result.bayesprune_kept`` maps its
+    name to the reason.
     ``round_to=k``: first round a copy's masks up to multiples of k per layer or coupled group,
     highest BMRS_N keep scores first (:func:`bayesprune.pruning.round_masks`); the output then
     equals that copy's masked output.
@@ -530,6 +681,10 @@ def shrink(model: nn.Module, example_inputs=None, *, fold: bool = True, verify: 
 
         model = copy.deepcopy(model)
         round_masks(model, round_to, example_inputs=example_inputs)
+    if fold and verify:  # computed once per model state (remaining_parameters counts this network)
+        out = copy.deepcopy(_cached_shrink(model, example_inputs))
+        out.train(model.training)
+        return out
     return _shrink(model, example_inputs, fold=fold, keep_noise=False, verify=verify)
 
 
@@ -597,14 +752,24 @@ def carry_optimizer_state(model, optimizer, shrunk, new_optimizer) -> None:
 
 
 def remaining_parameters(model: nn.Module, example_inputs=None) -> int:
-    """Parameters left after physically removing the masked structures (noise excluded).
+    """Parameters of the network ``shrink(model, example_inputs)`` returns (noise excluded).
 
-    Equals ``count_parameters(shrink(model, example_inputs, fold=False))``, but counted from the
-    dependency groups (computed once per model structure and cached) without copying or
-    pruning the model, unless a masked layer's removal is one Torch-Pruning may get wrong (its
-    group passes through a reshape, permute or matmul and removing one of its structures broke
-    the forward pass; e.g. attention heads) or touches a module type counted here: then the
-    model is shrunk and verified.
+    It is that network's count: the model is shrunk (folded, verified) and the result cached
+    with the model's state, so a later ``shrink`` with the same masks and weights is a copy.
+    Raises what ``shrink`` raises.
+    """
+    return count_parameters(_cached_shrink(model, example_inputs))
+
+
+def _estimated_remaining(model: nn.Module, example_inputs=None) -> int:
+    """A fast estimate of :func:`remaining_parameters` for searches (``prune(compression=)``).
+
+    Counted from the dependency groups (computed once per model structure and cached) without
+    copying or pruning the model, unless a masked layer's removal is one Torch-Pruning may get
+    wrong (its group passes through a reshape, permute or matmul and removing one of its
+    structures broke the forward pass; e.g. attention heads) or touches a module type counted
+    here: then the model is shrunk without folding.  Never above the true count: shrink may keep
+    more (a removal that is not exact), never less.
     """
     example_inputs = _example(model, example_inputs)
     layers = noise_layers(model)

@@ -108,6 +108,9 @@ def _config_overrides(args: argparse.Namespace) -> dict:
         shrink=True if getattr(args, "shrink", False) else None,
         device=args.device,
         val_fraction=args.val_fraction,
+        dense_finetune_epochs=getattr(args, "dense_finetune_epochs", None),
+        dense_finetune_lr=getattr(args, "dense_finetune_lr", None),
+        dense_finetune_schedule=getattr(args, "dense_finetune_schedule", None),
     )
 
 
@@ -157,8 +160,31 @@ def _add_common(p: argparse.ArgumentParser, methods: bool = True) -> None:
                        help="each layer keeps a multiple of this many structures, the extra ones those of highest "
                             "keep score (kernel-friendly widths); off unless given")
         g.add_argument("--shrink", action="store_true", help="physically remove pruned structures during training")
+        _add_dense_finetune(g)
     g.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_dense_finetune(g) -> None:
+    from .finetune import SCHEDULES
+
+    g.add_argument("--dense-finetune-epochs", type=_epochs_at_least_0, default=None,
+                   help="after pruning: shrink (fold E[θ], remove the pruned structures) and fine-tune the small plain "
+                        "network this many epochs with cross-entropy only (default 0, off)")
+    g.add_argument("--dense-finetune-lr", type=_finite, default=None,
+                   help="Adam learning rate of the dense fine-tune (unset: the run's --lr)")
+    g.add_argument("--dense-finetune-schedule", choices=SCHEDULES, default=None,
+                   help=f"learning-rate schedule of the dense fine-tune over its epochs (default {SCHEDULES[0]})")
+
+
+def _epochs_at_least_0(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer number of epochs, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: off), got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--threshold", type=_threshold, default=None, help="BMRS_N/BMRS_U threshold (default 0; 'reference')")
     rp.add_argument("--kl-weighting", choices=KL_WEIGHTINGS, default=None, help="KL weighting (default: mean, the reference's)")
     rp.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    _add_dense_finetune(rp.add_argument_group("dense fine-tune after pruning (bmrs-table1)"))
     rp.add_argument("--quiet", action="store_true", help="no per-run progress lines")
     _add_engine(rp)
     rp.set_defaults(func=cmd_reproduce)
@@ -300,6 +327,11 @@ def cmd_reproduce(args) -> int:
 
     extra = {k: v for k, v in dict(sharing=args.sharing, noise_lr=args.noise_lr, threshold=args.threshold,
                                                   kl_weighting=args.kl_weighting, device=args.device).items() if v is not None}
+    dense = {k: v for k, v in dict(dense_finetune_epochs=args.dense_finetune_epochs, dense_finetune_lr=args.dense_finetune_lr,
+                                   dense_finetune_schedule=args.dense_finetune_schedule).items() if v is not None}
+    if dense and args.name != "bmrs-table1":
+        raise CLIError(f"--dense-finetune-* apply to bmrs-table1, not {args.name}")
+    extra.update(dense)
     out = Path(args.out_dir) / args.name
     jobs = args.jobs
     if jobs is None and args.engine == "local":
@@ -377,6 +409,11 @@ def _cmd_run(args) -> int:
         s = run_continuous(cfg, progress=not args.quiet)
         rows.append((str(seed), _pct(s["test_acc"]), _pct(s["param_compression"]), _pct(s["structure_compression"]),
                      f"{s['wall_time_s']:.1f}", cfg.out_dir))
+        if s.get("kind") == "dense_finetune":
+            p, macs = s["pruned"], s["size_speed"]["macs"]
+            notes.append(f"seed {seed}: dense fine-tune {cfg.dense_finetune_epochs} epochs (cross-entropy only, no noise) "
+                         f"of the shrunk network: test acc {_pct(p['test_acc'])} % after pruning -> {_pct(s['test_acc'])} %; "
+                         f"{s['params_kept']:,} of {s['params_dense']:,} parameters, MACs {macs['ratio']:.2f}x fewer")
         if "reference_offset" in s:
             ref = s["reference_offset"]
             notes.append(f"seed {seed}: the reference implementation's BMRS_N threshold (dF >= {ref['threshold']:.3f}) "

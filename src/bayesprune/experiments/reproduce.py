@@ -51,10 +51,15 @@ def bmrs_table1_configs(out, seeds, epochs=None, finetune_epochs=None, data_dir=
                             out_dir=str(Path(out) / name / f"seed{seed}"),
                             threshold=thr,
                             prior_odds=1.0 if method == "bmrs_n" and thr is None else None,
-                            **extra,
+                            **(_without_dense_finetune(extra) if method == "dense" else extra),
                         )
                     )
     return cfgs
+
+
+def _without_dense_finetune(options: dict) -> dict:
+    """``options`` less the dense fine-tune's (the noise-free "dense" row has nothing to shrink)."""
+    return {k: v for k, v in options.items() if not k.startswith("dense_finetune_")}
 
 
 def _run_one(cfg: RunConfig) -> dict:

@@ -1,0 +1,147 @@
+"""Blocks of the model zoo: the reported parameter count is the shrunk network's, and the shrunk
+network equals the masked one on inputs other than the example, with BatchNorm running
+statistics that are not the identity."""
+
+import pytest
+import torch
+from torch import nn
+
+import bayesprune as bp
+
+TOL = 1e-5  # max abs difference relative to the output scale
+
+
+def _mask_and_randomise(model, x, frac=0.4, seed=0):
+    """Collapse the posteriors of a random share of every layer's structures (so E[theta] prunes
+    them) and give every BatchNorm random running statistics and affine parameters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n in bp.noise_layers(model):
+            k = max(1, int(frac * n.mu.numel()))
+            idx = torch.randperm(n.mu.numel(), generator=g)[:k]
+            n.mu.copy_(-0.5 * torch.rand(n.mu.shape, generator=g))
+            n.mu[idx] = -19.0
+            n.log_sigma[idx] = 0.0
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.5, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.3, generator=g)
+    model.eval()
+
+
+def _rel_err(a, b):
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def _check_block(model, x):
+    bp.add_noise(model, x)
+    _mask_and_randomise(model, x)
+    rep = bp.prune(model, "etheta")
+    assert rep.structures_kept < rep.structures_total
+    small = bp.shrink(model)
+    assert rep.params_kept == bp.count_parameters(small)  # the count is the shrunk network's
+    assert bp.remaining_parameters(model) == bp.count_parameters(small)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for inp in (x, torch.randn(x.shape, generator=g), 3 * torch.randn((5,) + x.shape[1:], generator=g) - 1):
+            assert _rel_err(model(inp), small(inp)) <= TOL
+    return rep, small
+
+
+def _dense_block():
+    from torchvision.models.densenet import _DenseBlock, _Transition
+
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _DenseBlock(2, 16, 2, 8, 0.0), _Transition(32, 16),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+def test_densenet_block_count_is_the_shrunk_networks():
+    torch.manual_seed(0)
+    model, x = _dense_block(), torch.randn(2, 3, 8, 8)
+    rep, small = _check_block(model, x)
+    assert rep.params_kept < rep.params_total
+    # conv 0's zeroed channels feed the dense layers' BatchNorms (a constant, not a zero): kept
+    assert "0" in small.bayesprune_kept
+    assert small[0].out_channels == 16
+
+
+def test_removal_inexact_only_with_moved_statistics_is_refused():
+    """With fresh BatchNorms (mean 0, variance 1, bias 0) removing conv 0's zeroed channels is
+    exact on the example; with any other statistics it is not: shrink keeps them."""
+    torch.manual_seed(0)
+    model, x = _dense_block(), torch.randn(2, 3, 8, 8)
+    bp.add_noise(model, x)
+    model.eval()
+    with torch.no_grad():
+        first = bp.noise_layers(model)[0]
+        assert first.layer_name == "0"
+        first.mask[:5] = 0
+    small = bp.shrink(model)
+    assert small[0].out_channels == 16
+    assert "random BatchNorm statistics" in small.bayesprune_kept["0"]
+    assert bp.prune(model, "etheta", threshold=-1.0).params_kept == bp.count_parameters(small)
+    with torch.no_grad():  # the statistics move (training on): the shrunk copy, updated alike, still agrees
+        shrunk_modules = dict(small.named_modules())
+        for name, a in model.named_modules():
+            if isinstance(a, nn.BatchNorm2d):
+                b = shrunk_modules[name]
+                assert a.num_features == b.num_features
+                a.running_mean.normal_()
+                b.running_mean.copy_(a.running_mean)
+        assert _rel_err(model(x), small(x)) <= TOL
+
+
+def test_compression_search_counts_the_shrunk_network():
+    torch.manual_seed(0)
+    model, x = _dense_block(), torch.randn(2, 3, 8, 8)
+    bp.add_noise(model, x)
+    _mask_and_randomise(model, x)
+    rep = bp.prune(model, "l2", compression=0.25)
+    small = bp.shrink(model)
+    assert rep.params_kept == bp.count_parameters(small)
+    assert rep.param_compression >= 0.25
+    with torch.no_grad():
+        assert _rel_err(model(x), small(x)) <= TOL
+
+
+@pytest.mark.parametrize("kind", ["resnext", "regnet"])
+def test_grouped_conv_block_count_is_the_shrunk_networks(kind):
+    torch.manual_seed(0)
+    if kind == "resnext":
+        from torchvision.models.resnet import Bottleneck
+
+        ds = nn.Sequential(nn.Conv2d(16, 64, 1, bias=False), nn.BatchNorm2d(64))
+        block = Bottleneck(16, 16, downsample=ds, groups=4, base_width=16)
+        width = 64
+    else:
+        from torchvision.models.regnet import ResBottleneckBlock
+
+        block = ResBottleneckBlock(16, 32, 1, nn.BatchNorm2d, nn.ReLU, 8, 1.0, None)
+        width = 32
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), block,
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
+    rep, small = _check_block(model, torch.randn(2, 3, 8, 8))
+    assert rep.params_kept < rep.params_total
+
+
+@pytest.mark.parametrize("act", ["relu", "hardswish"])
+def test_timm_batchnormact_block_folds_and_removes(act):
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    act_layer = nn.ReLU if act == "relu" else nn.Hardswish
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), timm_layers.BatchNormAct2d(16, act_layer=act_layer),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16), timm_layers.BatchNormAct2d(16, act_layer=act_layer),
+        nn.Conv2d(16, 8, 1), timm_layers.BatchNormAct2d(8, act_layer=act_layer),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    )
+    x = torch.randn(2, 3, 8, 8)
+    bp.add_noise(model, x)
+    # the noise goes after the fused BatchNorm + activation, not between the conv and its BatchNorm
+    assert [n.target_name for n in bp.noise_layers(model)] == ["1", "3", "5"]
+    bp.remove_noise(model)
+    rep, small = _check_block(model, x)
+    assert small[0].out_channels < 16 and small[4].out_channels < 8  # removed, not only zeroed
+    assert small[1].num_features == small[0].out_channels
