@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 
 from bayesprune.experiments.knee import knee_markdown, plot_knees, stop_distances
-from bayesprune.experiments.results import (BF_COLUMNS, bf_table, find_summaries, load_sweeps, plot_sweep, plot_table1, sweep_markdown,
-                                sweep_title, table1, table_markdown)
+from bayesprune.experiments.results import (BF_COLUMNS, bf_table, find_summaries, load_sweeps, mean_std, method_label, plot_sweep,
+                                plot_table1, sweep_markdown, sweep_title, table1, table_markdown)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -109,6 +109,12 @@ BF_REDUCED = [("repro/bf-table1", "at a reduced budget",
                "bayesprune reproduce bf-table1 --seeds {seeds} --epochs 3 --data-dir ../shared/datasets --models fcn "
                "--datasets mnist --jobs 2 --out-dir runs/repro")]
 NOTES = "RESULTS-notes.md"
+# the dense fine-tune after pruning (experiments/finetune.py): (directory under results/, command; {seeds} filled in)
+DENSE_FT = ("paper/dense-finetune",
+            "nice -n 10 bayesprune run --dataset mnist --data-dir ../shared/datasets --seeds {seeds} --out-dir runs/dft "
+            "--dense-finetune-epochs {epochs}")
+# Structured Bayesian Pruning (Neklyudov et al. 2017) on its LeNet5 20-50-800-500, MNIST (published-results.md)
+SBP_LENET5 = "Structured Bayesian Pruning (its LeNet5 20-50-800-500 on MNIST): 99.14 % test accuracy (error 0.86 %) at 10.49x fewer FLOPs"
 
 
 def _bf_beside_paper(summaries) -> list[str]:
@@ -136,6 +142,63 @@ def _bf_beside_paper(summaries) -> list[str]:
             parts.append(f"| {r} | " + " | ".join(cells) + " |")
         parts.append("")
     return parts
+
+
+def _dense_finetune_section() -> list[str]:
+    """The dense fine-tune rows (results/paper/dense-finetune): per (model, data set, rule, F), the
+    pruned run and its fine-tuned small network, beside the paper's BMRS_N row and SBP."""
+    directory, command = DENSE_FT
+    found = [s for _, s in find_summaries([RESULTS / directory])] if (RESULTS / directory).exists() else []
+    runs = [s for s in found if s.get("kind") == "dense_finetune"]
+    if not runs:
+        return []
+    groups: dict = {}
+    for s in runs:
+        c = s["config"]
+        groups.setdefault((c["model"], c["dataset"], method_label(c), c["epochs"], c["finetune_epochs"],
+                           c["dense_finetune_epochs"]), []).append(s)
+    lines = ["| model / data | rule + dense fine-tune | epochs | n | parameters removed % | MACs reduction | "
+             "test acc % after pruning | test acc % after dense fine-tune | fine-tune wall min (sum) | total wall min (sum) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (m, d, label, e, f, ft), rs in sorted(groups.items()):
+        comp = mean_std(100 * r["param_compression"] for r in rs)
+        macs = mean_std(r["size_speed"]["macs"]["ratio"] for r in rs)
+        before = mean_std(100 * r["pruned"]["test_acc"] for r in rs)
+        after = mean_std(100 * r["test_acc"] for r in rs)
+        lines.append(f"| {m} / {d} | {label} | {e} + {f} + {ft} | {after[2]} | {comp[0]:.2f} ± {comp[1]:.2f} | "
+                     f"{macs[0]:.2f}x ± {macs[1]:.2f} | {before[0]:.2f} ± {before[1]:.2f} | {after[0]:.2f} ± {after[1]:.2f} | "
+                     f"{sum(r['wall_time_s'] for r in rs) / 60:.1f} | {sum(r['total_wall_time_s'] for r in rs) / 60:.1f} |")
+    per_seed = ["| model / data | rule + dense fine-tune | seed | parameters kept | layers kept | test acc % pruned -> fine-tuned | best fine-tune epoch |",
+                "|---|---|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: (r["config"]["model"], r["config"]["dataset"], method_label(r["config"]), r["config"]["seed"])):
+        c = r["config"]
+        kept = ", ".join(f"{layer['kept']}/{layer['total']}" for layer in r.get("layers") or [])
+        per_seed.append(f"| {c['model']} / {c['dataset']} | {method_label(c)} | {c['seed']} | {r['params_kept']:,} of "
+                        f"{r['params_dense']:,} | {kept} | {100 * r['pruned']['test_acc']:.2f} -> {100 * r['test_acc']:.2f} | "
+                        f"{r['best_epoch']} of {c['dense_finetune_epochs']} |")
+    goal = []
+    for (m, d, label, e, f, ft), rs in sorted(groups.items()):
+        if (m, d) == ("lenet5", "mnist"):
+            comp, acc = mean_std(100 * r["param_compression"] for r in rs), mean_std(100 * r["test_acc"] for r in rs)
+            met = acc[0] >= 99.0 and comp[0] >= 95.0 and acc[2] >= 3
+            goal.append(f"* {label}, {e} + {f} + {ft} epochs, n={acc[2]}: {acc[0]:.2f} % at {comp[0]:.2f} % of the parameters "
+                        f"removed: the goal (>= 99.0 % with >= 95 % removed, mean of >= 3 seeds) is "
+                        + ("**met**" if met else "**not met**") + ("" if acc[2] >= 3 else f" (only {acc[2]} seed(s) ran)") + ".")
+    seeds = _seeds(runs)
+    fts = sorted({r["config"]["dense_finetune_epochs"] for r in runs})
+    paper = PAPER_BMRS[("lenet5", "mnist")]
+    return ["## Dense fine-tune after BMRS pruning (results/paper/dense-finetune)\n",
+            "The practitioners' last step (docs/maths.md section 4.5, `--dense-finetune-epochs F`): the pruned run's "
+            "reported network is shrunk (E[θ] folded, the pruned structures removed, no noise module) and the small "
+            "plain network is trained F more epochs with cross-entropy only (Adam at the run's lr, cosine schedule), "
+            "reporting its best-validation epoch. Epochs: pruning + fine-tuning + dense fine-tune. MACs reduction: "
+            "unpruned plain network / fine-tuned small network (`benchmarking.size_speed_report`, batch 1).\n",
+            f"**Command**: `{command.format(seeds=seeds, epochs=' / '.join(map(str, fts)))}` (one process, 1 thread, "
+            "seeds one after another), then the small files copied into results/paper/dense-finetune/.\n",
+            "\n".join(lines), "", *goal, "",
+            f"Beside it: the paper's LeNet5/MNIST BMRS_N {paper['BMRS_N']} (compression / accuracy, 10 runs, 50 + 10 epochs) "
+            f"and None {paper['None']}; {SBP_LENET5}.\n",
+            "Per seed:\n", "\n".join(per_seed), ""]
 
 
 def _seeds(summaries) -> str:
@@ -331,6 +394,7 @@ def main() -> None:
     directory, heading, command, parallel = BMRS_PAPER
     section, ref_notes = _bmrs_section(RESULTS / directory, heading, directory, command, parallel, beside_paper=True)
     page += section
+    page += _dense_finetune_section()
 
     sweeps, curve_notes, knees = _sweep_sections(RESULTS / "paper")
     if sweeps:
