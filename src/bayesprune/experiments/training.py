@@ -19,6 +19,7 @@ before its first checkpoint leaves nothing that blocks a corrected command.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import io
 import json
@@ -74,6 +75,10 @@ class TrainingDiverged(RuntimeError):
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read, or that is not a checkpoint of this run."""
 
+
+#: the training epoch run_continuous calls in this context (None: _train_epoch); ensemble.py sets
+#: it in each member's thread to batch the members' epochs
+EPOCH_RUNNER: contextvars.ContextVar = contextvars.ContextVar("EPOCH_RUNNER", default=None)
 
 #: mean cross-entropy (nats per example) above which training counts as diverged: a uniform guess
 #: gives log(classes), about 2.3 for 10 classes; 1e4 means logits of order 1e4, weights blown up
@@ -617,7 +622,7 @@ def _run_continuous(cfg: RunConfig, rd: RunDir, progress: bool, ctx: "distribute
             loader = ctx.train_loader(splits.train, cfg.batch_size, cfg.seed * 100003, epoch)
         t0 = time.perf_counter()
         try:
-            loss, ce, k = _train_epoch(train_model, opt, loader, cfg, splits.num_train, device, f"epoch {epoch + 1}")
+            loss, ce, k = (EPOCH_RUNNER.get() or _train_epoch)(train_model, opt, loader, cfg, splits.num_train, device, f"epoch {epoch + 1}")
         except TrainingDiverged as e:
             raise TrainingDiverged(f"{e}; {rd.describe_checkpoints()}") from None
         train_time = time.perf_counter() - t0

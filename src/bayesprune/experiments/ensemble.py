@@ -1,0 +1,398 @@
+"""Several continuous runs of one small network trained as one batched ensemble (docs/scale-out.md).
+
+:func:`run_ensemble` takes K run configurations that share a network and its training
+hyperparameters (seeds and pruning methods may differ) and returns their K summaries, written to
+their K run directories exactly as :func:`training.run_continuous` writes them, because it *is*
+run_continuous for every member: each member runs in a thread of its own, one member at a time,
+and only its training epochs are replaced (``training.EPOCH_RUNNER``) by one batched epoch of all
+members waiting for one.  Pruning, evaluation, checkpoints, resume and summaries are each
+member's own code.
+
+The batched epoch (:class:`_Batch`) stacks the members' parameters (``[K, ...]``), keeps the
+members' training images on the device (gathered per step by one index operation), and runs
+``nn.Sequential`` networks of Linear, Conv2d, pooling, Flatten and element-wise activations as
+batched matrix products and grouped convolutions.  Member k's numbers are those of its single
+run (to float rounding; docs/maths.md section 4):
+
+* its mini-batches come from its own loader (the same DataLoader seed and sampler);
+* its noise uniforms are drawn from its own generator, holding the state its single run's global
+  generator would hold, in the single run's layout (one ``[batch, all structures]`` draw a step,
+  as the noise layers' joint draw), then ``theta = draw_theta(mu, sigma, mask, u)``;
+* its loss is ``CE_k + KL_k`` with its own KL weighting, and the ensemble minimises the sum over
+  members, so member k's gradient is its single run's;
+* Adam is element-wise, so one Adam on the stacked parameters (the members' state and
+  hyperparameters) takes each member's own step.
+
+A step whose loss is not finite (or absurd) stops the batched epoch; the members then train that
+epoch one by one with the ordinary code, from the same state, so a diverged member fails with its
+single run's error and the others go on.  Networks with noise shared per element, shrinking
+during training, or data sets not held in memory are refused (:func:`check_members`).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import kl_divergence
+
+from ..distributions import LogUniform, TruncatedLogNormal, draw_theta
+from ..noise import noise_layers
+from . import training
+
+__all__ = ["run_ensemble", "check_members", "SHARED_FIELDS"]
+
+#: RunConfig fields that members of one ensemble share (seed, method and its rule may differ)
+SHARED_FIELDS = ("dataset", "model", "width", "extra_layers", "epochs", "finetune_epochs", "batch_size", "lr",
+                 "noise_lr", "kl_weighting", "sharing", "val_fraction", "device", "data_dir", "world_size")
+_ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.Identity)
+_PER_EXAMPLE = (nn.MaxPool2d, nn.AvgPool2d, nn.Flatten)
+
+
+def check_members(cfgs) -> None:
+    """ValueError naming the field and the members if ``cfgs`` cannot train as one ensemble."""
+    if not cfgs:
+        raise ValueError("an ensemble needs at least one run configuration")
+    first = asdict(cfgs[0])
+    for i, cfg in enumerate(cfgs):
+        cfg.validate()
+        d = asdict(cfg)
+        for f in SHARED_FIELDS:
+            if d[f] != first[f]:
+                raise ValueError(f"ensemble member {i} ({cfg.out_dir}) has {f}={d[f]!r} but member 0 has {first[f]!r}: "
+                                 f"members share {', '.join(SHARED_FIELDS)}")
+        if cfg.shrink:
+            raise ValueError(f"ensemble member {i} ({cfg.out_dir}) shrinks during training (--shrink): its network "
+                             "changes shape, so it cannot be stacked with the others; run it on its own")
+        if cfg.sharing == "element" and cfg.method != "dense":
+            raise ValueError(f"ensemble member {i} ({cfg.out_dir}): sharing 'element' is not supported by the ensemble")
+    dirs = [str(c.out_dir) for c in cfgs]
+    twice = sorted({d for d in dirs if dirs.count(d) > 1})
+    if twice:
+        raise ValueError(f"ensemble members share the run directory {twice[0]}")
+
+
+# ---------------------------------------------------------------------------------------------
+class _Member:
+    def __init__(self, index: int, cfg, progress: bool):
+        self.index, self.cfg, self.progress = index, cfg, progress
+        self.to_member = threading.Semaphore(0)
+        self.to_coordinator = threading.Semaphore(0)
+        self.request = None  # (args, rng state) while it waits for a training epoch
+        self.outcome = None  # (result, exception) of the epoch it waited for
+        self.rng_after = None
+        self.done = False
+        self.result = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, name=f"ensemble member {index}", daemon=True)
+
+    def _main(self) -> None:
+        training.EPOCH_RUNNER.set(self._epoch)
+        try:
+            self.result = training.run_continuous(self.cfg, progress=False)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller with the member
+            self.error = e
+        finally:
+            self.done = True
+            self.to_coordinator.release()
+
+    def _epoch(self, *args):
+        """training.EPOCH_RUNNER of this member: hand the epoch to the coordinator and wait."""
+        self.request = (args, training._rng_state())
+        self.to_coordinator.release()
+        self.to_member.acquire()
+        result, error = self.outcome
+        self.request = self.outcome = None
+        if error is not None:
+            raise error
+        return result
+
+    def run_until_it_waits(self) -> None:
+        """Let the member's thread run (alone) until it asks for its next epoch or ends."""
+        if self.thread.ident is None:
+            self.thread.start()
+        else:
+            self.to_member.release()
+        self.to_coordinator.acquire()
+
+
+def run_ensemble(cfgs, progress: bool = False) -> list:
+    """Train ``cfgs`` (RunConfigs, see :data:`SHARED_FIELDS`) as one ensemble; returns, per
+    member, its summary dict or the exception its run raised (the others go on)."""
+    cfgs = list(cfgs)
+    check_members(cfgs)
+    members = [_Member(i, cfg, progress) for i, cfg in enumerate(cfgs)]
+    state = training._rng_state()
+    try:
+        for m in members:  # set-up one member at a time: each seeds and builds with the global generator
+            m.run_until_it_waits()
+        while True:
+            waiting = [m for m in members if not m.done]
+            if not waiting:
+                break
+            for group in _groups(waiting):
+                _train_group(group)
+            for m in waiting:
+                training._set_rng_state(m.rng_after)
+                m.run_until_it_waits()
+    finally:
+        training._set_rng_state(state)
+    return [m.error if m.error is not None else m.result for m in members]
+
+
+def _key(member):
+    (model, opt, _loader, cfg, num_train, device, _desc), _ = member.request
+    shapes = tuple((n, tuple(t.shape)) for n, t in model.state_dict().items())
+    steps = tuple(float(s["step"]) for s in opt.state.values() if "step" in s)
+    hyper = tuple(tuple(sorted((k, repr(v)) for k, v in g.items() if k != "params")) for g in opt.param_groups)
+    return shapes, steps, hyper, num_train, str(device), cfg.kl_weighting
+
+
+def _groups(members) -> list[list]:
+    """Members that can take their epoch together: same shapes, Adam step count and options."""
+    out: dict = {}
+    for m in members:
+        out.setdefault(_key(m), []).append(m)
+    return list(out.values())
+
+
+def _train_group(group) -> None:
+    try:
+        results, rng_after = _Batch(group).epoch()
+    except _Fallback:
+        results = rng_after = None
+    if results is None:  # every member trains this epoch with the ordinary code, from the same state
+        for m in group:
+            args, rng = m.request
+            training._set_rng_state(rng)
+            try:
+                m.outcome = (training._train_epoch(*args), None)
+            except Exception as e:  # noqa: BLE001 - the member's own error, raised in its thread
+                m.outcome = (None, e)
+            m.rng_after = training._rng_state()
+        return
+    for m, r, rng in zip(group, results, rng_after):
+        m.outcome, m.rng_after = (r, None), rng
+
+
+class _Fallback(Exception):
+    """The batched epoch stopped (a non-finite or absurd loss): train the members one by one."""
+
+
+# ---------------------------------------------------------------------------------------------
+class _Batch:
+    """One training epoch of the members of ``group`` as one stacked network."""
+
+    def __init__(self, group):
+        self.group = group
+        args = [m.request[0] for m in group]
+        self.models = [a[0] for a in args]
+        self.opts = [a[1] for a in args]
+        self.loaders = [a[2] for a in args]
+        self.cfg, self.num_train, self.device = args[0][3], args[0][4], args[0][5]
+        self.rng = [m.request[1] for m in group]
+        self.k = len(group)
+        base = self.models[0]
+        if not isinstance(base, nn.Sequential):
+            raise ValueError(f"the ensemble trains nn.Sequential networks; {type(base).__name__} is not one")
+        for name, mod in base.named_children():
+            if not isinstance(mod, (nn.Linear, nn.Conv2d) + _ELEMENTWISE + _PER_EXAMPLE):
+                raise ValueError(f"the ensemble cannot batch layer {name} ({type(mod).__name__})")
+        self.names = [n for n, _ in base.named_parameters()]
+        self.stacked = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in self.models]).requires_grad_()
+                        for n in self.names}
+        self.layers = noise_layers(base)
+        self.masks = [torch.stack([noise_layers(m)[i].mask for m in self.models]) for i in range(len(self.layers))]
+        self.targets = {n.target_name: i for i, n in enumerate(self.layers)}
+
+    # -- the forward pass of all members: activations [K, batch, ...] ------------------------
+    def _linear(self, prefix, h):
+        w, b = self.stacked[prefix + "weight"], self.stacked.get(prefix + "bias")
+        out = torch.bmm(h, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        return out
+
+    def _conv(self, prefix, mod: nn.Conv2d, h):
+        k, b = h.shape[:2]
+        w, bias = self.stacked[prefix + "weight"], self.stacked.get(prefix + "bias")
+        x = h.transpose(0, 1).reshape(b, k * h.shape[2], *h.shape[3:])
+        pad = mod.padding if isinstance(mod.padding, str) or mod.padding_mode == "zeros" else None
+        if pad is None:
+            raise ValueError(f"the ensemble supports zero padding only; layer {prefix[:-1]} uses {mod.padding_mode!r}")
+        out = F.conv2d(x, w.flatten(0, 1), None if bias is None else bias.flatten(), mod.stride, pad, mod.dilation,
+                       mod.groups * k)
+        return out.view(b, k, -1, *out.shape[2:]).transpose(0, 1)
+
+    def _theta(self, batch: int, generators):
+        """[K, batch, all structures] of the members' draws (each from its own generator)."""
+        if not self.layers:
+            return None
+        first = self.layers[0]
+        mu = torch.cat([self.stacked[f"{n.layer_name}.bayes_noise.mu"] for n in self.layers], dim=1)
+        log_sigma = torch.cat([self.stacked[f"{n.layer_name}.bayes_noise.log_sigma"] for n in self.layers], dim=1)
+        mask = torch.cat(self.masks, dim=1)
+        dtype = torch.float32 if mu.dtype in (torch.float16, torch.bfloat16) else mu.dtype
+        shared = first.sharing == "structure"
+        u = torch.stack([torch.rand((1 if shared else batch, mu.shape[1]), dtype=dtype, device=self.device, generator=g)
+                         for g in generators])
+        sigma = log_sigma.clamp(*first.log_sigma_bounds).exp().to(dtype)
+        theta = draw_theta(mu.to(dtype).unsqueeze(1), sigma.unsqueeze(1), mask.to(dtype).unsqueeze(1), u, first.a, first.b)
+        return theta.split([n.num_structures for n in self.layers], dim=2)
+
+    def _forward(self, x, generators):
+        thetas = self._theta(x.shape[1], generators)
+        h = x
+        for name, mod in self.models[0].named_children():
+            if isinstance(mod, nn.Linear):
+                h = self._linear(name + ".", h)
+            elif isinstance(mod, nn.Conv2d):
+                h = self._conv(name + ".", mod, h)
+            else:  # per example, on [K * batch, ...]; .forward: without the member's noise hook
+                h = mod.forward(h.flatten(0, 1)).unflatten(0, h.shape[:2])
+            i = self.targets.get(name)
+            if i is not None:
+                n = self.layers[i]
+                axis = 1 + (n.dim % (h.ndim - 1))  # the single network's structure axis, after K
+                shape = [h.shape[0], h.shape[1] if n.sharing == "channel" else 1] + [1] * (h.ndim - 2)
+                shape[axis] = n.num_structures
+                h = h * thetas[i].reshape(shape).to(h.dtype)
+        return h
+
+    def _kl(self):
+        """[K] of each member's kl(model, weighting, num_train) (noise.kl's weightings)."""
+        per_layer = []
+        for n in self.layers:
+            mu = self.stacked[f"{n.layer_name}.bayes_noise.mu"]
+            sigma = self.stacked[f"{n.layer_name}.bayes_noise.log_sigma"].clamp(*n.log_sigma_bounds).exp()
+            q = TruncatedLogNormal(mu, sigma, n.a, n.b)
+            per_layer.append((kl_divergence(q, LogUniform(n.a, n.b, batch_shape=mu.shape)).to(mu.dtype), n))
+        w = self.cfg.kl_weighting
+        if w == "mean":
+            return sum(k.double().sum(1) / n.initial_structures for k, n in per_layer).div(len(per_layer)).to(per_layer[0][0].dtype)
+        total = sum(k.sum(1) for k, _ in per_layer)
+        return total / self.num_train if w == "elbo" else total
+
+    # -- the epoch ----------------------------------------------------------------------------
+    def _adam(self):
+        """One Adam on the stacked parameters with the members' options and state."""
+        by_id = [{id(p): n for n, p in m.named_parameters()} for m in self.models]
+        groups = []
+        for g in self.opts[0].param_groups:
+            groups.append(dict({k: v for k, v in g.items() if k != "params"},
+                               params=[self.stacked[by_id[0][id(p)]] for p in g["params"]]))
+        adam = type(self.opts[0])(groups)
+        for name in self.names:
+            states = [o.state.get(dict(m.named_parameters())[name]) for o, m in zip(self.opts, self.models)]
+            if states[0]:
+                adam.state[self.stacked[name]] = {
+                    key: (states[0][key].clone() if key == "step" else torch.stack([s[key] for s in states]))
+                    for key in states[0]}
+        return adam
+
+    def _batches(self):
+        """Per step, the members' images [K, b, ...] and labels [K, b], gathered on the device
+        from the members' training sets (copied there once) with their own loaders' indices."""
+        sets = [loader.dataset for loader in self.loaders]
+        if not all(hasattr(d, "images") for d in sets):
+            raise ValueError("the ensemble needs data sets held in memory (ImageTensorDataset)")
+        images = _resident([d.images for d in sets], self.device)
+        labels = _resident([d.labels for d in sets], self.device)
+        offsets = [sum(len(d) for d in sets[:i]) for i in range(len(sets))]
+        steps = [list(_indices(loader)) for loader in self.loaders]
+        if len({len(s) for s in steps}) != 1:
+            raise ValueError("ensemble members take different numbers of steps an epoch")
+        for per_member in zip(*steps):
+            idx = torch.stack([torch.as_tensor(i) + o for i, o in zip(per_member, offsets)]).to(self.device)
+            yield images[idx], labels[idx]
+
+    def epoch(self):
+        cfg = self.cfg
+        generators = []
+        for rng in self.rng:
+            g = torch.Generator(self.device)
+            g.set_state(rng["torch"] if self.device.type == "cpu" else rng["cuda"][_cuda_index(self.device)])
+            generators.append(g)
+        adam = self._adam()
+        noisy = bool(self.layers)
+        for m in self.models:
+            m.train()
+        sums = torch.zeros(self.k, 3, dtype=torch.float64, device=self.device)
+        steps = 0
+        for x, y in self._batches():
+            logits = self._forward(x, generators)
+            b = y.shape[1]
+            ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(self.k, b).mean(1)
+            k = self._kl() if noisy else torch.zeros(self.k, device=ce.device)
+            loss = ce + k
+            if not bool((torch.isfinite(loss) & (ce <= training.MAX_CROSS_ENTROPY)).all()):
+                raise _Fallback
+            adam.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            adam.step()
+            sums += torch.stack([loss.detach(), ce.detach(), k.detach()], dim=1).to(sums.dtype)
+            steps += 1
+        self._write_back(adam)
+        results = [tuple((s / steps).tolist()) for s in sums]
+        rng_after = []
+        for rng, g in zip(self.rng, generators):
+            new = dict(rng, cuda=list(rng["cuda"]))
+            if self.device.type == "cpu":
+                new["torch"] = g.get_state()
+            else:
+                new["cuda"][_cuda_index(self.device)] = g.get_state()
+            rng_after.append(new)
+        return results, rng_after
+
+    @torch.no_grad()
+    def _write_back(self, adam) -> None:
+        """The stacked parameters, gradients and Adam state back into each member's own."""
+        for i, (model, opt) in enumerate(zip(self.models, self.opts)):
+            params = dict(model.named_parameters())
+            for name in self.names:
+                p, s = params[name], self.stacked[name]
+                p.copy_(s[i])
+                p.grad = None if s.grad is None else s.grad[i].clone()
+                state = adam.state.get(s)
+                if state:
+                    opt.state[p] = {key: (v.clone() if key == "step" else v[i].clone()) for key, v in state.items()}
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+_RESIDENT: dict = {}
+
+
+def _resident(tensors, device):
+    """The members' tensors concatenated on ``device``, kept between epochs (same tensors)."""
+    key = (tuple(id(t) for t in tensors), str(device))
+    hit = _RESIDENT.get(key)
+    if hit is None or any(a is not b for a, b in zip(hit[0], tensors)):
+        _RESIDENT.clear()
+        hit = _RESIDENT[key] = (list(tensors), torch.cat(list(tensors)).to(device))
+    return hit[1]
+
+
+class _IndexSet(torch.utils.data.Dataset):
+    """Stands in for a loader's data set: an index (list) is returned as it is."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index):
+        return torch.as_tensor(index)
+
+
+def _indices(loader):
+    """The index batches ``loader`` would gather in ``training._train_epoch``: a DataLoader with
+    the same sampler and generator, iterated through the same progress bar (tqdm.auto's creates an
+    iterator of its own first, which draws one more DataLoader seed from the generator)."""
+    index_loader = torch.utils.data.DataLoader(_IndexSet(len(loader.dataset)), sampler=loader.sampler,
+                                               batch_size=None, generator=loader.generator)
+    return training.tqdm(index_loader, disable=True, leave=False)
