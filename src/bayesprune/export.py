@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .heads import replay_heads
 from .noise import noise_layers
 from .removal import _probe, _run, _tensors, example_from_spec, replay_pruning
 
@@ -85,6 +86,7 @@ def load_shrunk(path: str | os.PathLike, model: nn.Module | None = None, *,
                              + ("" if spec is None else " or builder=<function of the stored spec>"))
         model = builder(spec)
     model.eval()
+    replay_heads(model, pruning.get("heads"))  # attention heads were removed before the other structures
     replay_pruning(model, example_from_spec(pruning), pruning["steps"])
     model.load_state_dict(state, strict=True)
     model.bayesprune_pruning = pruning

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from . import _torch_pruning as _tp
+from . import heads as _heads
 
 from .noise import (
     _BN_TYPES,
@@ -521,6 +522,9 @@ def example_from_spec(spec: dict):
 
 def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, assume_safe=frozenset()):
     example_inputs = _example(model, example_inputs)
+    if _heads.head_noise_layers(model):  # attention heads are removed first (heads.py), the rest below
+        return _heads.shrink_heads(model, example_inputs, lambda m: _shrink(m, example_inputs, fold, keep_noise, verify, assume_safe),
+                                   fold=fold, keep_noise=keep_noise, verify=verify)
     m = copy.deepcopy(model)
     layers = noise_layers(m)
     if not layers:

@@ -1,0 +1,577 @@
+"""Attention heads as structures: one noise variable per head, and whole heads removed.
+
+``add_head_noise(model, example_inputs)`` puts a :class:`HeadNoise` on every multi-head
+attention module it recognises: one theta_h per head h, multiplying that head's output
+``o_h`` (its slice of the concatenated head outputs that enter the output projection), so the
+attention computes ``W_o [theta_1 o_1, ..., theta_H o_H] + b_o``.  The variable is the same as a
+channel's (docs/maths.md section 1: the same truncated log-normal posterior, log-uniform prior,
+KL and draws; the structure is a head instead of a channel), so ``kl``, ``prune``, ``report``
+and the criteria use it unchanged.  It is applied by a forward pre-hook on the output
+projection's input, viewed as ``[..., heads, head_dim]``.
+
+Removal (``bayesprune.shrink`` calls :func:`shrink_heads`): ``E[theta_h] * mask_h`` is folded
+into the output projection's input columns of head h (exact: the projection is linear in each
+head's output and a head's output depends on no other head), then the masked heads' query, key
+and value rows and their output-projection columns are removed and the module's head count
+updated.  Grouped key/value heads (Llama-style): a key/value head stays while any query head of
+its group stays; when the kept groups have unequal numbers of query heads, each kept group's
+key/value head is repeated so that every group holds ``r = gcd(group sizes)`` query heads (the
+module's ``num_key_value_groups`` becomes r).  The result is checked against the masked model's
+eval output on several inputs (``removal.VERIFY_RTOL``).
+
+Families (a registry keyed by module type, :data:`ADAPTERS`): ``nn.MultiheadAttention`` (also
+inside torchvision's ViT; its class becomes :class:`HeadwiseMultiheadAttention`, the same
+function computed with the output projection called as a module), timm's ``Attention``,
+Hugging Face BERT-style ``BertAttention`` (query/key/value + output.dense), GPT-2's
+``GPT2Attention`` (``Conv1D`` c_attn/c_proj) and the q/k/v/o_proj family (Llama, Mistral,
+Qwen2, Hugging Face ViT).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .noise import MultiplicativeNoise, _install_joint_draw, noise_layers, DEFAULT_SHARING, SHARING
+
+__all__ = ["HeadNoise", "HeadwiseMultiheadAttention", "add_head_noise", "head_noise_layers",
+           "shrink_heads", "replay_heads", "ADAPTERS", "register_adapter", "update_hf_config"]
+
+
+class HeadNoise(MultiplicativeNoise):
+    """theta_h per attention head: ``o_h -> theta_h o_h`` on the output projection's input.
+
+    A :class:`~bayesprune.noise.MultiplicativeNoise` with ``num_structures = num_heads`` along
+    the head axis of the input viewed as ``[..., num_heads, head_dim]`` (docs/maths.md section 1).
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, family: str = "", **kwargs):
+        super().__init__(num_heads, dim=-2, **kwargs)
+        self.head_dim, self.family = int(head_dim), family
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", heads, head_dim={self.head_dim}"
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        width = self.num_structures * self.head_dim
+        if h.ndim < 1 or h.shape[-1] != width:
+            raise ValueError(
+                f"head noise for {self.layer_name!r} expects the concatenated outputs of {self.num_structures} heads "
+                f"of size {self.head_dim} ({width} features) in the last dimension, got shape {tuple(h.shape)}"
+            )
+        out = super().forward(h.reshape(*h.shape[:-1], self.num_structures, self.head_dim))
+        return out.reshape(h.shape)
+
+    def _pre_hook(self, module, args):
+        return (self(args[0]),) + tuple(args[1:])
+
+
+def head_noise_layers(model: nn.Module) -> list[HeadNoise]:
+    """The model's head noise modules, in forward order."""
+    return [n for n in noise_layers(model) if isinstance(n, HeadNoise)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear / Hugging Face Conv1D slicing (Conv1D keeps its weight as [in, out])
+
+
+def _is_conv1d(mod: nn.Module) -> bool:
+    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and hasattr(mod, "nx")
+
+
+def _check_proj(mod: nn.Module, where: str) -> None:
+    if not (isinstance(mod, nn.Linear) or _is_conv1d(mod)):
+        raise ValueError(f"{where} is a {type(mod).__name__}; head removal handles nn.Linear and Hugging Face Conv1D")
+
+
+def _new_param(old: nn.Parameter, value: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(value.detach().clone().contiguous(), requires_grad=old.requires_grad)
+
+
+def _keep_out(mod: nn.Module, idx: torch.Tensor) -> None:
+    """Keep output features ``idx`` of a Linear or Conv1D (and of its channel noise, if any)."""
+    idx = idx.to(mod.weight.device)
+    noise = getattr(mod, "bayes_noise", None)
+    if isinstance(noise, MultiplicativeNoise) and not isinstance(noise, HeadNoise):
+        for pname in ("mu", "log_sigma"):
+            setattr(noise, pname, _new_param(getattr(noise, pname), getattr(noise, pname)[idx.to(noise.mu.device)]))
+        noise.mask = noise.mask[idx.to(noise.mask.device)].clone()
+        noise.num_structures = len(idx)
+    if _is_conv1d(mod):
+        mod.weight = _new_param(mod.weight, mod.weight[:, idx])
+        mod.nf = len(idx)
+    else:
+        mod.weight = _new_param(mod.weight, mod.weight[idx])
+        mod.out_features = len(idx)
+    if mod.bias is not None:
+        mod.bias = _new_param(mod.bias, mod.bias[idx])
+
+
+def _keep_in(mod: nn.Module, idx: torch.Tensor) -> None:
+    """Keep input features ``idx`` of a Linear or Conv1D."""
+    idx = idx.to(mod.weight.device)
+    if _is_conv1d(mod):
+        mod.weight = _new_param(mod.weight, mod.weight[idx])
+        mod.nx = len(idx)
+    else:
+        mod.weight = _new_param(mod.weight, mod.weight[:, idx])
+        mod.in_features = len(idx)
+
+
+def _scale_in(mod: nn.Module, scale: torch.Tensor, head_dim: int) -> None:
+    """Multiply the input columns of head h by ``scale[h]`` (the fold of E[theta] * mask)."""
+    s = scale.to(device=mod.weight.device, dtype=mod.weight.dtype).repeat_interleave(head_dim)
+    if _is_conv1d(mod):
+        mod.weight.mul_(s[:, None])
+    else:
+        mod.weight.mul_(s[None, :])
+
+
+def _features(heads, head_dim: int, offset: int = 0) -> torch.Tensor:
+    """The feature indices of ``heads`` (each head_dim wide) starting at ``offset``."""
+    heads = torch.as_tensor(list(heads), dtype=torch.long)
+    return (offset + heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
+
+def _packed(heads, num_heads: int, head_dim: int, parts: int = 3) -> torch.Tensor:
+    """Indices of ``heads`` in a [q; k; v] packed projection output."""
+    return torch.cat([_features(heads, head_dim, p * num_heads * head_dim) for p in range(parts)])
+
+
+# ---------------------------------------------------------------------------------------------
+# nn.MultiheadAttention with a free head count
+
+
+def _additive_mask(mask, dtype, what: str):
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    if not mask.is_floating_point():
+        raise ValueError(f"{what} must be a bool or floating-point tensor, got {mask.dtype}")
+    return mask.to(dtype)
+
+
+class HeadwiseMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` computed head by head, with ``num_heads * head_dim`` free of
+    ``embed_dim`` (so heads can be removed) and ``out_proj`` called as a module (where head
+    noise is applied).  The same function as the parent class: softmax(q k^T / sqrt(head_dim)
+    + mask) v per head (Vaswani et al. 2017); packed in-projection only, no ``bias_k``/``bias_v``,
+    no ``add_zero_attn``."""
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        b, t, s = query.shape[0], query.shape[1], key.shape[1]
+        h, d = self.num_heads, self.head_dim
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        q = F.linear(query, w_q, b_q).view(b, t, h, d).transpose(1, 2)
+        k = F.linear(key, w_k, b_k).view(b, s, h, d).transpose(1, 2)
+        v = F.linear(value, w_v, b_v).view(b, s, h, d).transpose(1, 2)
+        scores = (q * d ** -0.5) @ k.transpose(-2, -1)  # [b, h, t, s]
+        mask = _additive_mask(attn_mask, scores.dtype, "attn_mask")
+        if mask is None and is_causal:
+            mask = torch.ones(t, s, dtype=torch.bool, device=scores.device).triu(1)
+            mask = _additive_mask(mask, scores.dtype, "attn_mask")
+        if mask is not None:
+            if mask.dim() == 3:
+                if mask.shape[0] != b * h:
+                    raise ValueError(f"attn_mask of shape {tuple(mask.shape)}: expected ({b * h}, {t}, {s}) for {h} heads")
+                mask = mask.view(b, h, t, s)
+            scores = scores + mask
+        pad = _additive_mask(key_padding_mask, scores.dtype, "key_padding_mask")
+        if pad is not None:
+            scores = scores + pad.view(b, 1, 1, s)
+        attn = F.dropout(scores.softmax(dim=-1), p=self.dropout, training=self.training)
+        out = self.out_proj((attn @ v).transpose(1, 2).reshape(b, t, h * d))
+        if unbatched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        weights = None
+        if need_weights:
+            weights = attn.mean(dim=1) if average_attn_weights else attn
+            if unbatched:
+                weights = weights.squeeze(0)
+        return out, weights
+
+
+# ---------------------------------------------------------------------------------------------
+# adapters: one per attention family
+
+
+class Adapter:
+    """How one attention family holds its heads.  ``out_proj``: the child whose input is the
+    concatenated head outputs; ``heads(m)`` -> (query heads, head_dim); ``remove(m, keep)``
+    keeps the query heads ``keep`` (sorted) and returns a JSON record that ``replay`` applies
+    to a fresh module."""
+
+    family = ""
+    out_proj = ""
+
+    def check(self, m: nn.Module, name: str) -> None:
+        pass
+
+    def prepare(self, m: nn.Module) -> None:
+        pass
+
+    def heads(self, m: nn.Module) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def remove(self, m: nn.Module, keep: list[int]) -> dict:
+        raise NotImplementedError
+
+    def replay(self, m: nn.Module, record: dict) -> None:
+        self.remove(m, record["keep"])
+
+
+#: qualified class name (``module.QualName``) -> adapter; a subclass uses its parent's
+ADAPTERS: dict[str, Adapter] = {}
+
+
+def register_adapter(*qualnames: str):
+    """Class decorator: register an :class:`Adapter` for the named attention classes."""
+    def deco(cls):
+        for q in qualnames:
+            ADAPTERS[q] = cls()
+        return cls
+    return deco
+
+
+def adapter_for(m: nn.Module) -> Adapter | None:
+    for klass in type(m).__mro__:
+        found = ADAPTERS.get(f"{klass.__module__}.{klass.__qualname__}")
+        if found is not None:
+            return found
+    return None
+
+
+@register_adapter("torch.nn.modules.activation.MultiheadAttention")
+class _MHA(Adapter):
+    family, out_proj = "nn.MultiheadAttention", "out_proj"
+
+    def check(self, m, name):
+        if not m._qkv_same_embed_dim or m.in_proj_weight is None:
+            raise ValueError(f"attention {name!r}: head noise needs nn.MultiheadAttention with one packed in-projection "
+                             "(kdim = vdim = embed_dim)")
+        if m.bias_k is not None or m.add_zero_attn:
+            raise ValueError(f"attention {name!r}: head noise does not handle add_bias_kv or add_zero_attn")
+
+    def prepare(self, m):
+        if not isinstance(m, HeadwiseMultiheadAttention):
+            m.__class__ = HeadwiseMultiheadAttention
+
+    def heads(self, m):
+        return m.num_heads, m.head_dim
+
+    def remove(self, m, keep):
+        self.prepare(m)
+        h, d = self.heads(m)
+        idx = _packed(keep, h, d).to(m.in_proj_weight.device)
+        m.in_proj_weight = _new_param(m.in_proj_weight, m.in_proj_weight[idx])
+        if m.in_proj_bias is not None:
+            m.in_proj_bias = _new_param(m.in_proj_bias, m.in_proj_bias[idx])
+        _keep_in(m.out_proj, _features(keep, d))
+        m.num_heads = len(keep)
+        return {"keep": list(keep)}
+
+
+@register_adapter("timm.layers.attention.Attention")
+class _Timm(Adapter):
+    family, out_proj = "timm Attention", "proj"
+
+    def check(self, m, name):
+        if not isinstance(m.norm, nn.Identity):
+            raise ValueError(f"attention {name!r}: timm Attention with scale_norm normalises across heads; "
+                             "heads are not separate structures there")
+
+    def heads(self, m):
+        return m.num_heads, m.head_dim
+
+    def remove(self, m, keep):
+        h, d = self.heads(m)
+        _keep_out(m.qkv, _packed(keep, h, d))
+        if getattr(m, "gate", None) is not None:
+            _keep_out(m.gate, _features(keep, d))
+        _keep_in(m.proj, _features(keep, d))
+        m.num_heads, m.attn_dim = len(keep), len(keep) * d
+        return {"keep": list(keep)}
+
+
+@register_adapter("transformers.models.bert.modeling_bert.BertAttention",
+                  "transformers.models.roberta.modeling_roberta.RobertaAttention")
+class _Bert(Adapter):
+    family, out_proj = "BERT attention", "output.dense"
+
+    def check(self, m, name):
+        if getattr(m, "is_cross_attention", False):
+            raise ValueError(f"attention {name!r}: cross-attention heads are not handled")
+
+    def heads(self, m):
+        return m.self.num_attention_heads, m.self.attention_head_size
+
+    def remove(self, m, keep):
+        h, d = self.heads(m)
+        for lin in (m.self.query, m.self.key, m.self.value):
+            _keep_out(lin, _features(keep, d))
+        _keep_in(m.output.dense, _features(keep, d))
+        m.self.num_attention_heads, m.self.all_head_size = len(keep), len(keep) * d
+        return {"keep": list(keep)}
+
+
+@register_adapter("transformers.models.gpt2.modeling_gpt2.GPT2Attention")
+class _GPT2(Adapter):
+    family, out_proj = "GPT-2 attention", "c_proj"
+
+    def check(self, m, name):
+        if m.is_cross_attention:
+            raise ValueError(f"attention {name!r}: cross-attention heads are not handled")
+
+    def heads(self, m):
+        return m.num_heads, m.head_dim
+
+    def remove(self, m, keep):
+        h, d = self.heads(m)
+        _keep_out(m.c_attn, _packed(keep, h, d))
+        _keep_in(m.c_proj, _features(keep, d))
+        m.num_heads, m.split_size = len(keep), len(keep) * d
+        return {"keep": list(keep)}
+
+
+@register_adapter("transformers.models.llama.modeling_llama.LlamaAttention",
+                  "transformers.models.mistral.modeling_mistral.MistralAttention",
+                  "transformers.models.qwen2.modeling_qwen2.Qwen2Attention",
+                  "transformers.models.vit.modeling_vit.ViTAttention")
+class _QKVO(Adapter):
+    """q_proj/k_proj/v_proj/o_proj with ``head_dim`` and grouped key/value heads."""
+
+    family, out_proj = "q/k/v/o_proj attention", "o_proj"
+
+    def heads(self, m):
+        return m.q_proj.out_features // m.head_dim, m.head_dim
+
+    def kv_of(self, m) -> list[int]:
+        """The key/value head each query head reads."""
+        h, d = self.heads(m)
+        rep = getattr(m, "num_key_value_groups", 1)
+        return [q // rep for q in range(h)]
+
+    def remove(self, m, keep):
+        h, d = self.heads(m)
+        kv = self.kv_of(m)
+        sizes: dict[int, int] = {}
+        for q in keep:
+            sizes[kv[q]] = sizes.get(kv[q], 0) + 1
+        # a) repeat each kept group's key/value head to hold r = gcd(sizes) query heads each, or
+        # b) keep (zeroed) masked query heads until every kept group has max(sizes): the cheaper
+        rep = math.gcd(*sizes.values())
+        cost_a = 2 * len(keep) + 2 * len(keep) // rep
+        top = max(sizes.values())
+        cost_b = 2 * top * len(sizes) + 2 * len(sizes)
+        if cost_b < cost_a:
+            keep = sorted(keep + [q for g in sizes for q in [q for q in range(h) if kv[q] == g and q not in keep]
+                                  [: top - sizes[g]]])
+            new_kv, rep = sorted(sizes), top
+        else:
+            new_kv = [g for g in sorted(sizes) for _ in range(sizes[g] // rep)]
+        self._apply(m, keep, new_kv, rep)
+        return {"keep": list(keep), "kv": new_kv, "rep": rep}
+
+    def _apply(self, m, keep, new_kv, rep):
+        d = m.head_dim
+        _keep_out(m.q_proj, _features(keep, d))
+        _keep_out(m.k_proj, _features(new_kv, d))
+        _keep_out(m.v_proj, _features(new_kv, d))
+        _keep_in(m.o_proj, _features(keep, d))
+        if hasattr(m, "num_key_value_groups"):
+            m.num_key_value_groups = rep
+        for attr in ("num_heads", "num_attention_heads"):
+            if hasattr(m, attr):
+                setattr(m, attr, len(keep))
+        if hasattr(m, "num_key_value_heads"):
+            m.num_key_value_heads = len(new_kv)
+
+    def replay(self, m, record):
+        self._apply(m, record["keep"], record["kv"], record["rep"])
+
+
+# ---------------------------------------------------------------------------------------------
+# placement
+
+
+def add_head_noise(model: nn.Module, example_inputs, *, modules=None, sharing: str = DEFAULT_SHARING,
+                   **noise_kwargs) -> nn.Module:
+    """One :class:`HeadNoise` variable per head on every recognised attention module (in place).
+
+    ``example_inputs``: a small input batch (tensor, tuple or dict of the forward's arguments),
+    kept with the noise as by :func:`~bayesprune.add_noise` (which may be called before, for
+    channel noise elsewhere).  ``modules``: names of the attention modules to use (default: every
+    module of a registered family, :data:`ADAPTERS`); a named module of no registered family is
+    refused.  ``sharing`` and ``noise_kwargs`` (``a``, ``b``, ``mu_init``, ``log_sigma_init``) as
+    for :class:`~bayesprune.noise.MultiplicativeNoise`.  Returns the model.
+    """
+    if example_inputs is None:
+        raise ValueError("add_head_noise needs example_inputs, a small input batch (e.g. x[:2])")
+    if sharing not in SHARING:
+        raise ValueError(f"unknown sharing {sharing!r}; valid: {', '.join(SHARING)}")
+    if head_noise_layers(model):
+        raise ValueError("model already has head noise; call remove_noise(model) first")
+    named = dict(model.named_modules())
+    if modules is None:
+        chosen = [n for n, m in named.items() if adapter_for(m) is not None]
+        if not chosen:
+            raise ValueError("no attention module of a known family found; known: "
+                             + ", ".join(sorted({a.family for a in ADAPTERS.values()})))
+    else:
+        chosen = []
+        for name in modules:
+            if name not in named:
+                raise ValueError(f"no module named {name!r} in the model")
+            if adapter_for(named[name]) is None:
+                raise ValueError(f"module {name!r} is a {type(named[name]).__name__}, not an attention module of a known "
+                                 "family (" + ", ".join(sorted({a.family for a in ADAPTERS.values()})) + ")")
+            chosen.append(name)
+    order0 = 1 + max((n.order for n in noise_layers(model)), default=-1)
+    for i, name in enumerate(chosen):
+        m, ad = named[name], adapter_for(named[name])
+        ad.check(m, name)
+        if getattr(m, "bayes_noise", None) is not None:
+            raise ValueError(f"module {name!r} already holds a noise module")
+        ad.prepare(m)
+        heads, head_dim = ad.heads(m)
+        proj = m.get_submodule(ad.out_proj)
+        _check_proj(proj, f"{name}.{ad.out_proj}")
+        noise = HeadNoise(heads, head_dim, family=ad.family, sharing=sharing, **noise_kwargs)
+        noise.layer_name = name
+        noise.target_name = f"{name}.{ad.out_proj}" if name else ad.out_proj
+        noise.chain = [noise.target_name]
+        noise.order = order0 + i
+        noise.example_inputs = example_inputs
+        p = proj.weight
+        noise.to(device=p.device, dtype=p.dtype)
+        noise.train(m.training)
+        m.add_module("bayes_noise", noise)
+        noise._handle = proj.register_forward_pre_hook(noise._pre_hook)
+    for n in noise_layers(model):  # one shared example input, as add_noise keeps it
+        if n.example_inputs is None:
+            n.example_inputs = example_inputs
+    _install_joint_draw(model)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# removal
+
+
+def _detach(model: nn.Module, noise: HeadNoise) -> None:
+    noise._handle.remove()
+    model.get_submodule(noise.layer_name)._modules.pop("bayes_noise", None)
+
+
+@torch.no_grad()
+def _remove_heads(model: nn.Module, fold: bool) -> tuple[list, dict]:
+    """Fold (optionally) and remove the masked heads of ``model`` in place, detaching the head
+    noise; returns the replay record and the modules that keep a zeroed head (with why)."""
+    record, kept = [], {}
+    for noise in head_noise_layers(model):
+        noise.check_finite()
+        m = model.get_submodule(noise.layer_name)
+        ad = adapter_for(m)
+        mask = noise.mask.detach().cpu()
+        if fold:
+            scale = noise.expected_theta().double() * noise.mask.double()
+            _scale_in(m.get_submodule(ad.out_proj), scale, noise.head_dim)
+        _detach(model, noise)
+        keep = [int(i) for i in torch.nonzero(mask != 0).flatten()]
+        if not keep:  # a module needs one head for its shapes; folded to zero it adds nothing
+            keep = [0]
+            kept[noise.layer_name] = "every head masked: head 0 stays (zeroed)"
+        if len(keep) < len(mask):
+            rec = ad.remove(m, keep)
+            if len(rec["keep"]) > len(keep):
+                kept[noise.layer_name] = (f"{len(rec['keep']) - len(keep)} masked query head(s) stay (zeroed) so that every "
+                                          "key/value group keeps the same number of query heads")
+            record.append([noise.layer_name, ad.family, rec])
+    return record, kept
+
+
+def shrink_heads(model: nn.Module, example_inputs, rest, *, fold: bool, keep_noise: bool, verify: bool) -> nn.Module:
+    """What ``removal._shrink`` does for a model with head noise: a copy with the masked heads
+    removed (folded first with ``fold``), then ``rest(copy)`` for the channel noise if any is
+    left, checked against the masked model's eval output on several inputs when ``verify``.
+    The record of removed heads goes to ``result.bayesprune_pruning["heads"]``."""
+    from . import removal as _r  # removal calls this module
+
+    if keep_noise:
+        raise ValueError("shrink_for_training does not remove attention heads; shrink(model) removes them "
+                         "(or train on with the masks, which keep masked heads at zero)")
+    m = copy.deepcopy(model)
+    values = fold
+    probes = _r._ProbeList(_r._probes(example_inputs) if values else [_r._probe(example_inputs)])
+    reference = _r._eval_outputs(m, probes) if verify else None
+    record, kept = _remove_heads(m, fold)
+    if noise_layers(m):
+        out = rest(m)
+    else:
+        out = m
+        out.train(model.training)
+        out.bayesprune_pruning = {**_r._input_spec(example_inputs), "steps": []}
+        out.bayesprune_kept = {}
+    if verify:
+        why = _r._mismatch(reference, out, probes, values=values)
+        if why is not None:
+            raise RuntimeError(f"removing attention heads did not reproduce the masked model's eval output: {why}")
+    out.bayesprune_pruning["heads"] = record
+    out.bayesprune_kept.update(kept)
+    out.train(model.training)
+    return out
+
+
+@torch.no_grad()
+def replay_heads(model: nn.Module, record) -> nn.Module:
+    """Remove the heads ``record`` lists (``shrunk.bayesprune_pruning["heads"]``) from a fresh
+    model of the original architecture (in place; used by :func:`~bayesprune.export.load_shrunk`)."""
+    for name, family, rec in record or ():
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the model has no module {name!r} to remove heads from") from None
+        ad = adapter_for(m)
+        if ad is None or ad.family != family:
+            raise ValueError(f"module {name!r} is a {type(m).__name__}; the record removes heads of a {family}")
+        ad.prepare(m)
+        ad.replay(m, rec)
+    return model
+
+
+def update_hf_config(model: nn.Module) -> bool:
+    """Set a shrunk Hugging Face model's ``config`` to its heads where the config can say it:
+    every q/k/v/o_proj attention with the same query and key/value head counts and a config
+    with ``head_dim`` (Llama-style).  Then ``save_pretrained`` / ``from_pretrained`` reload it.
+    Returns whether it did; BERT and GPT-2 derive the head size from the hidden size, so their
+    configs cannot hold fewer heads: reload those with :func:`bayesprune.load_shrunk`."""
+    config = getattr(model, "config", None)
+    attn = [m for m in model.modules() if isinstance(adapter_for(m), _QKVO)]
+    if config is None or not attn or not hasattr(config, "head_dim") or not hasattr(config, "num_attention_heads"):
+        return False
+    shapes = {(m.q_proj.out_features // m.head_dim, m.k_proj.out_features // m.head_dim, m.head_dim) for m in attn}
+    if len(shapes) != 1:
+        return False
+    h, kv, d = shapes.pop()
+    config.num_attention_heads, config.head_dim = h, d
+    if hasattr(config, "num_key_value_heads"):
+        config.num_key_value_heads = kv
+    elif kv != h:
+        return False
+    return True

@@ -1,0 +1,298 @@
+"""Attention heads as structures (bayesprune.heads): one noise variable per head, pruned by the
+criteria like any structure, whole heads removed by shrink; the shrunk model equals the masked
+one on inputs other than the example, and reloads."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import bayesprune as bp
+from bayesprune import heads
+
+TOL = 1e-5  # max abs difference relative to the output scale
+
+
+def _rel_err(a, b):
+    return float((a - b).detach().abs().max() / a.detach().abs().max())
+
+
+def _collapse(model, dead: dict, seed=0):
+    """Posteriors of the heads ``dead[layer]`` collapsed to the prior's lower end (BMRS_N removes
+    them), the others spread around mu in (-0.5, 0) with small sigma (kept)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n in heads.head_noise_layers(model):
+            n.mu.copy_(-0.5 * torch.rand(n.mu.shape, generator=g))
+            n.log_sigma.fill_(-4.0)
+            for i in dead.get(n.layer_name, ()):
+                n.mu[i], n.log_sigma[i] = -19.0, 0.0
+
+
+def _train_step(model, x, out=lambda y: y):
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss = out(model(**x) if isinstance(x, dict) else model(x)).square().mean() + bp.kl(model)
+    loss.backward()
+    noise = heads.head_noise_layers(model)
+    assert all(n.mu.grad is not None and bool(n.mu.grad.abs().sum() > 0) for n in noise)
+    opt.step()
+    opt.zero_grad()
+    model.eval()
+
+
+def _prune_shrink(model, x, others, dead, out=lambda y: y):
+    """Train step, collapse, prune with BMRS_N, shrink; the masks are the collapsed heads and the
+    shrunk model equals the masked one on the example and on ``others``."""
+    _train_step(model, x, out)
+    _collapse(model, dead)
+    rep = bp.prune(model, "bmrs_n")
+    for n in heads.head_noise_layers(model):
+        want = torch.ones(n.num_structures)
+        want[list(dead.get(n.layer_name, ()))] = 0
+        assert torch.equal(n.mask.cpu(), want), n.layer_name
+    small = bp.shrink(model)
+    assert rep.params_kept == bp.count_parameters(small) < bp.count_parameters(model)
+    assert not bp.noise_layers(small)
+    run = lambda m, i: out(m(**i) if isinstance(i, dict) else m(i))  # noqa: E731
+    with torch.no_grad():
+        for inp in [x] + list(others):
+            assert _rel_err(run(model, inp), run(small, inp)) <= TOL
+    return rep, small
+
+
+# ---------------------------------------------------------------------------------------------
+# nn.MultiheadAttention (torchvision's ViT encoder block)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_headwise_mha_is_nn_multihead_attention(batch_first):
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+    mha = copy.deepcopy(ref)
+    heads.ADAPTERS["torch.nn.modules.activation.MultiheadAttention"].prepare(mha)
+    assert isinstance(mha, heads.HeadwiseMultiheadAttention)
+    q, k = torch.randn(3, 5, 16), torch.randn(3, 7, 16)
+    if not batch_first:
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
+    pad = torch.rand(3, 7) > 0.6
+    pad[:, 0] = False
+    causal = torch.ones(5, 7, dtype=torch.bool).triu(1)
+    for kwargs in ({}, {"key_padding_mask": pad}, {"attn_mask": causal}, {"attn_mask": causal.float() * -3.0},
+                   {"key_padding_mask": pad, "average_attn_weights": False}):
+        o1, w1 = ref(q, k, k, **kwargs)
+        o2, w2 = mha(q, k, k, **kwargs)
+        assert _rel_err(o1, o2) <= 1e-6 and _rel_err(w1, w2) <= 1e-6
+    o1, _ = ref(q[0] if batch_first else q[:, 0], k[0] if batch_first else k[:, 0], k[0] if batch_first else k[:, 0])
+    o2, _ = mha(q[0] if batch_first else q[:, 0], k[0] if batch_first else k[:, 0], k[0] if batch_first else k[:, 0])
+    assert _rel_err(o1, o2) <= 1e-6
+
+
+def _vision_block():
+    from torchvision.models.vision_transformer import EncoderBlock
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(6, 16)
+            self.block = EncoderBlock(num_heads=4, hidden_dim=16, mlp_dim=32, dropout=0.0, attention_dropout=0.0)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.block(self.embed(x)).mean(1))
+
+    return Net()
+
+
+def test_head_noise_is_the_channel_variable_on_each_heads_output():
+    """Eval output = the network with out_proj's input columns of head h scaled by E[theta_h] *
+    mask_h (computed here without the noise module); the KL is MultiplicativeNoise's."""
+    torch.manual_seed(1)
+    model = _vision_block().eval()
+    x = torch.randn(2, 5, 6)
+    heads.add_head_noise(model, x)
+    (noise,) = bp.noise_layers(model)
+    assert isinstance(noise, heads.HeadNoise) and noise.num_structures == 4 and noise.head_dim == 4
+    with torch.no_grad():
+        noise.mu.copy_(torch.tensor([-0.3, -1.0, -0.1, -2.0]))
+        noise.log_sigma.copy_(torch.tensor([-1.0, -0.5, -3.0, 0.0]))
+        noise.mask[1] = 0
+        plain = copy.deepcopy(model)
+        bp.remove_noise(plain)
+        scale = (noise.expected_theta() * noise.mask).repeat_interleave(4)
+        plain.block.self_attention.out_proj.weight.mul_(scale[None, :])
+        assert _rel_err(plain(x), model(x)) <= 1e-6
+        same = bp.MultiplicativeNoise(4)
+        same.mu.copy_(noise.mu), same.log_sigma.copy_(noise.log_sigma)
+        assert torch.allclose(noise.kl(), same.kl())
+
+
+def test_mha_heads_removed_and_reloaded(tmp_path):
+    torch.manual_seed(2)
+    model = _vision_block().eval()
+    x = torch.randn(2, 5, 6)
+    bp.add_noise(model, x)  # channel noise on the MLP too
+    heads.add_head_noise(model, x)
+    others = [torch.randn(3, 5, 6), 2 * torch.randn(1, 9, 6)]
+    rep, small = _prune_shrink(model, x, others, {"block.self_attention": [0, 2]})
+    att = small.block.self_attention
+    assert att.num_heads == 2 and att.head_dim == 4
+    assert att.in_proj_weight.shape == (3 * 8, 16) and att.out_proj.weight.shape == (16, 8)
+    assert [r.total for r in rep.layers if r.layer == "block.self_attention"] == [4]
+    assert small.bayesprune_pruning["heads"] == [["block.self_attention", "nn.MultiheadAttention", {"keep": [1, 3]}]]
+    path = tmp_path / "vit-block.pt"
+    bp.save_shrunk(small, path)
+    loaded = bp.load_shrunk(path, model=_vision_block())
+    with torch.no_grad():
+        for inp in others:
+            assert torch.equal(loaded(inp), small(inp))
+
+
+def test_every_head_masked_keeps_one_zeroed_head():
+    torch.manual_seed(3)
+    model = _vision_block().eval()
+    x = torch.randn(2, 5, 6)
+    heads.add_head_noise(model, x)
+    with torch.no_grad():
+        bp.noise_layers(model)[0].mask.zero_()
+    small = bp.shrink(model)
+    assert small.block.self_attention.num_heads == 1
+    assert "every head masked" in small.bayesprune_kept["block.self_attention"]
+    assert _rel_err(model(x), small(x)) <= TOL
+
+
+def test_head_noise_refuses_what_it_cannot_handle():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="no attention module"):
+        heads.add_head_noise(model, x)
+    with pytest.raises(ValueError, match=r"module '0' is a Linear"):
+        heads.add_head_noise(model, x, modules=["0"])
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        heads.add_head_noise(nn.MultiheadAttention(8, 2, add_bias_kv=True), (torch.randn(1, 3, 8),) * 3)
+    block = _vision_block()
+    heads.add_head_noise(block, torch.randn(2, 5, 6))
+    with pytest.raises(ValueError, match="already has head noise"):
+        heads.add_head_noise(block, torch.randn(2, 5, 6))
+    with pytest.raises(ValueError, match="shrink_for_training does not remove attention heads"):
+        bp.shrink_for_training(block)
+
+
+# ---------------------------------------------------------------------------------------------
+# timm
+
+
+def _timm_vit():
+    timm = pytest.importorskip("timm")
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=8, embed_dim=24, depth=1, num_heads=4, mlp_ratio=2.0, num_classes=3)
+
+
+def test_timm_vit_block_heads(tmp_path):
+    torch.manual_seed(4)
+    model = _timm_vit().eval()
+    x = torch.randn(2, 3, 16, 16)
+    bp.add_noise(model, x)  # channel noise on qkv, proj, mlp: qkv's is cut to the kept heads
+    heads.add_head_noise(model, x)
+    others = [torch.randn(3, 3, 16, 16), 3 * torch.randn(1, 3, 16, 16)]
+    _, small = _prune_shrink(model, x, others, {"blocks.0.attn": [1, 2, 3]})
+    attn = small.blocks[0].attn
+    assert attn.num_heads == 1 and attn.head_dim == 6 and attn.attn_dim == 6
+    assert attn.qkv.weight.shape[0] <= 18 and attn.proj.weight.shape[1] == 6
+    bp.save_shrunk(small, tmp_path / "timm.pt")
+    loaded = bp.load_shrunk(tmp_path / "timm.pt", model=_timm_vit())
+    with torch.no_grad():
+        assert torch.equal(loaded(others[0]), small(others[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face
+
+
+def _ids(seed, n=2, t=7):
+    return {"input_ids": torch.randint(0, 50, (n, t), generator=torch.Generator().manual_seed(seed))}
+
+
+def _hidden(y):
+    return y.last_hidden_state
+
+
+def _bert():
+    tf = pytest.importorskip("transformers")
+    cfg = tf.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    return tf.BertModel(cfg)
+
+
+def test_bert_layer_heads(tmp_path):
+    torch.manual_seed(5)
+    model = _bert().eval()
+    x = _ids(0)
+    heads.add_head_noise(model, x)
+    _, small = _prune_shrink(model, x, [_ids(1, 3, 5), _ids(2, 1, 9)], {"encoder.layer.0.attention": [0, 3]}, out=_hidden)
+    att = small.encoder.layer[0].attention
+    assert att.self.num_attention_heads == 2 and att.self.all_head_size == 16
+    assert att.self.query.weight.shape == (16, 32) and att.output.dense.weight.shape == (32, 16)
+    # BERT derives the head size from hidden_size / num_attention_heads: its config cannot hold 2
+    # heads of size 8, so the library's loader reloads it
+    assert not heads.update_hf_config(small)
+    bp.save_shrunk(small, tmp_path / "bert.pt")
+    loaded = bp.load_shrunk(tmp_path / "bert.pt", model=_bert())
+    with torch.no_grad():
+        assert torch.equal(_hidden(loaded(**_ids(3))), _hidden(small(**_ids(3))))
+
+
+def test_gpt2_heads():
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(6)
+    cfg = tf.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16, use_cache=False,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = tf.GPT2Model(cfg).eval()
+    x = _ids(0)
+    heads.add_head_noise(model, x)
+    assert [n.target_name for n in bp.noise_layers(model)] == ["h.0.attn.c_proj", "h.1.attn.c_proj"]
+    _, small = _prune_shrink(model, x, [_ids(1, 3, 5)], {"h.0.attn": [1], "h.1.attn": [0, 2, 3]}, out=_hidden)
+    assert [small.h[i].attn.num_heads for i in (0, 1)] == [3, 1]
+    assert small.h[1].attn.c_attn.weight.shape == (32, 3 * 8) and small.h[1].attn.split_size == 8
+
+
+def _llama(**kw):
+    tf = pytest.importorskip("transformers")
+    cfg = tf.LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=16, use_cache=False, **kw)
+    return tf.LlamaModel(cfg)
+
+
+def test_llama_grouped_kv_heads():
+    """Query heads 0, 1 read key/value head 0, heads 2, 3 read head 1.  Layer 0 loses group 0
+    (heads 0, 1): its key/value head goes.  Layer 1 loses head 0 only: group sizes 1 and 2."""
+    torch.manual_seed(7)
+    model = _llama().eval()
+    x = _ids(0)
+    heads.add_head_noise(model, x)
+    _, small = _prune_shrink(model, x, [_ids(1, 3, 5)], {"layers.0.self_attn": [0, 1], "layers.1.self_attn": [0]},
+                             out=_hidden)
+    a0, a1 = small.layers[0].self_attn, small.layers[1].self_attn
+    assert a0.q_proj.out_features == 16 and a0.k_proj.out_features == 8 and a0.num_key_value_groups == 2
+    # sizes 1 and 2: repeating key/value heads (3 of them, 1 query each) costs as much as keeping
+    # head 0 zeroed; the repeat is taken on a tie, and the module stays consistent
+    q1, kv1 = a1.q_proj.out_features // 8, a1.k_proj.out_features // 8
+    assert q1 == kv1 * a1.num_key_value_groups and a1.o_proj.in_features == q1 * 8
+
+
+def test_llama_uniform_heads_reload_with_from_pretrained(tmp_path):
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(8)
+    model = _llama(head_dim=8).eval()
+    x = _ids(0)
+    heads.add_head_noise(model, x)
+    dead = {"layers.0.self_attn": [1, 3], "layers.1.self_attn": [0, 2]}  # one query head per group
+    _, small = _prune_shrink(model, x, [_ids(1, 3, 5)], dead, out=_hidden)
+    assert heads.update_hf_config(small)
+    assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (2, 2)
+    small.save_pretrained(tmp_path / "llama")
+    loaded = tf.LlamaModel.from_pretrained(tmp_path / "llama").eval()
+    with torch.no_grad():
+        assert torch.equal(_hidden(loaded(**_ids(4))), _hidden(small(**_ids(4))))
