@@ -296,3 +296,21 @@ def test_llama_uniform_heads_reload_with_from_pretrained(tmp_path):
     loaded = tf.LlamaModel.from_pretrained(tmp_path / "llama").eval()
     with torch.no_grad():
         assert torch.equal(_hidden(loaded(**_ids(4))), _hidden(small(**_ids(4))))
+
+
+def test_compression_search_and_l2_with_head_noise():
+    """The compression= search counts removed heads (the shrunk network's count); L2 and grad,
+    which score weight rows, refuse head noise by name."""
+    torch.manual_seed(9)
+    model = _vision_block().eval()
+    x = torch.randn(2, 5, 6)
+    heads.add_head_noise(model, x)
+    _collapse(model, {"block.self_attention": []})
+    total = bp.count_parameters(model)
+    rep = bp.prune(model, "bmrs_n", compression=0.2)
+    small = bp.shrink(model)
+    assert rep.params_kept == bp.count_parameters(small) <= 0.8 * total
+    kept = int(bp.noise_layers(model)[0].mask.sum())
+    assert small.block.self_attention.num_heads == kept < 4
+    with pytest.raises(ValueError, match="'block.self_attention' holds attention-head noise"):
+        bp.prune(model, "l2", threshold=0.1)

@@ -17,6 +17,7 @@ from .pruning import LayerReport, PruneReport, prune, report, scores
 from .reduction import REFERENCE_THRESHOLD, delta_f_normal, delta_f_uniform
 from .removal import count_parameters, remaining_parameters, shrink, shrink_for_training
 from .export import OnnxExport, export_onnx, load_shrunk, save_shrunk
+from .heads import HeadNoise, add_head_noise
 from .benchmarking import SizeSpeedReport, size_speed_report
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "DEFAULT_SHARING",
     "ExpectedTheta",
     "GradNorm",
+    "HeadNoise",
     "L2Norm",
     "LayerReport",
     "LogUniform",
@@ -39,6 +41,7 @@ __all__ = [
     "SNR",
     "SizeSpeedReport",
     "TruncatedLogNormal",
+    "add_head_noise",
     "add_noise",
     "count_parameters",
     "delta_f_normal",

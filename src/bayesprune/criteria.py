@@ -247,6 +247,9 @@ class ExpectedTheta(_ScoreThreshold):
 
 
 def _incoming_weight(model: nn.Module, noise: MultiplicativeNoise) -> torch.Tensor:
+    if getattr(noise, "head_dim", None) is not None:  # bayesprune.heads.HeadNoise
+        raise ValueError(f"criteria 'l2' and 'grad' score a layer's weight rows; {noise.layer_name!r} holds attention-head "
+                         "noise: use bmrs_n, bmrs_u, snr or etheta")
     return model.get_submodule(noise.layer_name).weight
 
 

@@ -781,6 +781,8 @@ def _estimated_remaining(model: nn.Module, example_inputs=None) -> int:
         raise ValueError("model has no noise layers: nothing to shrink (call bayesprune.add_noise first)")
     for n in layers:
         n.check_finite()
+    if _heads.head_noise_layers(model):  # heads are counted by removing them (heads.py)
+        return count_parameters(_shrink(model, example_inputs, fold=False, keep_noise=False, verify=True))
     an = _analysis(model, example_inputs)
     masks = {n.layer_name: n.mask.detach().cpu() == 0 for n in layers}
     if an.countable and not any(bool(masks[name].any()) for name in an.unsafe):
