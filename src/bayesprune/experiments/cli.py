@@ -55,6 +55,16 @@ def _finite(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
 def _threshold(text: str) -> float:
     from ..reduction import REFERENCE_THRESHOLD
 
@@ -258,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("reproduce", help="run (or resume) every run of one of the papers' tables, then print it",
                         description="bmrs-table1: MLP/LeNet5 x MNIST/Fashion-MNIST/CIFAR-10 x None, L2, E[θ], SNR, "
-                        "BMRS_N, BMRS_U-8, BMRS_U-4; bmrs-posttrain: post-training sweeps; bf-table1: the Bayes-factor "
+                        "BMRS_N, BMRS_U-8, BMRS_U-4; bmrs-table2: ResNet-50/ViT-B/16 x CIFAR-10/TinyImageNet, the same rows; "
+                        "bmrs-posttrain: post-training sweeps; bf-table1: the Bayes-factor "
                         "paper's Table 1. Finished runs are skipped, interrupted ones resume.")
     rp.add_argument("name", choices=TARGETS)
     rp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -278,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--kl-weighting", choices=KL_WEIGHTINGS, default=None, help="KL weighting (default: mean, the reference's)")
     rp.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     _add_dense_finetune(rp.add_argument_group("dense fine-tune after pruning (bmrs-table1)"))
+    t2 = rp.add_argument_group("models and data (bmrs-table1, bmrs-table2, bmrs-posttrain)")
+    t2.add_argument("--weights", default=None,
+                    help="bmrs-table2: a state-dict file of pretrained weights for every model of the run (loaded with "
+                         "torch.load(weights_only=True), the head replaced for the data set's classes; default: from scratch)")
+    t2.add_argument("--image-size", type=_positive_int, default=None, help="resize the images to this side (default: the data set's, 32 or 64)")
+    t2.add_argument("--train-subset", type=_positive_int, default=None, help="keep this many images of the official training set (default: all)")
+    t2.add_argument("--test-subset", type=_positive_int, default=None, help="keep this many images of the test set (default: all)")
+    t2.add_argument("--no-latency", action="store_true",
+                    help="summaries give the shrunk network's parameters and MACs only, no CPU latency (saves a minute a run)")
     rp.add_argument("--quiet", action="store_true", help="no per-run progress lines")
     _add_engine(rp)
     rp.set_defaults(func=cmd_reproduce)
@@ -332,6 +352,13 @@ def cmd_reproduce(args) -> int:
     if dense and args.name != "bmrs-table1":
         raise CLIError(f"--dense-finetune-* apply to bmrs-table1, not {args.name}")
     extra.update(dense)
+    data = {k: v for k, v in dict(weights=args.weights, image_size=args.image_size, train_subset=args.train_subset,
+                                  test_subset=args.test_subset, measure_latency=False if args.no_latency else None).items() if v is not None}
+    if data and args.name == "bf-table1":
+        raise CLIError(f"--{'/--'.join(k.replace('_', '-') for k in data)} apply to the BMRS targets, not bf-table1")
+    if args.weights is not None and not Path(args.weights).is_file():
+        raise CLIError(f"--weights {args.weights}: no such file")
+    extra.update(data)
     out = Path(args.out_dir) / args.name
     jobs = args.jobs
     if jobs is None and args.engine == "local":
@@ -351,6 +378,10 @@ def cmd_reproduce(args) -> int:
         table, header = bf_table(summaries), "r"
     elif args.name == "bmrs-table1":
         table, header = table1(summaries), "method"
+    elif args.name == "bmrs-table2":
+        from .reproduce import table2
+
+        table, header = table2(summaries), "method"
     else:
         return _print_sweeps(out, res["wall_time_s"]) or _failed(res.get("failures"))
     md = table_markdown(table, row_header=header)

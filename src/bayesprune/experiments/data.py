@@ -1,4 +1,4 @@
-"""Data sets for the experiments: digits, MNIST, Fashion-MNIST and CIFAR-10.
+"""Data sets for the experiments: digits, MNIST, Fashion-MNIST, CIFAR-10 and TinyImageNet.
 
 Everything is decoded once into uint8 tensors (cached in memory, and for CIFAR-10 JPEG/image
 trees also on disk), preprocessed into float tensors and served from memory through
@@ -54,7 +54,7 @@ __all__ = [
     "clear_cache",
 ]
 
-DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10")
+DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10", "tinyimagenet")
 
 CIFAR10_CLASSES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -74,6 +74,9 @@ MIRRORS: dict[str, list[str]] = {
     ],
     "cifar10": [
         "https://www.cs.toronto.edu/~kriz/",
+    ],
+    "tinyimagenet": [
+        "http://cs231n.stanford.edu/",
     ],
 }
 
@@ -96,6 +99,9 @@ CHECKSUMS: dict[str, dict[str, str]] = {
     "cifar10": {
         "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
     },
+    "tinyimagenet": {
+        "tiny-imagenet-200.zip": "90528d7ca1a48142e341f4ef8d21d0de",
+    },
 }
 
 _IDX_FILES = {
@@ -111,6 +117,7 @@ _SUBDIRS = {
     "fashion-mnist": ("fashion-mnist", "FashionMNIST/raw", "fashion_mnist", "FashionMNIST",
                       "fashion-mnist/raw"),
     "cifar10": ("cifar10", "cifar-10", "CIFAR10", "cifar10-jpeg"),
+    "tinyimagenet": ("tiny-imagenet-200", "tinyimagenet", "tiny-imagenet"),
 }
 
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -219,7 +226,7 @@ def _split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor
     return train_idx, val_idx
 
 
-def _make_splits(name, x_train, y_train, x_test, y_test, val_fraction, seed) -> DatasetSplits:
+def _make_splits(name, x_train, y_train, x_test, y_test, val_fraction, seed, num_classes=10) -> DatasetSplits:
     train_idx, val_idx = _split_indices(x_train.shape[0], val_fraction, seed)
     return DatasetSplits(
         train=ImageTensorDataset(x_train[train_idx], y_train[train_idx]),
@@ -227,7 +234,7 @@ def _make_splits(name, x_train, y_train, x_test, y_test, val_fraction, seed) -> 
         test=ImageTensorDataset(x_test, y_test),
         in_channels=int(x_train.shape[1]),
         image_size=int(x_train.shape[-1]),
-        num_classes=10,
+        num_classes=num_classes,
         name=name,
     )
 
@@ -257,34 +264,90 @@ def load_dataset(
     seed: int = 0,
     download: bool = False,
     resize: str = "bilinear",
+    image_size: int | None = None,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
 ) -> DatasetSplits:
     """Load ``name`` (one of :data:`DATASETS`) as in-memory train/val/test splits.
 
     The validation set is a seeded ``val_fraction`` share of the official training set (for
-    ``digits``: of the 80% that is not the fixed test split).  ``data_dir`` is ignored for
-    ``digits``; for the others it defaults to :func:`default_data_dir`.  ``resize`` chooses
-    how 28x28 (Fashion-)MNIST becomes 32x32: ``"bilinear"`` (default, as the BMRS reference)
-    or ``"pad"`` (2 zero pixels each side, as the LeNet-5 papers).
+    ``digits``: of the 80% that is not the fixed test split; for ``tinyimagenet`` the test set
+    is the labelled official ``val/`` set).  ``data_dir`` is ignored for ``digits``; for the
+    others it defaults to :func:`default_data_dir`.  ``resize`` chooses how 28x28
+    (Fashion-)MNIST becomes 32x32: ``"bilinear"`` (default, as the BMRS reference) or ``"pad"``
+    (2 zero pixels each side, as the LeNet-5 papers).  ``image_size``: resize every image to
+    this side (bilinear, antialiased when shrinking; default: the data set's own, 32 or 64).
+    ``train_subset`` / ``test_subset``: keep that many images of the official training / test
+    set, a random choice fixed for all seeds (before the validation split).
     """
     key = str(name).lower().replace("_", "-")
-    key = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10"}.get(key, key)
+    key = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "tiny-imagenet": "tinyimagenet",
+           "tiny-imagenet-200": "tinyimagenet"}.get(key, key)
     if key not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(DATASETS)}")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    for arg, n in (("train_subset", train_subset), ("test_subset", test_subset)):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"{arg} must be a positive integer (a number of images), got {n!r}")
+    num_classes = 10
     if key == "digits":
-        return _load_digits(val_fraction, seed)
+        splits = _load_digits(val_fraction, seed, train_subset, test_subset)
+        return _resized(splits, image_size)
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     if key in ("mnist", "fashion-mnist"):
         if resize not in ("bilinear", "pad"):
             raise ValueError(f"resize must be 'bilinear' or 'pad', got {resize!r}")
         folder = _find_idx_folder(key, root, download)
-        (xtr, ytr) = _read_idx_pair(key, folder, "train")
-        (xte, yte) = _read_idx_pair(key, folder, "test")
+        xtr, ytr = _subset(*_read_idx_pair(key, folder, "train"), train_subset, "train_subset", key)
+        xte, yte = _subset(*_read_idx_pair(key, folder, "test"), test_subset, "test_subset", key)
         xtr, xte = _preprocess_mnist(xtr, resize), _preprocess_mnist(xte, resize)
-        return _make_splits(key, xtr, ytr, xte, yte, val_fraction, seed)
-    (xtr, ytr), (xte, yte) = _load_cifar10_uint8(root, download)
-    return _make_splits(
-        key, _preprocess_cifar(xtr), ytr, _preprocess_cifar(xte), yte, val_fraction, seed
-    )
+    else:
+        if key == "cifar10":
+            (xtr, ytr), (xte, yte) = _load_cifar10_uint8(root, download)
+        else:
+            (xtr, ytr), (xte, yte) = _load_tinyimagenet_uint8(root, download)
+            num_classes = TINYIMAGENET_CLASSES
+        xtr, ytr = _subset(xtr, ytr, train_subset, "train_subset", key)
+        xte, yte = _subset(xte, yte, test_subset, "test_subset", key)
+        xtr, xte = _preprocess_cifar(xtr), _preprocess_cifar(xte)
+    xtr, xte = _resize(xtr, image_size), _resize(xte, image_size)
+    return _make_splits(key, xtr, ytr, xte, yte, val_fraction, seed, num_classes)
+
+
+#: seed of the random choice of ``train_subset`` / ``test_subset`` images (the same for every run seed)
+SUBSET_SEED = 0
+
+
+def _subset(x: torch.Tensor, y: torch.Tensor, n: int | None, arg: str, name: str):
+    """``n`` images of (x, y) chosen at random with :data:`SUBSET_SEED`, in their original order."""
+    if n is None or n == x.shape[0]:
+        return x, y
+    if n > x.shape[0]:
+        raise ValueError(f"{arg}={n} but {name} has only {x.shape[0]} images there")
+    idx, _ = torch.sort(torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(SUBSET_SEED))[:n])
+    return x[idx], y[idx]
+
+
+def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """float [N,C,H,W] -> [N,C,size,size], bilinear (antialiased when shrinking), in chunks."""
+    if size is None or tuple(x.shape[-2:]) == (size, size):
+        return x
+    out = torch.empty(x.shape[0], x.shape[1], size, size, dtype=x.dtype)
+    for s in range(0, x.shape[0], 2048):
+        out[s : s + 2048] = F.interpolate(x[s : s + 2048], size=(size, size), mode="bilinear",
+                                          align_corners=False, antialias=size < x.shape[-1])
+    return out
+
+
+def _resized(splits: DatasetSplits, size: int | None) -> DatasetSplits:
+    if size is None or splits.image_size == size:
+        return splits
+    for part in ("train", "val", "test"):
+        ds = getattr(splits, part)
+        setattr(splits, part, ImageTensorDataset(_resize(ds.images, size), ds.labels))
+    splits.image_size = size
+    return splits
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,7 +373,7 @@ def _preprocess_cifar(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0).sub_(0.5).div_(0.5)
 
 
-def _load_digits(val_fraction: float, seed: int) -> DatasetSplits:
+def _load_digits(val_fraction: float, seed: int, train_subset=None, test_subset=None) -> DatasetSplits:
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -322,8 +385,9 @@ def _load_digits(val_fraction: float, seed: int) -> DatasetSplits:
     n_test = int(round(0.2 * x.shape[0]))
     test_idx, _ = torch.sort(perm[:n_test])
     pool_idx, _ = torch.sort(perm[n_test:])
-    return _make_splits("digits", x[pool_idx], y[pool_idx], x[test_idx], y[test_idx],
-                        val_fraction, seed)
+    xtr, ytr = _subset(x[pool_idx], y[pool_idx], train_subset, "train_subset", "digits")
+    xte, yte = _subset(x[test_idx], y[test_idx], test_subset, "test_subset", "digits")
+    return _make_splits("digits", xtr, ytr, xte, yte, val_fraction, seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -626,16 +690,16 @@ def _decoder() -> Callable[[bytes], torch.Tensor]:
     return decode
 
 
-def _decode_images(blobs: Sequence[bytes], names: Sequence[str]) -> torch.Tensor:
+def _decode_images(blobs: Sequence[bytes], names: Sequence[str], size: int = 32) -> torch.Tensor:
     decode = _decoder()
-    out = torch.empty(len(blobs), 3, 32, 32, dtype=torch.uint8)
+    out = torch.empty(len(blobs), 3, size, size, dtype=torch.uint8)
     for i, (blob, where) in enumerate(zip(blobs, names)):
         try:
             img = decode(blob)
         except Exception as e:
             raise DataError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from e
-        if tuple(img.shape) != (3, 32, 32):
-            raise DataError(f"{where}: image is {tuple(img.shape[1:])}, expected 32x32")
+        if tuple(img.shape) != (3, size, size):
+            raise DataError(f"{where}: image is {tuple(img.shape[1:])}, expected {size}x{size}")
         out[i] = img
     return out
 
@@ -773,6 +837,115 @@ def _read_cifar_tree(root: Path):
 
 
 # --------------------------------------------------------------------------------------------
+# TinyImageNet (tiny-imagenet-200: 200 classes, 500 training and 50 validation images each, 64x64)
+
+#: classes of TinyImageNet; label i is the i-th wnid of ``wnids.txt`` in sorted order
+TINYIMAGENET_CLASSES = 200
+_TINY_ZIP = "tiny-imagenet-200.zip"
+_TINY_SIZE = 64
+
+
+def _load_tinyimagenet_uint8(root: Path, download: bool):
+    """(train, test) uint8 [N,3,64,64] with int64 labels; test is the labelled official val/."""
+    found = _find_tiny(root)
+    if found is None and download:
+        target = root.parent if root.name.endswith(".zip") else root
+        found = ("zip", _download_file("tinyimagenet", _TINY_ZIP, target, _file_md5))
+    if found is None:
+        raise DataNotFoundError(
+            f"tinyimagenet: missing data: {root / 'tiny-imagenet-200' / 'wnids.txt'} does not exist, and "
+            f"{root} holds no {_TINY_ZIP} and no wnids.txt with train/ and val/ (also looked in the "
+            f"sub-folders {', '.join(_SUBDIRS['tinyimagenet'])}). Point --data-dir (data_dir=) at the "
+            f"tiny-imagenet-200 folder, its parent or {_TINY_ZIP}, or pass download=True (--download) "
+            f"to fetch {_TINY_ZIP}."
+        )
+    kind, path = found
+    if kind == "zip":
+        st = path.stat()
+        fingerprint = f"{st.st_size}-{st.st_mtime_ns}"
+
+        def decode():
+            try:
+                with zipfile.ZipFile(path) as zf:
+                    names = [i.filename for i in zf.infolist() if not i.is_dir()]
+                    return _decode_tiny(names, zf.read, str(path))
+            except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+                raise DataError(f"{path}: not a valid zip file ({type(e).__name__}: {e})") from e
+
+        return _cached(("tiny-zip", _file_key(path)), lambda: _load_or_decode(path, fingerprint, decode))
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha1()
+    for r in files:
+        if r.startswith(("train/", "val/")) or r == "wnids.txt":
+            st = (path / r).stat()
+            h.update(f"{r}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    fingerprint = f"{len(files)}-{h.hexdigest()[:16]}"
+    return _cached(("tiny-tree", str(path.resolve()), fingerprint),
+                   lambda: _load_or_decode(path, fingerprint,
+                                           lambda: _decode_tiny(files, lambda r: (path / r).read_bytes(), str(path))))
+
+
+def _find_tiny(root: Path):
+    """(kind, path) of the TinyImageNet source at ``root`` (the folder, its parent, or the zip), or None."""
+    if root.is_file():
+        return ("zip", root) if root.suffix.lower() == ".zip" else None
+    if not root.is_dir():
+        return None
+    for folder in (root,) + tuple(root / sub for sub in _SUBDIRS["tinyimagenet"]):
+        if (folder / "wnids.txt").is_file():
+            return ("tree", folder)
+    for folder in (root,) + tuple(root / sub for sub in _SUBDIRS["tinyimagenet"]):
+        if (folder / _TINY_ZIP).is_file():
+            return ("zip", folder / _TINY_ZIP)
+    return None
+
+
+def _decode_tiny(names: Sequence[str], read: Callable[[str], bytes], where: str):
+    """Decode the standard layout from its file names: wnids.txt, train/<wnid>/images/*.JPEG,
+    val/images/*.JPEG labelled by val/val_annotations.txt (file, wnid, box), under one prefix."""
+    wnid_files = sorted((n for n in names if n.replace("\\", "/").split("/")[-1] == "wnids.txt"), key=len)
+    if not wnid_files:
+        raise DataError(f"{where}: no wnids.txt (expected the tiny-imagenet-200 layout: wnids.txt, "
+                        "train/<wnid>/images/*.JPEG, val/images/*.JPEG, val/val_annotations.txt)")
+    prefix = wnid_files[0][: -len("wnids.txt")]
+    wnids = sorted({w.strip() for w in read(wnid_files[0]).decode().split() if w.strip()})
+    label = {w: i for i, w in enumerate(wnids)}
+    ann_name = prefix + "val/val_annotations.txt"
+    if ann_name not in set(names):
+        raise DataError(f"{where}: missing {ann_name} (the labels of val/images)")
+    val_label = {}
+    for line_no, line in enumerate(read(ann_name).decode().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2 or parts[1] not in label:
+            raise DataError(f"{where}:{ann_name} line {line_no}: expected '<file>\\t<wnid>\\t...' with a wnid "
+                            f"of wnids.txt, got {line.strip()[:80]!r}")
+        val_label[parts[0]] = label[parts[1]]
+    train, test = [], []
+    for n in names:
+        if not n.startswith(prefix) or not n.lower().endswith(_IMAGE_EXTS):
+            continue
+        parts = n[len(prefix):].split("/")
+        if len(parts) == 4 and parts[0] == "train" and parts[2] == "images":
+            if parts[1] not in label:
+                raise DataError(f"{where}: training folder {parts[1]!r} is not a wnid of wnids.txt")
+            train.append((n, label[parts[1]]))
+        elif len(parts) == 3 and parts[:2] == ["val", "images"]:
+            if parts[2] not in val_label:
+                raise DataError(f"{where}: {n} has no line in {ann_name}")
+            test.append((n, val_label[parts[2]]))
+    out = []
+    for split, items in (("train", train), ("val", test)):
+        if not items:
+            raise DataError(f"{where}: no images under {prefix}{split}/ (expected the tiny-imagenet-200 layout)")
+        items.sort()
+        x = _decode_images([read(n) for n, _ in items], [f"{where}:{n}" for n, _ in items], _TINY_SIZE)
+        out.append((x, torch.tensor([lab for _, lab in items], dtype=torch.int64)))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------
 # downloads
 
 
@@ -853,6 +1026,9 @@ def download(name: str, data_dir: str | os.PathLike | None = None) -> Path:
         _load_cifar10_uint8(root, download=True)
         found = _find_cifar(root)
         return found[1] if found else root
+    if name == "tinyimagenet":
+        _load_tinyimagenet_uint8(root, download=True)
+        return _find_tiny(root)[1]
     return _find_idx_folder(name, root, download=True)
 
 

@@ -10,6 +10,10 @@ Networks
 * :class:`MLP` -- ``Flatten, [Linear -> act] x (extra_layers + 1), Linear`` (BMRS paper, docs/maths.md section 4).
 * :class:`LeNet5` -- ``Conv(c,6c,5) ReLU Pool, Conv(6c,16c,5) ReLU Pool, FC 120c, FC 84c, FC k``.
 * :func:`cifar_resnet18` -- torchvision ResNet-18 with a 3x3 stride-1 stem and no max-pool.
+* :func:`resnet50`, :func:`vit_b16`, :func:`vit_small` -- the BMRS paper's Table 2 networks
+  (torchvision ResNet-50 and ViT-B/16) and a ViT of 2.7 M parameters for CPU budgets; their
+  noise placement is :func:`noise_layer_names`, pretrained weights come from a file
+  (:func:`load_weights`).
 * :func:`torchvision_model` -- any torchvision classification model by name.
 * :class:`FCN`, :class:`CNN` -- the networks of the Bayes-factor pruning paper (docs/maths.md section 5).
 * :func:`build_model` -- one entry point by name (``MODELS`` plus ``tv:<torchvision name>``).
@@ -32,12 +36,19 @@ __all__ = [
     "torchvision_model",
     "torchvision_model_names",
     "build_model",
+    "resnet50",
+    "vit_b16",
+    "vit_small",
+    "load_weights",
+    "noise_layer_names",
     "MODELS",
     "TORCHVISION_PREFIX",
 ]
 
 #: Names accepted by :func:`build_model` (besides ``"tv:<name>"`` for torchvision models).
-MODELS: tuple[str, ...] = ("mlp", "lenet5", "resnet18-cifar", "fcn", "cnn")
+MODELS: tuple[str, ...] = ("mlp", "lenet5", "resnet18-cifar", "fcn", "cnn", "resnet50", "vit-b16", "vit-small")
+#: models that accept pretrained weights from a file (``weights=PATH``)
+WEIGHTS_MODELS: tuple[str, ...] = ("resnet18-cifar", "resnet50", "vit-b16", "vit-small")
 #: Prefix selecting a torchvision model in :func:`build_model`, e.g. ``"tv:mobilenet_v3_small"``.
 TORCHVISION_PREFIX = "tv:"
 
@@ -206,6 +217,132 @@ def cifar_resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return model
 
 
+def resnet50(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """torchvision ResNet-50 (the BMRS paper's Table 2), random weights, ``num_classes`` outputs.
+
+    Noise goes after every BatchNorm (torchvision's Bottleneck reuses one ReLU module, so
+    ``add_noise``'s default placement stops at the BatchNorm; docs/maths.md section 4.3)."""
+    import torchvision
+
+    _check_positive_int("num_classes", num_classes)
+    model = torchvision.models.resnet50(weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        _replace_first_conv(model, _check_positive_int("in_channels", in_channels))
+    return model
+
+
+class SelfAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` for self-attention whose output projection runs as a module call,
+    ``out_proj(softmax(q k^T / sqrt(d_head)) v)`` (Vaswani et al. 2017, eq. 1), so that noise can
+    follow it; same parameters and state-dict keys as torchvision's ViT attention, same output."""
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if not (query is key is value) or key_padding_mask is not None or attn_mask is not None or is_causal:
+            raise ValueError("SelfAttention computes plain self-attention only (query is key is value, no masks)")
+        if not self.batch_first:
+            raise ValueError("SelfAttention needs batch_first=True (torchvision's ViT uses it)")
+        b, t, d = query.shape
+        h = self.num_heads
+        qkv = nn.functional.linear(query, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, d)), None
+
+
+def _vision_transformer(num_classes, image_size, in_channels, patch_size, num_layers, num_heads, hidden_dim, mlp_dim):
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    _check_positive_int("num_classes", num_classes)
+    _check_positive_int("image_size", image_size)
+    _check_positive_int("in_channels", in_channels)
+    if image_size % patch_size:
+        raise ValueError(f"image_size={image_size} is not a multiple of the ViT's patch size {patch_size}")
+    model = VisionTransformer(image_size=image_size, patch_size=patch_size, num_layers=num_layers, num_heads=num_heads,
+                              hidden_dim=hidden_dim, mlp_dim=mlp_dim, num_classes=num_classes)
+    if in_channels != 3:
+        old = model.conv_proj
+        model.conv_proj = nn.Conv2d(in_channels, hidden_dim, kernel_size=patch_size, stride=patch_size)
+        del old
+    for block in model.encoder.layers:
+        old = block.self_attention
+        new = SelfAttention(old.embed_dim, old.num_heads, dropout=old.dropout, batch_first=True)
+        new.load_state_dict(old.state_dict())
+        block.self_attention = new
+    return model
+
+
+def vit_b16(num_classes: int = 10, image_size: int = 224, in_channels: int = 3) -> nn.Module:
+    """torchvision ViT-B/16 (patch 16, 12 layers, 12 heads, width 768, MLP 3072; Dosovitskiy et
+    al. 2021), random weights, with :class:`SelfAttention`; ``image_size`` a multiple of 16."""
+    return _vision_transformer(num_classes, image_size, in_channels, 16, 12, 12, 768, 3072)
+
+
+def vit_small(num_classes: int = 10, image_size: int = 32, in_channels: int = 3) -> nn.Module:
+    """A ViT of about 2.7 M parameters for CPU budgets: torchvision's VisionTransformer with
+    6 layers, 6 heads, width 192, MLP 768 and patches of ``image_size // 8`` (64 patches)."""
+    return _vision_transformer(num_classes, image_size, in_channels, max(1, image_size // 8), 6, 6, 192, 768)
+
+
+def noise_layer_names(name: str, model: nn.Module) -> list[str] | None:
+    """The layers that get noise in the BMRS paper's placement (docs/maths.md section 4.3), for
+    ``add_noise(layers=...)``: for the ViTs each block's attention-output and MLP-output dense
+    layers (``self_attention.out_proj``, ``mlp.3``); None (``add_noise``'s default: every layer
+    but the output layer, after its BatchNorm or activation) for the others."""
+    if name not in ("vit-b16", "vit-small"):
+        return None
+    return [n for n, _ in model.named_modules() if n.endswith(("self_attention.out_proj", "mlp.3"))]
+
+
+#: classifier layers replaced when a weights file was made for another number of classes
+_HEADS = ("fc.", "heads.head.")
+
+
+def load_weights(model: nn.Module, path) -> nn.Module:
+    """Load the state dict in ``path`` into ``model`` (``torch.load(weights_only=True)``: tensors
+    only, no code runs).  A dict holding it under ``"state_dict"`` or ``"model"`` is unwrapped,
+    and a ``"module."`` prefix (DataParallel) is dropped.  The classifier head (``fc``,
+    ``heads.head``) keeps its fresh weights when the file's has another number of classes; any
+    other missing, unexpected or misshapen key is a ``ValueError`` naming the file and the keys."""
+    from pathlib import Path
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist (--weights)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"weights file {path} cannot be read as a state dict with torch.load(weights_only=True) "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"weights file {path} holds no state dict (a dict of parameter name -> tensor)")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    own = model.state_dict()
+    head = {k for k in own if k.startswith(_HEADS)}
+    misshapen = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if misshapen and set(misshapen) <= head:
+        state = {k: v for k, v in state.items() if k not in head}
+    problems = []
+    missing = sorted(own.keys() - state.keys() - (head if not head & state.keys() else set()))
+    unexpected = sorted(state.keys() - own.keys())
+    bad = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+    if missing:
+        problems.append(f"missing {len(missing)} key(s), e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:3])}")
+    if bad:
+        problems.append("shapes differ: " + ", ".join(f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} "
+                                                      "in the model" for k in bad[:3]))
+    if problems:
+        raise ValueError(f"weights file {path} does not fit {type(model).__name__}: {'; '.join(problems)} "
+                         "(a ViT's positional embedding fits only its own --image-size, 224 for ImageNet weights)")
+    model.load_state_dict(state, strict=False)
+    return model
+
+
 def torchvision_model_names() -> list[str]:
     """Names of torchvision's image-classification models (``torchvision.models`` namespace)."""
     import torchvision
@@ -332,8 +469,16 @@ def build_model(
         return MLP(in_features, num_classes, **kwargs)
     if key == "lenet5":
         return LeNet5(in_channels, num_classes, image_size=image_size, **kwargs)
-    if key == "resnet18-cifar":
-        return cifar_resnet18(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    weights = kwargs.pop("weights", None) if key in WEIGHTS_MODELS else None
+    if key in WEIGHTS_MODELS:
+        if key == "resnet18-cifar":
+            model = cifar_resnet18(num_classes=num_classes, in_channels=in_channels, **kwargs)
+        elif key == "resnet50":
+            model = resnet50(num_classes=num_classes, in_channels=in_channels, **kwargs)
+        else:
+            model = (vit_b16 if key == "vit-b16" else vit_small)(num_classes=num_classes, image_size=image_size,
+                                                                 in_channels=in_channels, **kwargs)
+        return model if weights is None else load_weights(model, weights)
     if key == "fcn":
         return FCN(in_features, num_classes, **kwargs)
     if key == "cnn":

@@ -3,6 +3,9 @@
 * ``bmrs-table1``: MLP and LeNet5 x MNIST, Fashion-MNIST, CIFAR-10 x None, L2, E[theta], SNR,
   BMRS_N, BMRS_U-8, BMRS_U-4 (continuous pruning, paper hyperparameters).  L2 runs second, at
   the compression BMRS_N reached with the same seed, as in the paper.
+* ``bmrs-table2``: ResNet-50 and ViT-B/16 x CIFAR-10, TinyImageNet x the same rows, BMRS_N with
+  both rules (prior odds 1 and the reference's sqrt(2 pi)), the paper's Table 2 hyperparameters
+  (``training.PAPER_TABLE2``); pretrained weights from a file (``weights=``), else from scratch.
 * ``bmrs-posttrain``: post-training sweeps with the BMRS stop points.
 * ``bf-table1``: the Bayes-factor paper's Table 1 (FCN and CNN x data sets x r x four methods +
   unpruned).
@@ -22,9 +25,9 @@ from pathlib import Path
 from .engines import LocalEngine, RunOutcome, run_all, usable_cores  # noqa: F401  (usable_cores: the CLI's --jobs default)
 from .training import RunConfig, resolve_config, run_continuous, run_dir_name, run_sweep
 
-__all__ = ["TARGETS", "bmrs_table1_configs", "reproduce"]
+__all__ = ["TARGETS", "bmrs_table1_configs", "bmrs_table2_configs", "table2", "reproduce"]
 
-TARGETS = ("bmrs-table1", "bmrs-posttrain", "bf-table1")
+TARGETS = ("bmrs-table1", "bmrs-table2", "bmrs-posttrain", "bf-table1")
 BMRS_MODELS = ("mlp", "lenet5")
 BMRS_DATASETS = ("mnist", "fashion-mnist", "cifar10")
 #: (method, precision) rows of the BMRS Table 1, L2 excluded (it needs BMRS_N's compression);
@@ -32,11 +35,11 @@ BMRS_DATASETS = ("mnist", "fashion-mnist", "cifar10")
 BMRS_METHODS = (("none", None), ("etheta", None), ("snr", None), ("bmrs_n", None), ("bmrs_u", 8.0), ("bmrs_u", 4.0), ("dense", None))
 
 
-def bmrs_table1_configs(out, seeds, epochs=None, finetune_epochs=None, data_dir=None, models=BMRS_MODELS, datasets=BMRS_DATASETS, threshold=None, **extra) -> list[RunConfig]:
+def bmrs_table1_configs(out, seeds, epochs=None, finetune_epochs=None, data_dir=None, models=BMRS_MODELS, datasets=BMRS_DATASETS, threshold=None, methods=BMRS_METHODS, **extra) -> list[RunConfig]:
     """The runs of the BMRS Table 1 except L2.  BMRS_N runs with the exact rule (prior odds 1) and, if
     ``threshold`` is given (e.g. the reference code's -0.919), once more with it."""
     cfgs = []
-    methods = list(BMRS_METHODS) + ([("bmrs_n", "thr")] if threshold is not None else [])
+    methods = list(methods) + ([("bmrs_n", "thr")] if threshold is not None else [])
     for model in models:
         for dataset in datasets:
             for method, precision in methods:
@@ -55,6 +58,44 @@ def bmrs_table1_configs(out, seeds, epochs=None, finetune_epochs=None, data_dir=
                         )
                     )
     return cfgs
+
+
+TABLE2_MODELS = ("resnet50", "vit-b16")
+TABLE2_DATASETS = ("cifar10", "tinyimagenet")
+
+
+def bmrs_table2_configs(out, seeds, epochs=None, finetune_epochs=None, data_dir=None, models=TABLE2_MODELS, datasets=TABLE2_DATASETS, **extra) -> list[RunConfig]:
+    """The runs of the BMRS Table 2 except L2: Table 1's rows without the noise-free one, BMRS_N
+    with both rules, the Table 2 hyperparameters (``extra`` may override batch_size and lr)."""
+    from ..reduction import REFERENCE_THRESHOLD
+    from .training import PAPER_TABLE2
+
+    options = dict(batch_size=PAPER_TABLE2["batch_size"], lr=PAPER_TABLE2["lr"])
+    options.update({k: v for k, v in extra.items() if v is not None})
+    options.setdefault("threshold", REFERENCE_THRESHOLD)
+    methods = tuple(m for m in BMRS_METHODS if m[0] != "dense")
+    return bmrs_table1_configs(out, seeds, PAPER_TABLE2["epochs"] if epochs is None else epochs, finetune_epochs, data_dir,
+                               models, datasets, methods=methods, **options)
+
+
+def table2(summaries):
+    """``results.table1`` of the Table 2 runs, each column saying which weights its runs started
+    from: "(pretrained: <file name>)" or "(from scratch)"."""
+    from .results import table1
+
+    table = table1(summaries)
+    weights: dict = {}
+    for s in summaries:
+        cfg = s.get("config") or {}
+        w = cfg.get("weights")
+        weights.setdefault((cfg.get("model", "?"), cfg.get("dataset", "?")), set()).add(Path(w).name if w else None)
+    names = []
+    for (m, d), name in zip(table.columns, table.column_names):
+        used = weights.get((m, d), {None})
+        label = ", ".join(sorted(f"pretrained: {w}" if w else "from scratch" for w in used))
+        names.append(f"{name} ({label})")
+    table.column_names = names
+    return table
 
 
 def _without_dense_finetune(options: dict) -> dict:
@@ -108,8 +149,11 @@ def _reproduce(name, out, seeds, epochs, finetune_epochs, data_dir, models, data
     if epochs is not None and finetune_epochs is None:
         finetune_epochs = min(10, epochs)  # a short smoke run should not fine-tune 10 epochs
     out = Path(out)
-    if name == "bmrs-table1":
-        cfgs = bmrs_table1_configs(out, seeds, epochs, finetune_epochs, data_dir, models or BMRS_MODELS, datasets or BMRS_DATASETS, **extra)
+    if name in ("bmrs-table1", "bmrs-table2"):
+        if name == "bmrs-table1":
+            cfgs = bmrs_table1_configs(out, seeds, epochs, finetune_epochs, data_dir, models or BMRS_MODELS, datasets or BMRS_DATASETS, **extra)
+        else:
+            cfgs = bmrs_table2_configs(out, seeds, epochs, finetune_epochs, data_dir, models or TABLE2_MODELS, datasets or TABLE2_DATASETS, **extra)
         summaries = run_all(engine, _run_one, cfgs, progress=progress, failures=failures)
         # L2 at BMRS_N's compression, per (model, dataset, seed)
         l2 = []

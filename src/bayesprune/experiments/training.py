@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from .. import pruning as crit
 from ..criteria import Criterion, finite, get_criterion
 from .data import load_dataset, make_loader
-from .models import build_model
+from .models import build_model, noise_layer_names
 from ..noise import DEFAULT_SHARING, add_noise, kl, noise_layers
 from ..reduction import REFERENCE_THRESHOLD
 from ..removal import count_parameters
@@ -65,6 +65,10 @@ PAPER_DEFAULTS: dict[tuple[str, str], dict] = {
     ("lenet5", "fashion-mnist"): dict(batch_size=32, lr=1.4e-3),
     ("lenet5", "cifar10"): dict(batch_size=64, lr=1.0e-3),
 }
+#: the BMRS paper's Table 2 hyperparameters (pretrained ResNet-50 and ViT-B/16 on CIFAR-10 and
+#: TinyImageNet; docs/maths.md section 4.4); ``reproduce bmrs-table2`` applies them to any model
+PAPER_TABLE2: dict = dict(epochs=100, batch_size=32, lr=6.8e-4)
+PAPER_DEFAULTS.update({(m, d): dict(PAPER_TABLE2) for m in ("resnet50", "vit-b16") for d in ("cifar10", "tinyimagenet")})
 
 
 class TrainingDiverged(RuntimeError):
@@ -124,6 +128,14 @@ class RunConfig:
     dense_finetune_schedule: str = "cosine"
     # processes that train this one run (torchrun / DDP); set by run_continuous from the process group
     world_size: int = 1
+    # pretrained weights: a state-dict file (models.load_weights); data: resize to image_size, keep
+    # train_subset / test_subset images of the official training / test set (data.load_dataset)
+    weights: str | None = None
+    image_size: int | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    # the summary's size_speed: CPU latency at batch 1 and 128 (False: parameters and MACs only)
+    measure_latency: bool = True
     # after the continuous run: shrink, then this many epochs of cross-entropy on the plain small
     # network (0: off; finetune.py); lr None: the run's lr
     dense_finetune_epochs: int = 0
@@ -200,6 +212,15 @@ class RunConfig:
             raise ValueError("dense_finetune_lr needs dense_finetune_epochs >= 1")
         if self.method == "dense" and self.dense_finetune_epochs:
             raise ValueError("method 'dense' has no noise layers and prunes nothing: --dense-finetune-epochs does not apply")
+        for name in ("image_size", "train_subset", "test_subset"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.weights is not None:
+            from .models import WEIGHTS_MODELS
+
+            if self.model not in WEIGHTS_MODELS:
+                raise ValueError(f"weights (a state-dict file) apply to the models {', '.join(WEIGHTS_MODELS)}, not {self.model!r}")
         if self.method == "dense" and self.shrink:
             raise ValueError("method 'dense' has no noise layers and prunes nothing: --shrink does not apply")
 
@@ -263,11 +284,19 @@ def _build(cfg: RunConfig, splits, device):
             kwargs["width"] = cfg.width
         if cfg.extra_layers is not None:
             kwargs["extra_layers"] = cfg.extra_layers
+    if cfg.weights is not None:
+        kwargs["weights"] = cfg.weights
     model = build_model(cfg.model, splits.in_channels, splits.image_size, splits.num_classes, **kwargs).to(device)
     example = splits.example_inputs(2).to(device)
     if cfg.method != "dense":
-        add_noise(model, example, sharing=cfg.sharing)
+        add_noise(model, example, sharing=cfg.sharing, layers=noise_layer_names(cfg.model, model))
     return model, example
+
+
+def load_splits(cfg: RunConfig):
+    """The data of a run: ``load_dataset`` with the run's split, seed, image size and subsets."""
+    return load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed, image_size=cfg.image_size,
+                        train_subset=cfg.train_subset, test_subset=cfg.test_subset)
 
 
 def evaluate(model: nn.Module, dataset, device, batch_size: int = 1000) -> tuple[float, float]:
@@ -580,7 +609,7 @@ def _run_continuous(cfg: RunConfig, rd: RunDir, progress: bool, ctx: "distribute
         rd.check_config(cfg)
     device = _device(cfg.device) if ctx is None else ctx.device(_device(cfg.device))
     t_start = time.time()
-    splits = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    splits = load_splits(cfg)
     _seed_all(cfg.seed)
     model, example = _build(cfg, splits, device)
     if ctx is not None:
@@ -702,7 +731,7 @@ def _run_continuous(cfg: RunConfig, rd: RunDir, progress: bool, ctx: "distribute
             param_compression=1 - ref.params_kept / params_dense,
             structure_compression=ref.structure_compression,
         )
-    summary["size_speed"] = _size_speed(model, example, splits) if cfg.method != "dense" and writer else None
+    summary["size_speed"] = _size_speed(model, example, splits, cfg.measure_latency) if cfg.method != "dense" and writer else None
     if not writer:
         return summary
     files.write_json(rd.summary, summary)
@@ -711,7 +740,7 @@ def _run_continuous(cfg: RunConfig, rd: RunDir, progress: bool, ctx: "distribute
     return summary
 
 
-def _size_speed(model, example, splits) -> dict | None:
+def _size_speed(model, example, splits, latency: bool = True) -> dict | None:
     try:
         from ..benchmarking import size_speed_report
         from ..removal import shrink
@@ -723,7 +752,7 @@ def _size_speed(model, example, splits) -> dict | None:
     from ..noise import remove_noise
 
     remove_noise(dense)
-    return size_speed_report(dense, small, example.cpu()).to_dict()
+    return size_speed_report(dense, small, example.cpu(), **({} if latency else {"batch_sizes": ()})).to_dict()
 
 
 def _shrink_step(model, opt, example, cfg, kept_index):
@@ -796,7 +825,7 @@ def _run_sweep(cfg: RunConfig, out_path: Path, progress: bool) -> dict:
     train = run_continuous(base_cfg, progress=progress)
     t_sweep = time.time()
     device = _device(cfg.device)
-    splits = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    splits = load_splits(cfg)
     _seed_all(cfg.seed)
     model, example = _build(base_cfg, splits, device)
     trained = RunDir(base_cfg.out_dir)
