@@ -233,7 +233,7 @@ def resnet50(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
 
 class SelfAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` for self-attention whose output projection runs as a module call,
-    ``out_proj(softmax(q k^T / sqrt(d_head)) v)`` (Vaswani et al. 2017, eq. 1), so that noise can
+    ``out_proj(softmax(q k^T / sqrt(d_head)) v)`` (docs/maths.md section 4.3), so that noise can
     follow it; same parameters and state-dict keys as torchvision's ViT attention, same output."""
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
