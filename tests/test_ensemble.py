@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,3 +186,23 @@ def test_members_must_share_the_network_and_its_training(tmp_path):
         ensemble.check_members([a, resolve_config(**OPTS, seed=1, shrink=True, out_dir=str(tmp_path / "b"))])
     with pytest.raises(ValueError, match="share the run directory"):
         ensemble.check_members([a, resolve_config(**OPTS, seed=1, out_dir=str(tmp_path / "a"))])
+
+
+def test_reproduce_with_ensembles_gives_the_single_runs_tables(tmp_path):
+    from bayesprune.experiments.reproduce import ensemble_groups, reproduce
+
+    opts = dict(seeds=[0, 1], epochs=1, datasets=["digits"], models=["mlp"], progress=False, device="cpu",
+                methods=(("bmrs_n", None),))
+    one = reproduce("bmrs-table1", tmp_path / "single", **opts)
+    four = reproduce("bmrs-table1", tmp_path / "ensemble", ensemble=4, **opts)
+    assert not one["failures"] and not four["failures"]
+    by_dir = {Path(s["config"]["out_dir"]).relative_to(tmp_path / "single"): s for s in one["summaries"]}
+    assert len(by_dir) == len(four["summaries"]) == 4  # 2 seeds x (bmrs_n, then l2 at bmrs_n's compression)
+    for s in four["summaries"]:
+        _same(s, by_dir[Path(s["config"]["out_dir"]).relative_to(tmp_path / "ensemble")])
+    cfgs = [resolve_config(**OPTS, seed=s, out_dir=str(tmp_path / str(s))) for s in range(5)]
+    assert ensemble_groups(cfgs, 2) == [(0, 1), (2, 3), (4,)]
+    cfgs[1] = resolve_config(**OPTS, seed=1, shrink=True, out_dir=str(tmp_path / "1"))
+    assert ensemble_groups(cfgs, 4) == [(0, 2, 3, 4), (1,)]
+    with pytest.raises(ValueError, match="ensemble must be an integer >= 1"):
+        reproduce("bmrs-table1", tmp_path / "x", ensemble=0, **opts)

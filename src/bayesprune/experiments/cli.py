@@ -283,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--jobs", type=int, default=None,
                     help="runs in parallel, each with cores/jobs threads (default: one per core on the CPU, "
                          "measured ~1.9x faster than one run with all threads; 1 on CUDA)")
+    rp.add_argument("--ensemble", type=int, default=1, metavar="K",
+                    help="bmrs-table1/-table2: train up to K runs that share a network (seeds, methods) as one batched "
+                         "ensemble, each member with its single run's numbers (default 1: off; slower than single runs "
+                         "on a CPU, docs/scale-out.md)")
     rp.add_argument("--sharing", choices=SHARING, default=None, help="noise draws (default: channel)")
     rp.add_argument("--noise-lr", type=_finite, default=None, help="learning rate of the noise parameters (default: --lr)")
     rp.add_argument("--threshold", type=_threshold, default=None, help="BMRS_N/BMRS_U threshold (default 0; 'reference')")
@@ -371,7 +375,7 @@ def cmd_reproduce(args) -> int:
     engine = _engine(args, jobs)
     res = reproduce(args.name, out, seeds=args.seeds, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                     data_dir=args.data_dir, jobs=jobs, models=args.models, datasets=args.datasets,
-                    progress=not args.quiet, engine=engine, **extra)
+                    progress=not args.quiet, engine=engine, ensemble=args.ensemble, **extra)
     summaries = [s for _, s in find_summaries([out])]
     print()
     if args.name == "bf-table1":

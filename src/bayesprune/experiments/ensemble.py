@@ -12,7 +12,7 @@ The batched epoch (:class:`_Batch`) stacks the members' parameters (``[K, ...]``
 members' training images on the device (gathered per step by one index operation), and runs
 ``nn.Sequential`` networks of Linear, Conv2d, pooling, Flatten and element-wise activations as
 batched matrix products and grouped convolutions.  Member k's numbers are those of its single
-run (to float rounding; docs/maths.md section 4):
+run (to float rounding):
 
 * its mini-batches come from its own loader (the same DataLoader seed and sampler);
 * its noise uniforms are drawn from its own generator, holding the state its single run's global

@@ -18,6 +18,7 @@ reported with its error (``"failures"`` of the result) and the others go on.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -111,6 +112,44 @@ def _sweep_one(cfg: RunConfig) -> dict:
     return run_sweep(cfg, progress=False)
 
 
+def _ensemble_one(cfgs: tuple) -> list:
+    """The runs of one batched ensemble (ensemble.py): per member its summary or its error text."""
+    from .ensemble import run_ensemble
+
+    return [r if isinstance(r, dict) else f"{type(r).__name__}: {r}" for r in run_ensemble(list(cfgs))]
+
+
+def ensemble_groups(cfgs, size: int) -> list[tuple]:
+    """``cfgs`` in groups of at most ``size`` that share a network and its training
+    (ensemble.SHARED_FIELDS) and do not shrink, in the order of their first member."""
+    from .ensemble import SHARED_FIELDS
+
+    keyed: dict = {}
+    for i, cfg in enumerate(cfgs):
+        d = asdict(cfg)
+        key = ("alone", i) if cfg.shrink else tuple(repr(d[f]) for f in SHARED_FIELDS)
+        keyed.setdefault(key, []).append(i)
+    return [tuple(idx[j:j + size]) for idx in keyed.values() for j in range(0, len(idx), size)]
+
+
+def _run_continuous_all(engine, cfgs, progress, failures, ensemble: int) -> list:
+    """run_continuous on every config; with ``ensemble`` > 1, groups of up to that many runs that
+    share a network train as one batched ensemble each (one engine task per group)."""
+    if ensemble <= 1:
+        return run_all(engine, _run_one, cfgs, progress=progress, failures=failures)
+    groups = ensemble_groups(cfgs, ensemble)
+    out = [None] * len(cfgs)
+    for idx, res in zip(groups, run_all(engine, _ensemble_one, [tuple(cfgs[i] for i in g) for g in groups],
+                                        progress=progress, failures=failures)):
+        for i, r in zip(idx, res or [None] * len(idx)):
+            if isinstance(r, str):
+                failures.append(RunOutcome(i, cfgs[i], error=r))
+                print(f"FAILED {cfgs[i].out_dir}: {r}", file=sys.stderr, flush=True)
+            elif res is not None:
+                out[i] = r
+    return out
+
+
 BF_MODELS = ("fcn", "cnn")
 BF_SPARSITIES = ("0.25", "0.5", "0.75", "0.9", "0.99")
 
@@ -132,19 +171,25 @@ def _bf_group(group) -> list[dict]:
     return [run_bayes_factor(cfg, data_cache=cache) for cfg in configs]
 
 
-def reproduce(name: str, out: str | Path, seeds=(0,), epochs=None, finetune_epochs=None, data_dir=None, jobs: int = 1, models=None, datasets=None, progress: bool = True, engine=None, **extra) -> dict:
+def reproduce(name: str, out: str | Path, seeds=(0,), epochs=None, finetune_epochs=None, data_dir=None, jobs: int = 1, models=None, datasets=None, progress: bool = True, engine=None, ensemble: int = 1, **extra) -> dict:
     """Run (or resume) every run of target ``name`` on ``engine`` (default ``LocalEngine(jobs)``);
-    returns {"summaries": [...], "wall_time_s": ..., "failures": [RunOutcome of each failed run]}."""
+    returns {"summaries": [...], "wall_time_s": ..., "failures": [RunOutcome of each failed run]}.
+    ``ensemble`` > 1 (bmrs-table1, bmrs-table2): up to that many runs sharing a network train as
+    one batched ensemble (ensemble.py; off by default: slower than single runs on a CPU)."""
     if name not in TARGETS:
         raise ValueError(f"unknown reproduction {name!r}; valid: {', '.join(TARGETS)}")
+    if not (isinstance(ensemble, int) and ensemble >= 1):
+        raise ValueError(f"ensemble must be an integer >= 1 (1: off), got {ensemble!r}")
+    if ensemble > 1 and name not in ("bmrs-table1", "bmrs-table2"):
+        raise ValueError(f"ensemble applies to bmrs-table1 and bmrs-table2 (continuous runs), not {name}")
     engine = LocalEngine(jobs) if engine is None else engine
     t0 = time.time()
     with engine:  # one Ray for every stage of the target
-        summaries, failures = _reproduce(name, out, seeds, epochs, finetune_epochs, data_dir, models, datasets, progress, engine, **extra)
+        summaries, failures = _reproduce(name, out, seeds, epochs, finetune_epochs, data_dir, models, datasets, progress, engine, ensemble, **extra)
     return {"summaries": summaries, "wall_time_s": time.time() - t0, "failures": failures}
 
 
-def _reproduce(name, out, seeds, epochs, finetune_epochs, data_dir, models, datasets, progress, engine, **extra) -> tuple[list, list[RunOutcome]]:
+def _reproduce(name, out, seeds, epochs, finetune_epochs, data_dir, models, datasets, progress, engine, ensemble=1, **extra) -> tuple[list, list[RunOutcome]]:
     failures: list[RunOutcome] = []
     if epochs is not None and finetune_epochs is None:
         finetune_epochs = min(10, epochs)  # a short smoke run should not fine-tune 10 epochs
@@ -154,7 +199,7 @@ def _reproduce(name, out, seeds, epochs, finetune_epochs, data_dir, models, data
             cfgs = bmrs_table1_configs(out, seeds, epochs, finetune_epochs, data_dir, models or BMRS_MODELS, datasets or BMRS_DATASETS, **extra)
         else:
             cfgs = bmrs_table2_configs(out, seeds, epochs, finetune_epochs, data_dir, models or TABLE2_MODELS, datasets or TABLE2_DATASETS, **extra)
-        summaries = run_all(engine, _run_one, cfgs, progress=progress, failures=failures)
+        summaries = _run_continuous_all(engine, cfgs, progress, failures, ensemble)
         # L2 at BMRS_N's compression, per (model, dataset, seed)
         l2 = []
         thresholded = {(c.model, c.dataset, c.seed) for c in cfgs if c.method == "bmrs_n" and c.threshold is not None}
@@ -164,7 +209,7 @@ def _reproduce(name, out, seeds, epochs, finetune_epochs, data_dir, models, data
                 d = asdict(cfg)
                 d.update(method="l2", threshold=None, prior_odds=None, compression=float(s["param_compression"]), out_dir=str(out / run_dir_name(cfg.model, cfg.dataset, "l2") / f"seed{cfg.seed}"))
                 l2.append(RunConfig(**d))
-        summaries = [s for s in summaries + run_all(engine, _run_one, l2, progress=progress, failures=failures) if s is not None]
+        summaries = [s for s in summaries + _run_continuous_all(engine, l2, progress, failures, ensemble) if s is not None]
     elif name == "bmrs-posttrain":
         cfgs = []
         for model in models or BMRS_MODELS:
