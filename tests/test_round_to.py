@@ -206,3 +206,33 @@ def test_cli_and_run_config_pass_round_to_through(capsys):
         resolve_config(method="none", round_to=8)
     assert cli.main(["run", "--round-to", "0"]) == 2
     assert "argument --round-to: must be a positive integer" in capsys.readouterr().err
+
+
+
+def test_head_noise_is_refused_naming_the_layer_and_nothing_changes():
+    from bayesprune import heads
+
+    torch.manual_seed(4)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.att = nn.Linear(6, 16), nn.MultiheadAttention(16, 4, batch_first=True)
+            self.fc1, self.fc2 = nn.Linear(16, 20), nn.Linear(20, 3)
+
+        def forward(self, x):
+            h = self.inp(x)
+            h = h + self.att(h, h, h, need_weights=False)[0]
+            return self.fc2(F.relu(self.fc1(h))).mean(1)
+
+    model = Block().eval()
+    x = torch.randn(2, 5, 6)
+    bp.add_noise(model, x, layers=["fc1"])
+    heads.add_head_noise(model, x)
+    fc1 = next(n for n in bp.noise_layers(model) if n.layer_name == "fc1")
+    fc1.mask[5:] = 0
+    before = [n.mask.clone() for n in bp.noise_layers(model)]
+    for call in (lambda: round_masks(model, 8), lambda: bp.prune(model, "bmrs_n", round_to=8)):
+        with pytest.raises(ValueError, match="round_to.*attention-head noise.*'att'"):
+            call()
+        assert all(torch.equal(b, n.mask) for b, n in zip(before, bp.noise_layers(model)))

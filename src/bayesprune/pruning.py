@@ -267,7 +267,9 @@ def round_masks(
     group.  The width counted is the one :func:`bayesprune.shrink` leaves: masked structures that
     removal must keep (coupled to a layer without noise, or to a LayerNorm) count as kept.  A
     layer whose every structure is masked stays so (Torch-Pruning then keeps one zeroed unit).
-    Returns the report of the rounded masks, with the counts before rounding.
+    Not yet for models with attention-head noise (:class:`bayesprune.heads.HeadNoise`): raises
+    ``ValueError`` naming the layer.  Returns the report of the rounded masks, with the counts
+    before rounding.
     """
     round_to = _check_round_to(round_to)
     if round_to is None:
@@ -296,6 +298,12 @@ def _round(model, layers, sc, k, before, example_inputs) -> None:
     """Revive masked structures, highest score first, until each coupled group keeps a multiple
     of ``k``.  ``before``: the masks before this pruning step (monotone: only structures alive
     then may be revived, and they get their old mask value back); None: any, set to 1."""
+    from .heads import HeadNoise
+
+    head = next((n.layer_name for n in layers if isinstance(n, HeadNoise)), None)
+    if head is not None:
+        raise ValueError(f"round_to is not available for models with attention-head noise (on {head!r}) yet; "
+                         "prune and shrink without round_to")
     an = _analysis(model, example_inputs)
     names = [n.layer_name for n in layers]
     start = [0]
