@@ -30,6 +30,8 @@ __all__ = [
     "infer_out_channels",
     "prune_conv_out_channels",
     "prune_linear_out_channels",
+    "TransposedLinearPruner",
+    "TRANSPOSED_LINEAR_PRUNER",
 ]
 
 #: The oldest Torch-Pruning release bayesprune works with (its test suite passes on it).
@@ -67,6 +69,7 @@ try:
     prune_conv_out_channels = _tp.prune_conv_out_channels
     count_ops_and_params = _tp.utils.count_ops_and_params
     OPTYPE = _ops.OPTYPE
+    _BasePruningFunc = _tp.pruner.function.BasePruningFunc
 except AttributeError as e:  # pragma: no cover - depends on the installed version
     raise _missing(str(e)) from e
 
@@ -95,3 +98,36 @@ except ImportError:
 def infer_out_channels(graph, node) -> int | None:
     """The number of output channels of ``node`` in ``graph`` as Torch-Pruning infers it (None: unknown)."""
     return _infer_out_channels(graph, node, [0])
+
+
+class TransposedLinearPruner(_BasePruningFunc):
+    """Torch-Pruning pruner for a Linear whose weight is stored ``[in, out]`` (Hugging Face's
+    ``Conv1D``, ``y = x @ W + b``, with ``nf`` outputs and ``nx`` inputs): output structures are
+    weight columns and bias entries, input structures weight rows.  Registered per class through
+    ``build_dependency(customized_pruners=...)`` (see :func:`bayesprune.removal._build_graph`)."""
+
+    TARGET_MODULES = None  # any class that bayesprune.selection.is_transposed_linear accepts
+
+    def prune_out_channels(self, layer, idxs):
+        keep = sorted(set(range(layer.nf)) - set(int(i) for i in idxs))
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 1)
+        if getattr(layer, "bias", None) is not None:
+            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+        layer.nf = len(keep)
+        return layer
+
+    def prune_in_channels(self, layer, idxs):
+        keep = sorted(set(range(layer.nx)) - set(int(i) for i in idxs))
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+        layer.nx = len(keep)
+        return layer
+
+    def get_out_channels(self, layer):
+        return layer.nf
+
+    def get_in_channels(self, layer):
+        return layer.nx
+
+
+#: the one instance (Torch-Pruning tells out- from in-channel handlers by these bound methods)
+TRANSPOSED_LINEAR_PRUNER = TransposedLinearPruner()

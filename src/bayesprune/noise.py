@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from torch.distributions import kl_divergence
 
+from .selection import PRUNABLE_TYPES, num_structures as _num_structures, select_noise_layers
+from .selection import trace as _trace_model
 from .distributions import DEFAULT_A, DEFAULT_B, LogUniform, TruncatedLogNormal, draw_theta
 
 __all__ = [
@@ -52,7 +54,6 @@ __all__ = [
     "stored_example_inputs",
 ]
 
-PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _ACTIVATION_TYPES = (
     nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -323,49 +324,6 @@ def _remove_joint_draw(model: nn.Module) -> None:
                     getattr(m, "_forward_hooks_always_called", {}).pop(key, None)
 
 
-@dataclass
-class _Call:
-    name: str
-    module: nn.Module
-    inputs: tuple
-    output: object
-
-
-def _trace(model: nn.Module, example_inputs) -> list[_Call]:
-    """Record leaf-module calls of one eval-mode forward pass (keeping tensors alive so ids stay unique)."""
-    calls: list[_Call] = []
-    names = {m: n for n, m in model.named_modules()}
-    handles = []
-
-    def hook(module, args, output):
-        calls.append(_Call(names[module], module, tuple(a for a in args if torch.is_tensor(a)), output))
-
-    for m in model.modules():
-        if len(list(m.children())) == 0 or isinstance(m, PRUNABLE_TYPES + _BN_TYPES):  # BN: also fused BN+act
-            handles.append(m.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if isinstance(example_inputs, (tuple, list)):
-                model(*example_inputs)
-            elif isinstance(example_inputs, dict):
-                model(**example_inputs)
-            else:
-                model(example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return calls
-
-
-def _num_structures(layer: nn.Module) -> tuple[int, int]:
-    if isinstance(layer, nn.Linear):
-        return layer.out_features, -1
-    return layer.out_channels, 1
-
-
 def _chain_from_trace(calls: list[_Call], layer_call: _Call, placement: str, sharing: str) -> list[str]:
     if placement == "layer":
         return [layer_call.name]
@@ -434,7 +392,10 @@ def add_noise(
     arguments), required: it shows which layers run and where their outputs go, and is kept
     with the noise layers for ``prune``, ``report``, ``shrink`` and the size reports.
     ``layers``: optional names (or modules) of the layers to make prunable; by default every
-    Linear/Conv layer that runs in the forward pass except the output layer.  ``placement``:
+    Linear/Conv layer (and Hugging Face Conv1D) that runs in the forward pass except the
+    prediction heads, the layers a model output is computed from without another prunable
+    layer in between (``exclude_output_layer=False`` includes them), and the layers feeding a
+    recurrent module (:func:`bayesprune.selection.select_noise_layers` decides).  ``placement``:
     ``"auto"`` (see module docstring) or ``"layer"``.  ``sharing``: the noise draw, per
     (example, channel) by default (:data:`DEFAULT_SHARING`).  ``noise_kwargs`` go to
     :class:`MultiplicativeNoise` (``a``, ``b``, ``mu_init``, ``log_sigma_init``).
@@ -452,36 +413,9 @@ def add_noise(
     if noise_layers(model):
         raise ValueError("model already has noise layers; call remove_noise(model) first")
     named = dict(model.named_modules())
-    calls = _trace(model, example_inputs)
-    candidates = []  # prunable layers in the order the forward pass first runs them
-    for c in calls:
-        if isinstance(c.module, PRUNABLE_TYPES) and c.name not in candidates:
-            candidates.append(c.name)
-    if layers is None:
-        chosen = list(candidates)
-        if exclude_output_layer and chosen:
-            chosen = chosen[:-1]
-    else:
-        wanted = []
-        for item in layers:
-            if isinstance(item, str):
-                if item not in named:
-                    raise ValueError(f"no module named {item!r} in the model")
-                wanted.append(item)
-            else:
-                matches = [n for n, m in named.items() if m is item]
-                if not matches:
-                    raise ValueError(f"module {type(item).__name__} is not part of the model")
-                wanted.append(matches[0])
-        for name in wanted:
-            if not isinstance(named[name], PRUNABLE_TYPES):
-                raise ValueError(
-                    f"layer {name!r} is a {type(named[name]).__name__}; prunable layers are "
-                    + ", ".join(t.__name__ for t in PRUNABLE_TYPES)
-                )
-        chosen = [n for n in candidates if n in wanted] + [n for n in wanted if n not in candidates]
-    if not chosen:
-        raise ValueError("no prunable layer (Linear/Conv) found to add noise to")
+    traced = _trace_model(model, example_inputs)
+    calls = traced.calls
+    chosen = select_noise_layers(model, traced, layers, exclude_output_layer)
     for order, name in enumerate(chosen):
         layer = named[name]
         n, dim = _num_structures(layer)

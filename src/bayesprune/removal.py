@@ -51,11 +51,11 @@ from torch import nn
 
 from . import _torch_pruning as _tp
 from . import heads as _heads
+from .selection import is_prunable, is_transposed_linear
 
 from .noise import (
     _BN_TYPES,
     _POOL_TYPES,
-    PRUNABLE_TYPES,
     MultiplicativeNoise,
     _install_joint_draw,
     meta_error,
@@ -117,6 +117,11 @@ def _run(model, inputs):
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+def _output_tensors(model, inputs) -> list[torch.Tensor]:
+    """The tensors of ``model``'s output on ``inputs`` (other objects in it, e.g. a cache, dropped)."""
+    return _tensors(_run(model, inputs))
 
 
 def _tensors(out) -> list[torch.Tensor]:
@@ -219,6 +224,8 @@ def _mismatch(reference, model, inputs, values: bool = True) -> str | None:
 
 
 def _out_pruner(module):
+    if is_transposed_linear(module):
+        return _tp.TRANSPOSED_LINEAR_PRUNER.prune_out_channels
     if isinstance(module, nn.Linear):
         return _tp.prune_linear_out_channels
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -241,6 +248,8 @@ def _dim_size(module, out: bool) -> int | None:
     """Size of the dimension a Torch-Pruning out/in handler indexes in ``module`` (None: unknown)."""
     if isinstance(module, nn.Linear):
         return module.out_features if out else module.in_features
+    if is_transposed_linear(module):
+        return module.nf if out else module.nx
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return module.out_channels if out else module.in_channels
     if isinstance(module, _BN_TYPES):
@@ -277,6 +286,8 @@ def _tied_to_untraced(node) -> bool:
     name = _grad_name(node)
     if not name.startswith(("AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0")):
         return False
+    if node.grad_fn in getattr(node, "_bayesprune_scalar_ops", ()):
+        return False  # its untraced operand is a number (seen in the traced forward pass)
     nexts = getattr(node.grad_fn, "next_functions", ())
     for k, (f, _) in enumerate(nexts):
         if f is not None:
@@ -340,17 +351,41 @@ def _fix_flatten_mappings(graph) -> None:
                 dep.index_mapping[0] = _tp.FlattenIndexMapping(stride=stride, reverse=False)
 
 
+class _ScalarOperands(torch.overrides.TorchFunctionMode):
+    """Records the autograd nodes of operations whose only operands outside autograd are numbers
+    or one-element tensors (``1.0 + tanh(x)``): autograd cannot tell them from ``x + buffer``."""
+
+    def __init__(self):
+        super().__init__()
+        self.nodes: set = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        grad_fn = getattr(out, "grad_fn", None) if torch.is_tensor(out) else None
+        if grad_fn is not None:
+            operands = [a for a in list(args) + list((kwargs or {}).values()) if torch.is_tensor(a)]
+            if all(a.requires_grad or a.numel() == 1 for a in operands):
+                self.nodes.add(grad_fn)
+        return out
+
+
 def _build_graph(model, example_inputs):
     was_training = model.training
     model.eval()
+    scalars = _ScalarOperands()
     try:
-        with torch.enable_grad():
-            # forward_fn: Torch-Pruning's own call retries after a bare `except`, hiding the real error
+        with torch.enable_grad(), scalars:
+            # forward_fn: Torch-Pruning's own call retries after a bare `except`, hiding the real error;
+            # only the output's tensors (a Hugging Face Cache object in it breaks Torch-Pruning's tracing)
+            custom = {type(m): _tp.TRANSPOSED_LINEAR_PRUNER for m in model.modules() if is_transposed_linear(m)}
             graph = _tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_inputs, forward_fn=_run, verbose=False
+                model, example_inputs=example_inputs, forward_fn=_output_tensors, verbose=False,
+                customized_pruners=custom or None,
             )
     finally:
         model.train(was_training)
+    for node in graph.module2node.values():
+        node._bayesprune_scalar_ops = scalars.nodes
     _fix_flatten_mappings(graph)
     return graph
 
@@ -360,7 +395,8 @@ def _build_graph(model, example_inputs):
 
 
 def _scale_rows(module: nn.Module, scale: torch.Tensor) -> None:
-    shape = (-1,) + (1,) * (module.weight.ndim - 1)
+    """Scale output structure i (a weight row; a column of a transposed Linear) and its bias."""
+    shape = (1, -1) if is_transposed_linear(module) else (-1,) + (1,) * (module.weight.ndim - 1)
     module.weight.mul_(scale.to(module.weight.dtype).view(shape))
     if getattr(module, "bias", None) is not None:
         module.bias.mul_(scale.to(module.bias.dtype))
@@ -401,7 +437,7 @@ def _fold_into_consumers(graph, layer, scale) -> None:
         found = True
     for dep, pairs in items:
         mod = dep.target.module
-        if mod is layer or not isinstance(mod, PRUNABLE_TYPES) or graph.is_out_channel_pruning_fn(dep.handler):
+        if mod is layer or not is_prunable(mod) or graph.is_out_channel_pruning_fn(dep.handler):
             continue
         if id(dep.target) in downstream:
             continue
@@ -410,7 +446,9 @@ def _fold_into_consumers(graph, layer, scale) -> None:
         cols, roots = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).T
         w = mod.weight
         groups = getattr(mod, "groups", 1)
-        if groups == 1:
+        if is_transposed_linear(mod):  # input j is weight row j
+            w[cols] = w[cols] * scale[roots].to(w.dtype).view(-1, 1)
+        elif groups == 1:
             shape = (1, -1) + (1,) * (w.ndim - 2)
             w[:, cols] = w[:, cols] * scale[roots].to(w.dtype).view(shape)
         else:  # input channel c of a grouped conv is column c % (in/g) of its group's output rows
@@ -476,11 +514,11 @@ def _remove_structures(model, example_inputs, entries, allowed) -> tuple[list, d
                 veto.update(r for i, r in pairs if not 0 <= i < size)
             if isinstance(mod, _CROSS_CHANNEL_NORMS) or _tied_to_untraced(dep.target):
                 veto.update(r for _, r in pairs)
-            elif mod is not layer and isinstance(mod, PRUNABLE_TYPES) and out:
+            elif mod is not layer and is_prunable(mod) and out:
                 other = masks.get(name_of.get(id(mod)))
                 veto.update(r for i, r in pairs if other is None or not 0 <= i < len(other) or other[i] != 0)
         removing = [i for i in removed if i not in veto]
-        if len(removing) >= layer.weight.shape[0]:
+        if len(removing) >= _dim_size(layer, True):
             removing = removing[1:]  # Torch-Pruning cannot empty a layer; one zeroed unit stays
         if not removing:
             continue
@@ -729,8 +767,11 @@ def parameter_origins(model: nn.Module, shrunk: nn.Module) -> dict[str, torch.Te
     origins = {name: p.long().flatten() for name, p in tagged.named_parameters()}
     names = {id(m): name for name, m in shrunk.named_modules()}
     for noise in noise_layers(shrunk):  # its structures are the kept outputs of its layer
-        row = model.get_submodule(noise.layer_name).weight[0].numel()
-        kept = tagged.get_submodule(noise.layer_name).weight.flatten(1)[:, 0].long() // row
+        original, w = model.get_submodule(noise.layer_name), tagged.get_submodule(noise.layer_name).weight
+        if is_transposed_linear(original):  # [in, out]: output j is column j, flat index i*nf + j
+            kept = w[0].long() % original.nf
+        else:
+            kept = w.flatten(1)[:, 0].long() // original.weight[0].numel()
         for pname, p in noise.named_parameters(recurse=False):
             origins[f"{names[id(noise)]}.{pname}"] = kept
     return origins
@@ -852,7 +893,7 @@ class _Analysis:
                 for i, r in pairs:
                     if r not in bad:
                         items[r].append((mname, out, i))
-                if mod is not layer and isinstance(mod, PRUNABLE_TYPES) and out:
+                if mod is not layer and is_prunable(mod) and out:
                     for i, r in pairs:
                         coupled[r].append((mname if mname in names else None, i))
             self.items[name], self.coupled[name], self.veto[name] = items, coupled, veto
@@ -917,7 +958,7 @@ class _Analysis:
             if isinstance(mod, _BN_TYPES):
                 kept = (mod.num_features - len(ro | ri)) * (2 if mod.affine else 0)
             else:
-                o, i = mod.weight.shape[0], mod.weight.shape[1]
+                i, o = mod.weight.shape[:2] if is_transposed_linear(mod) else mod.weight.shape[1::-1]
                 k = mod.weight[0, 0].numel()
                 kept = (o - len(ro)) * (i - len(ri)) * k + (o - len(ro) if mod.bias is not None else 0)
             total += full - kept

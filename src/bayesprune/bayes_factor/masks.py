@@ -9,7 +9,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..noise import PRUNABLE_TYPES
+from ..selection import PRUNABLE_TYPES, prunable_weight_layers
 
 __all__ = ["prunable_weights", "WeightMasks", "random_prune", "magnitude_prune"]
 
@@ -22,31 +22,10 @@ def prunable_weights(model: nn.Module, modules: Iterable[str | nn.Module] | None
     Biases, BatchNorm and noise parameters are never prunable.  Raises ``ValueError`` when the
     selection is empty.
     """
-    named = {name: m for name, m in model.named_modules()}
+    named = dict(model.named_modules())
     out: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
-    if modules is None:
-        items = [(n, m) for n, m in named.items() if isinstance(m, PRUNABLE_TYPES)]
-    else:
-        by_id = {id(m): n for n, m in named.items()}
-        items = []
-        for sel in modules:
-            if isinstance(sel, str):
-                if sel not in named:
-                    raise ValueError(f"model has no module named {sel!r}")
-                items.append((sel, named[sel]))
-            elif isinstance(sel, nn.Module):
-                if id(sel) not in by_id:
-                    raise ValueError(f"module {type(sel).__name__} is not part of the model")
-                items.append((by_id[id(sel)], sel))
-            else:
-                raise TypeError(f"modules must hold names or nn.Module objects, got {type(sel).__name__}")
-        for n, m in items:
-            if not isinstance(m, PRUNABLE_TYPES):
-                raise ValueError(
-                    f"module {n!r} is a {type(m).__name__}; prunable layers are "
-                    + ", ".join(t.__name__ for t in PRUNABLE_TYPES)
-                )
+    items = [(n, named[n]) for n in prunable_weight_layers(model, modules)]  # checked there
     for n, m in items:
         w = getattr(m, "weight", None)
         if isinstance(w, nn.Parameter) and id(w) not in seen:  # shared weights counted once
