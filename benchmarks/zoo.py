@@ -18,9 +18,13 @@ subprocess with ``--timeout`` seconds; a failure prints the stage and the error'
     python benchmarks/zoo.py                       # the default list (torchvision classification)
     python benchmarks/zoo.py --models tv:resnet18 timm:mobilenetv3_small_050 hf:bert
     python benchmarks/zoo.py --all-torchvision --timeout 150 --json zoo.json
+    python benchmarks/zoo.py --everything --jobs 3 --timeout 150   # the table in docs/shrink.md
 
-Names: ``tv:<torchvision model>``, ``timm:<timm model>``, ``hf:<bert|distilbert|vit|gpt2|t5|llama|swin|convnext>``
-(small configs built from ``transformers`` config classes).
+Names: ``tv:<torchvision classification model>``, ``tvdet:<detection model>`` (320 x 320 images,
+``min_size=max_size=320``; the train step uses one random box per image), ``tvseg:<segmentation
+model>`` (256 x 256), ``timm:<timm model>``, ``hf:<bert|distilbert|vit|gpt2|t5|llama|swin|convnext>``
+(small configs built from ``transformers`` config classes).  ``--jobs N`` runs N models at once
+(each still on one thread).
 """
 
 from __future__ import annotations
@@ -31,10 +35,22 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 DEFAULT = ["tv:resnet18", "tv:resnet50", "tv:mobilenet_v2", "tv:mobilenet_v3_small", "tv:efficientnet_b0",
            "tv:densenet121", "tv:regnet_x_400mf", "tv:resnext50_32x4d", "tv:shufflenet_v2_x1_0", "tv:squeezenet1_1",
            "tv:vgg11_bn", "tv:convnext_tiny", "tv:vit_b_16", "tv:swin_t", "tv:mnasnet0_5", "tv:googlenet"]
+#: the detection and segmentation models Torch-Pruning's own benchmarks prune
+DETECTION = ["tvdet:fasterrcnn_mobilenet_v3_large_fpn", "tvdet:fasterrcnn_mobilenet_v3_large_320_fpn",
+             "tvdet:fasterrcnn_resnet50_fpn", "tvdet:retinanet_resnet50_fpn", "tvdet:fcos_resnet50_fpn",
+             "tvdet:ssdlite320_mobilenet_v3_large", "tvdet:ssd300_vgg16", "tvdet:maskrcnn_resnet50_fpn",
+             "tvdet:keypointrcnn_resnet50_fpn"]
+SEGMENTATION = ["tvseg:fcn_resnet50", "tvseg:deeplabv3_resnet50", "tvseg:deeplabv3_mobilenet_v3_large",
+                "tvseg:lraspp_mobilenet_v3_large"]
+TIMM = ["timm:resnet50", "timm:efficientnet_b0", "timm:mobilenetv3_small_050", "timm:mobilenetv3_large_100",
+        "timm:vit_small_patch16_224", "timm:deit_tiny_patch16_224", "timm:convnext_tiny", "timm:swin_tiny_patch4_window7_224",
+        "timm:regnetx_002", "timm:resnext50_32x4d", "timm:densenet121", "timm:ghostnet_100"]
+HF = ["hf:bert", "hf:distilbert", "hf:vit", "hf:swin", "hf:convnext", "hf:gpt2", "hf:t5", "hf:llama"]
 
 
 def _hf(name: str):
@@ -78,6 +94,20 @@ def build(name: str):
         size = 299 if tv.startswith("inception") else 224
         kwargs = {"aux_logits": False, "init_weights": False} if tv in ("googlenet", "inception_v3") else {}
         return torchvision.models.get_model(tv, weights=None, **kwargs), torch.randn(2, 3, size, size)
+    if name.startswith("tvdet:"):
+        import torchvision
+
+        kwargs = {"weights_backbone": None, "min_size": 320, "max_size": 320}
+        if name.startswith("tvdet:ssd"):
+            kwargs = {"weights_backbone": None}
+        m = torchvision.models.get_model(name[6:], weights=None, **kwargs)
+        g = torch.Generator().manual_seed(0)
+        return m, ([torch.rand(3, 320, 320, generator=g) for _ in range(2)],)
+    if name.startswith("tvseg:"):
+        import torchvision
+
+        m = torchvision.models.get_model(name[6:], weights=None, weights_backbone=None, aux_loss=False)
+        return m, torch.randn(2, 3, 256, 256)
     if name.startswith("timm:"):
         import timm
 
@@ -94,6 +124,8 @@ def _main_output(out):
 
     if isinstance(out, torch.Tensor):
         return out
+    if isinstance(out, list) and out and isinstance(out[0], dict):  # a detector's per-image dicts
+        return torch.cat([v.flatten().double() for d in out for v in d.values() if v.is_floating_point()])
     if hasattr(out, "last_hidden_state"):
         return out.last_hidden_state
     if isinstance(out, dict):
@@ -121,8 +153,14 @@ def run_one(name: str) -> dict:
         row["stage"] = "train_step"
         model.train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        out = _main_output(model(x))
-        loss = out.float().pow(2).mean() + bp.kl(model)
+        if name.startswith("tvdet:"):  # a detector's training forward takes targets, returns losses
+            keys = ["boxes", "labels"] + (["masks"] if "mask" in name else []) + (["keypoints"] if "keypoint" in name else [])
+            target = {"boxes": torch.tensor([[10.0, 20.0, 200.0, 220.0]]), "labels": torch.tensor([1]),
+                      "masks": torch.zeros(1, 320, 320, dtype=torch.uint8), "keypoints": torch.ones(1, 17, 3) * 50}
+            losses = model(x[0], [{k: target[k] for k in keys} for _ in x[0]])
+            loss = sum(losses.values()) + bp.kl(model)
+        else:
+            loss = _main_output(model(x)).float().pow(2).mean() + bp.kl(model)
         loss.backward()
         opt.step()
         row["stage"] = "prune"
@@ -149,10 +187,12 @@ def run_one(name: str) -> dict:
         row["params_after"] = bp.count_parameters(small)
         row["kept_layers"] = len(getattr(small, "bayesprune_kept", {}))
         with torch.no_grad():
-            for key, inp in (("rel_err", x), ("rel_err_other", torch.randn_like(x) if x.is_floating_point()
-                                                 else torch.randint_like(x, 0, 100))):
-                a, b = _main_output(model(inp)).double(), _main_output(small(inp)).double()
-                row[key] = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+            for key, inp in (("rel_err", x), ("rel_err_other", _other_input(x))):
+                call = (lambda m: m(*inp)) if isinstance(inp, tuple) else (lambda m: m(inp))
+                a, b = _main_output(call(model)).double(), _main_output(call(small)).double()
+                if a.shape != b.shape:
+                    raise RuntimeError(f"output shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+                row[key] = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)) if a.numel() else 0.0
         row["stage"] = "done"
     except Exception as e:  # a benchmark row, not a crash: say which stage and why
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
@@ -161,12 +201,36 @@ def run_one(name: str) -> dict:
     return row
 
 
+def _other_input(x):
+    import torch
+
+    g = torch.Generator().manual_seed(7)
+    if isinstance(x, tuple):  # a detector's list of images
+        return ([torch.rand(i.shape, generator=g) for i in x[0]],)
+    if x.is_floating_point():
+        return torch.randn(x.shape, generator=g)
+    return torch.randint(0, 100, x.shape, generator=g)
+
+
+STAGES = ["add_noise", "train_step", "prune", "shrink"]
+
+
+def _stage_marks(row: dict) -> str:
+    """ok / FAIL / - per stage (add_noise, train step, prune, shrink and its check)."""
+    if row["stage"] == "done":
+        return " | ".join(["ok"] * 3 + ["ok" if row["ok"] else "inexact"])
+    at = STAGES.index(row["stage"]) if row["stage"] in STAGES else (-1 if row["stage"] == "build" else None)
+    if at is None:  # timeout or a crashed process: the stage is not known
+        return " | ".join([row["stage"]] * len(STAGES))
+    return " | ".join("ok" if i < at else "FAIL" if i == at else "-" for i in range(len(STAGES)))
+
+
 def _fmt(row: dict) -> str:
     def g(k, f="{}"):
         return f.format(row[k]) if k in row else "-"
 
     err = row.get("error", "")
-    return (f"| {row['model']} | {g('noise_layers')} | {'ok' if row['ok'] else 'FAIL at ' + row['stage']} | "
+    return (f"| {row['model']} | {g('noise_layers')} | {_stage_marks(row)} | "
             f"{g('rel_err', '{:.1e}')} | {g('rel_err_other', '{:.1e}')} | {g('params_before', '{:,}')} | "
             f"{g('params_reported', '{:,}')} | {g('params_after', '{:,}')} | {'yes' if row['count_ok'] else 'no'} | "
             f"{g('prune_s', '{:.1f}')} | {g('shrink_s', '{:.1f}')} | {g('kept_layers')} | {err} |")
@@ -176,6 +240,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=None)
     p.add_argument("--all-torchvision", action="store_true", help="every torchvision classification model")
+    p.add_argument("--everything", action="store_true",
+                   help="the models of the issue first (DEFAULT, timm, Hugging Face), then detection, segmentation "
+                        "and every other torchvision classification model")
+    p.add_argument("--jobs", type=int, default=1, help="models run at once (default 1)")
     p.add_argument("--timeout", type=float, default=150.0, help="seconds per model (default 150)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one model, print its row
@@ -188,12 +256,18 @@ def main(argv=None) -> int:
         import torchvision
 
         models = [f"tv:{n}" for n in torchvision.models.list_models(module=torchvision.models)]
-    print("| model | noise layers | stages | rel err (example) | rel err (other input) | params before | "
+    if args.everything:
+        import torchvision
+
+        rest = [f"tv:{n}" for n in torchvision.models.list_models(module=torchvision.models)]
+        models = list(dict.fromkeys(DEFAULT + HF + TIMM + DETECTION + SEGMENTATION + rest))
+    print(f"load average {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f} {os.getloadavg()[2]:.1f} at start", flush=True)
+    print("| model | noise layers | add_noise | train step | prune | shrink (= masked) | rel err (example) | rel err (other input) | params before | "
           "params reported | params after shrink | count = shrunk | prune s | shrink s | layers kept (inexact) | error |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    rows = []
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for name in models:
+
+    def one(name):
         t = time.perf_counter()
         try:
             out = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True,
@@ -206,11 +280,20 @@ def main(argv=None) -> int:
             row = {"model": name, "stage": "timeout", "ok": False, "count_ok": False,
                    "error": f"over {args.timeout:g} s"}
         row["wall_s"] = time.perf_counter() - t
-        rows.append(row)
         print(_fmt(row), flush=True)
+        return row
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        rows = list(pool.map(one, models))
     ok = sum(r["ok"] for r in rows)
-    print(f"\n{ok} of {len(rows)} models ok; parameter count equal to the shrunk network's on "
-          f"{sum(r['count_ok'] for r in rows)}")
+    per_stage = {s: sum(1 for r in rows if r["stage"] == "done" or (r["stage"] in STAGES and STAGES.index(r["stage"]) > i))
+                 for i, s in enumerate(STAGES[:-1])}
+    slow = [r["model"] for r in rows if r.get("prune_s", 0) + r.get("shrink_s", 0) > 60]
+    print(f"\n{ok} of {len(rows)} models ok (shrunk = masked to 1e-5 on two inputs); passed add_noise "
+          f"{per_stage['add_noise']}, the train step {per_stage['train_step']}, prune {per_stage['prune']}; "
+          f"parameter count equal to the shrunk network's on {sum(r['count_ok'] for r in rows)}; "
+          f"timeouts {sum(r['stage'] == 'timeout' for r in rows)}; prune + shrink over 60 s: {', '.join(slow) or 'none'}")
+    print(f"load average {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f} {os.getloadavg()[2]:.1f} at the end")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
