@@ -14,7 +14,7 @@ from bayesprune.experiments import cli, finetune
 from bayesprune.experiments import training
 from bayesprune.experiments.finetune import dense_dir_name, dense_start, pruning_config, schedule_factor
 from bayesprune.experiments.reproduce import bmrs_table1_configs
-from bayesprune.experiments.results import table1
+from bayesprune.experiments.results import method_label, table1
 from bayesprune.experiments.training import RunDir, evaluate, resolve_config, run_continuous
 from bayesprune.noise import MultiplicativeNoise, noise_layers
 
@@ -86,6 +86,7 @@ def test_pruning_run_is_the_plain_run_and_is_reused(finished, tmp_path):
         training._run_continuous = original
     assert not calls and other["pruned"]["test_acc"] == plain["test_acc"]
     assert other["config"]["out_dir"].endswith("dense-ft1-lr0.001-constant")
+    assert method_label(other["config"]) == "E[θ] + dense FT 1 (lr 0.001, constant)"
     # tables: its own row beside the pruning run's, the same compression
     t = table1([plain, summary])
     assert t.rows == ["E[θ]", "E[θ] + dense FT 3"]

@@ -74,6 +74,9 @@ def method_label(config: dict) -> str:
         label += f" (prior odds {odds:.3g})"
     if config.get("dense_finetune_epochs"):  # experiments/finetune.py: shrunk, then cross-entropy only
         label += f" + dense FT {config['dense_finetune_epochs']}"
+        extra = [f"lr {config['dense_finetune_lr']:g}"] if config.get("dense_finetune_lr") is not None else []
+        extra += [config["dense_finetune_schedule"]] if config.get("dense_finetune_schedule", "cosine") != "cosine" else []
+        label += f" ({', '.join(extra)})" if extra else ""
     return label
 
 
