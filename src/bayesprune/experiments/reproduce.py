@@ -175,7 +175,7 @@ def reproduce(name: str, out: str | Path, seeds=(0,), epochs=None, finetune_epoc
     """Run (or resume) every run of target ``name`` on ``engine`` (default ``LocalEngine(jobs)``);
     returns {"summaries": [...], "wall_time_s": ..., "failures": [RunOutcome of each failed run]}.
     ``ensemble`` > 1 (bmrs-table1, bmrs-table2): up to that many runs sharing a network train as
-    one batched ensemble (ensemble.py; off by default: slower than single runs on a CPU)."""
+    one batched ensemble (ensemble.py; off by default; measured in docs/scale-out.md)."""
     if name not in TARGETS:
         raise ValueError(f"unknown reproduction {name!r}; valid: {', '.join(TARGETS)}")
     if not (isinstance(ensemble, int) and ensemble >= 1):
