@@ -231,17 +231,27 @@ def resnet50(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return model
 
 
-class SelfAttention(nn.MultiheadAttention):
-    """``nn.MultiheadAttention`` for self-attention whose output projection runs as a module call,
+class SelfAttention(nn.Module):
+    """Multi-head self-attention whose output projection runs as a module call,
     ``out_proj(softmax(q k^T / sqrt(d_head)) v)`` (docs/maths.md section 4.3), so that noise can
-    follow it; same parameters and state-dict keys as torchvision's ViT attention, same output."""
+    follow it; the parameters and state-dict keys of torchvision's ViT attention
+    (``nn.MultiheadAttention``: ``in_proj_weight``, ``in_proj_bias``, ``out_proj``), the same output.
+    A plain module, not an ``nn.MultiheadAttention``, so that Torch-Pruning sees ``out_proj`` as a
+    Linear layer of its own."""
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-        if not (query is key is value) or key_padding_mask is not None or attn_mask is not None or is_causal:
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} is not a multiple of num_heads={num_heads}")
+        self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None, **unused):
+        if not (query is key is value) or key_padding_mask is not None or attn_mask is not None:
             raise ValueError("SelfAttention computes plain self-attention only (query is key is value, no masks)")
-        if not self.batch_first:
-            raise ValueError("SelfAttention needs batch_first=True (torchvision's ViT uses it)")
         b, t, d = query.shape
         h = self.num_heads
         qkv = nn.functional.linear(query, self.in_proj_weight, self.in_proj_bias)
@@ -266,7 +276,7 @@ def _vision_transformer(num_classes, image_size, in_channels, patch_size, num_la
         del old
     for block in model.encoder.layers:
         old = block.self_attention
-        new = SelfAttention(old.embed_dim, old.num_heads, dropout=old.dropout, batch_first=True)
+        new = SelfAttention(old.embed_dim, old.num_heads, dropout=old.dropout)
         new.load_state_dict(old.state_dict())
         block.self_attention = new
     return model
