@@ -1,127 +1,200 @@
-"""Training-step overhead of the noise layers: LeNet5 with noise + KL against the plain LeNet5.
+"""Training-step overhead of the noise layers: noisy step / plain step, three networks.
 
-One step = forward + backward + Adam step on a batch of 128 (cross-entropy, plus the KL for the
-noisy networks).  The plain network and the noisy ones ('channel', 'structure' and 'element'
-sharing: one draw per (example, channel), per channel for the whole batch, per element) are
-measured side by side in one run: interleaved blocks of steps after a warm-up, so that drifts of a
-shared machine hit every variant alike; the medians of the per-step times are compared.
+One step = forward + backward + Adam step (cross-entropy, plus ``kl(model, "mean")`` for the
+noisy networks) on:
 
-A fifth variant, 'floor', is the cost of the noise machinery alone: 'structure' noise layers whose
-sampler and KL are replaced by the cheapest stand-ins (theta = exp(mu) * mask, KL = sum of mu^2
-and log_sigma^2), so it keeps the hooks, the multiplies, their backward and the optimizer's extra
-parameters.  No sampler or KL, however fast, can bring a variant below the floor.
+* LeNet5, MNIST-sized 1x32x32 input, batch 128 (real MNIST when it loads, random tensors otherwise);
+* ResNet-18 for CIFAR (3x3 stem, no max-pool), 3x32x32, batch 128, random tensors;
+* torchvision ResNet-50, 3x224x224, batch 32, random tensors.
 
-    python benchmarks/noise_overhead.py [--steps 50] [--block 5] [--threads N] [--data PATH]
+Per network, the plain model and one noisy copy per sharing mode ('channel' = the default of
+``add_noise``, 'structure', 'element') are measured side by side: blocks of steps interleaved
+over the variants after a warm-up, so that the drifts of a shared machine hit every variant
+alike, and the medians of the per-step times are compared.  Both clocks are reported: wall
+time, and the process CPU time (less sensitive to other processes taking the cores; with more
+than one thread it also counts the worker threads' spinning).  The load average is printed
+before and after each network.
 
-Uses real MNIST (bayesprune.experiments.data.load_dataset('mnist', PATH)) when it loads, random 1x32x32
-tensors otherwise; the output says which.  Target: ratio <= 1.15.
+    python benchmarks/noise_overhead.py [--nets lenet5,resnet18,resnet50] [--variants ...]
+        [--steps 30] [--big-steps 3] [--threads 2] [--profile] [--data DIR]
+
+``--profile`` adds, per network, the torch.profiler per-op self CPU time of the default noisy
+step beside the plain step (the ops whose time differs most).  Targets (issue "speed"):
+ratio <= 1.15 on LeNet5, <= 1.05 on ResNet-18 and ResNet-50.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import time
-from contextlib import nullcontext
-from unittest import mock
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import bayesprune
-import bayesprune.noise as noise_module
+from bayesprune.experiments.models import LeNet5, cifar_resnet18
 
-try:
-    from bayesprune.experiments.models import LeNet5
-except ImportError:  # pragma: no cover - the project ships LeNet5
-    LeNet5 = None
-
-
-def batches(path: str, batch: int, count: int):
-    try:
-        from bayesprune.experiments.data import load_dataset
-
-        splits = load_dataset("mnist", path)
-        x, y = splits.train.tensors if hasattr(splits.train, "tensors") else (splits.train.images, splits.train.labels)
-        source = f"real MNIST from {path} ({len(y)} training images, 1x32x32)"
-    except Exception as err:  # noqa: BLE001 - fall back to random data, say so
-        x, y = torch.randn(batch * count, 1, 32, 32), torch.randint(0, 10, (batch * count,))
-        source = f"random 1x32x32 tensors (MNIST did not load: {type(err).__name__}: {err})"
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(y), generator=g)[: batch * count]
-    xs, ys = x[idx].float().contiguous(), y[idx].long()
-    return [(xs[i * batch:(i + 1) * batch], ys[i * batch:(i + 1) * batch]) for i in range(count)], source
+VARIANTS = ("plain", "channel", "structure", "element")
+NETS = {  # name: (input shape per example, batch, default steps key, target ratio)
+    "lenet5": ((1, 32, 32), 128, "steps", 1.15),
+    "resnet18": ((3, 32, 32), 128, "big_steps", 1.05),
+    "resnet50": ((3, 224, 224), 32, "big_steps", 1.05),
+}
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
 
 
-def make(variant: str, example):
+def build(net: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = LeNet5(in_channels=1, num_classes=10, image_size=32)
+    if net == "lenet5":
+        return LeNet5(in_channels=1, num_classes=10, image_size=32)
+    if net == "resnet18":
+        return cifar_resnet18(num_classes=10)
+    if net == "resnet50":
+        import torchvision
+
+        return torchvision.models.resnet50(weights=None, num_classes=1000)
+    raise ValueError(f"unknown network {net!r}; valid: {', '.join(NETS)}")
+
+
+def batches(net: str, batch: int, count: int, data: str | None):
+    """``count`` (x, y) batches and a line saying where they come from."""
+    shape = NETS[net][0]
+    classes = 1000 if net == "resnet50" else 10
+    g = torch.Generator().manual_seed(0)
+    if net == "lenet5" and data:
+        try:
+            from bayesprune.experiments.data import load_dataset
+
+            train = load_dataset("mnist", data).train
+            idx = torch.randperm(len(train.labels), generator=g)[: batch * count]
+            x, y = train.images[idx].float().contiguous(), train.labels[idx].long()
+            return [(x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]) for i in range(count)], \
+                f"real MNIST ({len(train.labels)} training images, 1x32x32)"
+        except Exception as err:  # noqa: BLE001 - fall back to random data, say so
+            why = f" (MNIST did not load: {type(err).__name__}: {err})"
+    else:
+        why = ""
+    out = [(torch.randn(batch, *shape, generator=g), torch.randint(0, classes, (batch,), generator=g)) for _ in range(count)]
+    return out, f"random {'x'.join(map(str, shape))} tensors{why}"
+
+
+def make(net: str, variant: str, example):
+    model = build(net)
     if variant != "plain":
-        bayesprune.add_noise(model, example, sharing="structure" if variant == "floor" else variant)
+        bayesprune.add_noise(model, example, sharing=variant)
     model.train()
-    return model, torch.optim.Adam(model.parameters(), lr=1.4e-3)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
-def _floor_draw(mu, sigma, mask, u, a, b):
-    return (torch.exp(mu) * mask).expand_as(u)
+def step(model, opt, x, y, variant: str) -> tuple[float, float]:
+    """One training step; (wall seconds, process CPU seconds)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    if variant != "plain":
+        loss = loss + bayesprune.kl(model, "mean")
+    loss.backward()
+    opt.step()
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def step(model, opt, x, y, variant: str) -> float:
-    # 'floor' swaps the sampler for the step only; the swap itself is outside the timed part
-    swap = mock.patch.object(noise_module, "draw_theta", _floor_draw) if variant == "floor" else nullcontext()
-    with swap:
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        if variant == "floor":
-            loss = loss + sum((n.mu ** 2).sum() + (n.log_sigma ** 2).sum() for n in bayesprune.noise_layers(model))
-        elif variant != "plain":
-            loss = loss + bayesprune.kl(model, "mean")
-        loss.backward()
-        opt.step()
-        return time.perf_counter() - t0
+def load() -> str:
+    return "load average %.2f %.2f %.2f" % os.getloadavg()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=50, help="measured steps per variant")
-    ap.add_argument("--block", type=int, default=5, help="steps per interleaved block")
-    ap.add_argument("--warmup", type=int, default=5, help="warm-up steps per variant")
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--data", default="/work/shared/datasets/mnist")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    data, source = batches(args.data, args.batch, 16)
-    variants = ["plain", "channel", "structure", "element", "floor"]
-    runs = {v: make(v, data[0][0][:2]) for v in variants}
-    times: dict[str, list[float]] = {v: [] for v in variants}
-
-    print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
-          f"python {platform.python_version()}")
-    print(f"data: {source}; batch {args.batch}, CPU")
-    for v in variants:  # warm-up
-        for i in range(args.warmup):
-            step(*runs[v], *data[i % len(data)], v)
+def measure(net: str, variants, steps: int, block: int, warmup: int, data) -> dict:
+    """Median (wall, cpu) seconds per step of each variant, measured interleaved."""
+    shape, batch, _, _ = NETS[net]
+    xs, source = batches(net, batch, 8 if net == "lenet5" else 2, data)
+    runs = {v: make(net, v, xs[0][0][:2]) for v in variants}
+    print(f"{net}: batch {batch}, input {'x'.join(map(str, shape))}, {source}; {load()}", flush=True)
+    for v in variants:
+        for i in range(warmup):
+            step(*runs[v], *xs[i % len(xs)], v)
+    times = {v: [] for v in variants}
     k = 0
-    while min(len(t) for t in times.values()) < args.steps:
-        for v in variants:  # interleaved A/B/C blocks
-            for _ in range(args.block):
-                x, y = data[k % len(data)]
+    while min(len(t) for t in times.values()) < steps:
+        for v in variants:  # interleaved blocks
+            for _ in range(block):
+                times[v].append(step(*runs[v], *xs[k % len(xs)], v))
                 k += 1
-                times[v].append(step(*runs[v], x, y, v))
-    med = {v: statistics.median(t[: args.steps]) for v, t in times.items()}
-    print(f"{'variant':<22} {'median ms/step':>15} {'ratio':>7}")
-    print(f"{'plain LeNet5':<22} {1e3 * med['plain']:>15.2f} {1.0:>7.3f}")
-    for v in variants[1:]:
-        label = "floor (no sampler/KL)" if v == "floor" else "noise+KL " + v
-        print(f"{label:<22} {1e3 * med[v]:>15.2f} {med[v] / med['plain']:>7.3f}")
-    print(f"({args.steps} steps per variant in blocks of {args.block}, {args.warmup} warm-up; target ratio <= 1.15)")
+    return {v: (statistics.median(w for w, _ in t[:steps]), statistics.median(c for _, c in t[:steps])) for v, t in times.items()}, runs, xs
+
+
+def report(net: str, med: dict, steps: int, block: int, warmup: int) -> None:
+    target = NETS[net][3]
+    w0, c0 = med["plain"]
+    print(f"{'variant':<28} {'wall ms':>10} {'ratio':>7} {'cpu ms':>10} {'ratio':>7}")
+    for v, (w, c) in med.items():
+        label = "plain" if v == "plain" else f"noise+KL {v}" + (" (default)" if v == bayesprune.DEFAULT_SHARING else "")
+        print(f"{label:<28} {1e3 * w:>10.1f} {w / w0:>7.3f} {1e3 * c:>10.1f} {c / c0:>7.3f}")
+    print(f"({steps} steps per variant in interleaved blocks of {block}, {warmup} warm-up; "
+          f"target ratio <= {target}; {load()})", flush=True)
+
+
+def profile(net: str, runs: dict, xs, variant: str, steps: int, rows: int = 14) -> None:
+    """Per-op self CPU ms per step, plain against ``variant``, the largest differences first."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    per = {}
+    for v in ("plain", variant):
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in range(steps):
+                step(*runs[v], *xs[i % len(xs)], v)
+        per[v] = {e.key: (e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()}
+    keys = sorted(set(per["plain"]) | set(per[variant]),
+                  key=lambda k: -abs(per[variant].get(k, (0, 0))[0] - per["plain"].get(k, (0, 0))[0]))
+    total = {v: sum(t for t, _ in per[v].values()) for v in per}
+    print(f"profile {net}, {steps} steps, self CPU ms per step (calls): plain {total['plain']:.1f}, "
+          f"{variant} {total[variant]:.1f}")
+    for k in keys[:rows]:
+        (tp, np_), (tv, nv) = per["plain"].get(k, (0, 0)), per[variant].get(k, (0, 0))
+        print(f"  {k[:48]:<48} {tp:>9.2f} ({np_:>4.0f}) {tv:>9.2f} ({nv:>4.0f}) {tv - tp:>+9.2f}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nets", default=",".join(NETS), help="comma-separated: " + ", ".join(NETS))
+    ap.add_argument("--variants", default=None,
+                    help="noisy variants (plain is always measured); default: all, but 'element' not on resnet50")
+    ap.add_argument("--steps", type=int, default=30, help="measured steps per variant, LeNet5")
+    ap.add_argument("--big-steps", type=int, default=2, help="measured steps per variant, the ResNets")
+    ap.add_argument("--block", type=int, default=5, help="steps per interleaved block, LeNet5 (ResNets: 1)")
+    ap.add_argument("--warmup", type=int, default=3, help="warm-up steps per variant, LeNet5 (ResNets: 1)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--profile", action="store_true", help="per-op profile of the default variant against plain")
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="MNIST directory for LeNet5 ('' for random data)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    nets = [n for n in args.nets.split(",") if n]
+    for n in nets:
+        if n not in NETS:
+            raise SystemExit(f"--nets: unknown network {n!r}; valid: {', '.join(NETS)}")
+    variants = ["plain"] + [v for v in (args.variants or ",".join(VARIANTS)).split(",") if v and v != "plain"]
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"--variants: unknown variant {v!r}; valid: {', '.join(VARIANTS)}")
+    print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, {os.cpu_count()} CPUs ({platform.machine()}), python {platform.python_version()}; "
+          f"default sharing {bayesprune.DEFAULT_SHARING!r}")
+    for net in nets:
+        small = net == "lenet5"
+        steps, block, warmup = (args.steps, args.block, args.warmup) if small else (args.big_steps, 1, 1)
+        chosen = variants
+        if net == "resnet50" and args.variants is None:  # 1 draw per activation element: ~10 GB, minutes a step
+            chosen = [v for v in variants if v != "element"]
+            print("resnet50: 'element' not run by default (one draw per activation element keeps ~10 GB of "
+                  "draws and takes minutes per step on 2 cores); --variants element runs it")
+        med, runs, xs = measure(net, chosen, steps, block, warmup, args.data if small else None)
+        report(net, med, steps, block, warmup)
+        if args.profile and bayesprune.DEFAULT_SHARING in runs:
+            profile(net, runs, xs, bayesprune.DEFAULT_SHARING, steps=10 if small else 1)
+        del runs
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""benchmarks/noise_overhead.py: every variant trains, and the 'floor' swap does not leak.
+"""benchmarks/noise_overhead.py: every network and variant trains, and the script prints a ratio row
+per variant with the load.
 
 The benchmark module is loaded from its file with importlib (benchmarks/ is not a package).
-Checks: one step of each variant updates the noise parameters (finite; 'plain' has none) and
-leaves ``bayesprune.noise.draw_theta`` as it was (the 'floor' swap does not outlive its step);
-the floor's stand-in sampler is exp(mu) * mask; the script's main prints one ratio row per
-variant on random data.
+Checks: the three networks are the ones the issue names (LeNet5 on 1x32x32, the CIFAR ResNet-18 on
+3x32x32, torchvision's ResNet-50 on 3x224x224, with their batch sizes); one step of each variant
+updates the noise parameters (finite; 'plain' has none) and the noisy copies start from the plain
+network's weights; the script's main prints one ratio row per variant (the default marked) on
+random data, and refuses unknown names.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import pytest
 import torch
 
 import bayesprune
-import bayesprune.noise as noise_module
 from benchmark_module import BENCHMARKS, load_benchmark  # tests/benchmark_module.py
 
 PATH = BENCHMARKS / "noise_overhead.py"
@@ -28,51 +29,68 @@ def bench():
     return load_benchmark("noise_overhead")
 
 
-def _batch():
+def test_networks_and_batches_are_the_issue_s(bench):
+    assert {k: (v[0], v[1]) for k, v in bench.NETS.items()} == {
+        "lenet5": ((1, 32, 32), 128), "resnet18": ((3, 32, 32), 128), "resnet50": ((3, 224, 224), 32)}
+    assert bench.VARIANTS == ("plain", "channel", "structure", "element")
+    r18 = bench.build("resnet18")
+    assert r18.conv1.kernel_size == (3, 3) and isinstance(r18.maxpool, torch.nn.Identity)
+    assert sum(p.numel() for p in bench.build("resnet50").parameters()) == 25557032  # torchvision's count
+
+
+@pytest.mark.parametrize("variant", ["plain", "channel", "structure", "element"])
+def test_each_variant_steps_and_starts_from_the_plain_weights(bench, variant):
     g = torch.Generator().manual_seed(0)
-    return torch.randn(8, 1, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
-
-
-@pytest.mark.parametrize("variant", ["plain", "channel", "structure", "element", "floor"])
-def test_each_variant_steps_and_restores_the_sampler(bench, variant):
-    original = noise_module.draw_theta
-    x, y = _batch()
-    model, opt = bench.make(variant, x[:2])
+    x, y = torch.randn(8, 1, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+    model, opt = bench.make("lenet5", variant, x[:2])
+    plain, _ = bench.make("lenet5", "plain", x[:2])
+    noisy = dict(model.named_parameters())
+    for name, p in plain.named_parameters():
+        assert torch.equal(p, noisy[name]), name  # same initial weights: a like-for-like step
     layers = bayesprune.noise_layers(model)
     assert (len(layers) == 0) == (variant == "plain")
+    assert all(n.sharing == variant for n in layers)
     before = [layer.mu.detach().clone() for layer in layers]
-    seconds = bench.step(model, opt, x, y, variant)
-    assert seconds > 0
-    assert noise_module.draw_theta is original
+    wall, cpu = bench.step(model, opt, x, y, variant)
+    assert wall > 0 and cpu > 0
     for layer, mu0 in zip(layers, before):
         assert torch.isfinite(layer.mu).all()
         assert not torch.equal(layer.mu, mu0)  # the step reached the noise parameters
 
 
-def test_floor_draw_is_exp_mu_times_mask(bench):
-    mu = torch.tensor([0.0, -1.0, 0.5])
-    mask = torch.tensor([1.0, 0.0, 1.0])
-    u = torch.rand(4, 3)
-    theta = bench._floor_draw(mu, torch.ones(3), mask, u, -20.0, 0.0)
-    assert theta.shape == (4, 3)
-    assert torch.allclose(theta, (mu.exp() * mask).expand(4, 3))
+def test_resnet18_noisy_step_reaches_every_batchnorm(bench):
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    model, opt = bench.make("resnet18", "channel", x)
+    layers = bayesprune.noise_layers(model)
+    assert len(layers) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 20
+    bench.step(model, opt, x, y, "channel")
+    assert all(n.mu.grad is not None and torch.isfinite(n.mu.grad).all() for n in layers)
 
 
-def test_main_prints_a_ratio_per_variant(tmp_path):
-    out = subprocess.run(
-        [sys.executable, str(PATH), "--steps", "2", "--warmup", "1", "--block", "1", "--batch", "16",
-         "--threads", "1", "--data", str(tmp_path / "no-mnist")],
-        capture_output=True, text=True, timeout=300, check=True,
-    ).stdout
-    assert "random 1x32x32 tensors (MNIST did not load" in out
+def test_main_prints_a_ratio_per_variant(bench, capsys):
+    bench.main(["--nets", "lenet5", "--steps", "2", "--warmup", "1", "--block", "1", "--threads", "1", "--data", ""])
+    out = capsys.readouterr().out
+    assert "lenet5: batch 128, input 1x32x32, random 1x32x32 tensors" in out
+    assert "load average" in out and "target ratio <= 1.15" in out
     rows = {}
     for line in out.splitlines():
-        for label in ("plain LeNet5", "noise+KL channel", "noise+KL structure", "noise+KL element",
-                      "floor (no sampler/KL)"):
-            if line.startswith(label):
-                ms, ratio = line[len(label):].split()
-                rows[label] = (float(ms), float(ratio))
-    assert len(rows) == 5
-    assert rows["plain LeNet5"][1] == 1.0
-    for ms, ratio in rows.values():
-        assert ms > 0 and math.isfinite(ratio) and ratio > 0
+        for label in ("plain", "noise+KL channel (default)", "noise+KL structure", "noise+KL element"):
+            if line.startswith(label + " "):
+                rows[label] = [float(v) for v in line[len(label):].split()]
+    assert len(rows) == 4
+    assert rows["plain"][1] == 1.0 and rows["plain"][3] == 1.0
+    for wall, ratio, cpu, cpu_ratio in rows.values():
+        assert wall > 0 and cpu > 0 and math.isfinite(ratio) and math.isfinite(cpu_ratio)
+        assert ratio == pytest.approx(wall / rows["plain"][0], abs=2e-3 + 1e-3 * ratio)
+
+
+@pytest.mark.parametrize("args,message", [(["--nets", "vgg"], "--nets: unknown network 'vgg'"),
+                                          (["--variants", "channels"], "--variants: unknown variant 'channels'")])
+def test_main_refuses_unknown_names(bench, args, message):
+    with pytest.raises(SystemExit, match=message):
+        bench.main(args)
+
+
+def test_script_runs_from_the_command_line():
+    done = subprocess.run([sys.executable, str(PATH), "--help"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "--big-steps" in done.stdout

@@ -424,19 +424,42 @@ def _structure_extremes(z: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tens
     return z.amin(dims, keepdim=True).reshape(like.shape), z.amax(dims, keepdim=True).reshape(like.shape)
 
 
+def _implicit_coefficients(mu, sigma, x, z, u, a: float, b: float, z2max):
+    """``(dx/dmu, dx/dsigma)`` per draw, the implicit reparameterisation gradient of the truncated
+    normal with ``u`` fixed (docs/maths.md section 1; see :class:`_ThetaDraw`), 0 where the draw was
+    clipped to [a, b].  ``dx/dmu`` is None when it is 1 for every draw (no bound within
+    sqrt(160) sd of any draw, so no draw was clipped either)."""
+    alpha = (a - mu) / sigma
+    beta = (b - mu) / sigma
+    need_a = math.isfinite(a) and bool((z2max - alpha * alpha > -160.0).any())
+    need_b = math.isfinite(b) and bool((z2max - beta * beta > -160.0).any())
+    if not (need_a or need_b):  # every draw lies > sqrt(160) sd inside both bounds (none clipped)
+        return None, z
+    flip = alpha > 0  # the draw was mirrored: F = 1 - u
+    half_z = z * 0.5
+    dmu = dsigma = None
+    for need, t, factor in ((need_a, alpha, lambda: torch.where(flip, u, 1.0 - u)), (need_b, beta, lambda: torch.where(flip, 1.0 - u, u))):
+        if need:  # w = phi(t)/phi(z) * factor (1 - F for a, F for b); exponent (z - t)(z + t)/2
+            w = (z - t).mul_(half_z + t * 0.5).clamp_(-80.0, 80.0).exp_().mul_(factor())
+            dmu = (1.0 - w) if dmu is None else dmu.sub_(w)
+            dsigma = torch.addcmul(z if dsigma is None else dsigma, t, w, value=-1.0)
+    inside = (x > a) & (x < b)  # zero where the draw was clipped
+    zero = torch.zeros((), dtype=dmu.dtype, device=dmu.device)
+    return torch.where(inside, dmu, zero), torch.where(inside, dsigma, zero)
+
+
 class _ThetaDraw(torch.autograd.Function):
     """theta = exp(x) * mask with x ~ N(mu, sigma^2) on [a, b] drawn from uniforms ``u``.
 
-    Fused for speed: the forward stores ``x``, ``z = (x - mu)/sigma``, ``u``, ``theta`` and the
-    per-structure max of ``z^2``; the backward uses the implicit reparameterisation gradient of
-    the truncated normal (u fixed, F = CDF): ``dx/dmu = 1 - w_a - w_b``,
-    ``dx/dsigma = z - alpha w_a - beta w_b`` with ``w_a = phi(alpha)(1-F)/phi(z)``,
-    ``w_b = phi(beta) F/phi(z)``, and the ratios ``phi(t)/phi(z) = exp((z - t)(z + t)/2)`` (the
-    product form keeps its digits when z and t are large and close).  A bound whose exponent stays
-    below -80 for every draw (``t^2 - z^2 > 160`` per structure; e^-80 ~ 2e-35) has weight 0 to
-    working precision and is skipped; in training the lower bound almost always is (|alpha| > 15).
-    Otherwise the exponent is clipped to [-80, 80], because ``exp`` of huge negative arguments
-    (|alpha| ~ 1e3 when sigma is small) takes a slow path on CPU, ~13x slower than in range.
+    The backward uses the implicit reparameterisation gradient of the truncated normal (u fixed,
+    F = CDF): ``dx/dmu = 1 - w_a - w_b``, ``dx/dsigma = z - alpha w_a - beta w_b`` with
+    ``w_a = phi(alpha)(1-F)/phi(z)``, ``w_b = phi(beta) F/phi(z)``, and the ratios
+    ``phi(t)/phi(z) = exp((z - t)(z + t)/2)`` (the product form keeps its digits when z and t are
+    large and close), computed by :func:`_implicit_coefficients` in the backward.  A bound whose
+    exponent stays below -80 for every draw (``t^2 - z^2 > 160`` per structure; e^-80 ~ 2e-35)
+    has weight 0 to working precision and is skipped; in training the lower bound almost always is (|alpha| > 15).  Otherwise the exponent
+    is clipped to [-80, 80], because ``exp`` of huge negative arguments (|alpha| ~ 1e3 when sigma
+    is small) takes a slow path on CPU, ~13x slower than in range.
     """
 
     @staticmethod
@@ -452,30 +475,11 @@ class _ThetaDraw(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_theta):
         mu, sigma, theta, x, z, u, z2max = ctx.saved_tensors
-        a, b = ctx.bounds
-        alpha = (a - mu) / sigma
-        beta = (b - mu) / sigma
-        need_a = math.isfinite(a) and bool((z2max - alpha * alpha > -160.0).any())
-        need_b = math.isfinite(b) and bool((z2max - beta * beta > -160.0).any())
+        dmu, dsigma = _implicit_coefficients(mu, sigma, x, z, u, *ctx.bounds, z2max)
         g = grad_theta * theta  # d theta / d x = theta
         grad_mu = grad_sigma = None
-        if not (need_a or need_b):  # every draw lies > sqrt(160) sd inside both bounds (none clipped)
-            if ctx.needs_input_grad[0]:
-                grad_mu = g.sum_to_size(mu.shape)
-            if ctx.needs_input_grad[1]:
-                grad_sigma = (g * z).sum_to_size(sigma.shape)
-            return grad_mu, grad_sigma, None, None, None, None
-        g = torch.where((x > a) & (x < b), g, torch.zeros_like(g))  # zero where the draw was clipped
-        flip = alpha > 0  # the draw was mirrored: F = 1 - u
-        half_z = z * 0.5
-        dmu = dsigma = None
-        for need, t, factor in ((need_a, alpha, lambda: torch.where(flip, u, 1.0 - u)), (need_b, beta, lambda: torch.where(flip, 1.0 - u, u))):
-            if need:  # w = phi(t)/phi(z) * factor (1 - F for a, F for b); exponent (z - t)(z + t)/2
-                w = (z - t).mul_(half_z + t * 0.5).clamp_(-80.0, 80.0).exp_().mul_(factor())
-                dmu = (1.0 - w) if dmu is None else dmu.sub_(w)
-                dsigma = torch.addcmul(z if dsigma is None else dsigma, t, w, value=-1.0)
         if ctx.needs_input_grad[0]:
-            grad_mu = (g * dmu).sum_to_size(mu.shape)
+            grad_mu = (g if dmu is None else g * dmu).sum_to_size(mu.shape)
         if ctx.needs_input_grad[1]:
             grad_sigma = (g * dsigma).sum_to_size(sigma.shape)
         return grad_mu, grad_sigma, None, None, None, None
@@ -489,6 +493,31 @@ def draw_theta(mu, sigma, mask, u, a: float = DEFAULT_A, b: float = DEFAULT_B) -
     and ``sigma`` through the implicit reparameterisation gradient.
     """
     return _ThetaDraw.apply(mu, sigma, mask, u, a, b)
+
+
+def draw_theta_parts(mu, sigma, mask, u, a: float = DEFAULT_A, b: float = DEFAULT_B, *, coefficients: bool = True):
+    """``(theta * mask, dx/dmu, dx/dsigma)`` of :func:`draw_theta`'s draws, without autograd.
+
+    For fused callers that apply their own chain rule (the noise layers): with ``g = dL/dx =
+    dL/dtheta * theta`` per draw, ``dL/dmu = sum g dx/dmu`` and ``dL/dsigma = sum g dx/dsigma``
+    over the draws of a structure.  ``dx/dmu`` is None when it is 1 for every draw; both are None
+    with ``coefficients=False`` (no gradient wanted).
+    """
+    with torch.no_grad():
+        x, z = _sample_standardised(mu, sigma, u, a, b)
+        theta = torch.exp(x).mul_(mask)
+        if not coefficients:
+            return theta, None, None
+        lo, hi = _structure_extremes(z, mu)
+        dmu, dsigma = _implicit_coefficients(mu, sigma, x, z, u, a, b, torch.maximum(lo * lo, hi * hi))
+    return theta, dmu, dsigma
+
+
+def kl_log_uniform(mu: torch.Tensor, sigma: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """KL(q || p) = log(b - a) - H[q(x)] of TruncatedLogNormal(mu, sigma, a, b) against
+    LogUniform(a, b), in float64 with the analytic gradient (docs/maths.md section 1), without
+    building the distribution objects (the KL term of every training step)."""
+    return math.log(b - a) - _LogSpaceEntropy.apply(mu.double(), sigma.double(), float(a), float(b))
 
 
 class LogUniform(Distribution):
@@ -536,5 +565,7 @@ def kl_truncated_lognormal_loguniform(q: TruncatedLogNormal, p: LogUniform) -> t
     """
     if q.a < p.a or q.b > p.b:
         return torch.full_like(q.loc, math.inf)
+    if (q.a, q.b) == (p.a, p.b):
+        return kl_log_uniform(q.loc, q.scale, q.a, q.b).to(q.loc.dtype)
     kl = math.log(p.b - p.a) - q.log_space_entropy()
     return kl.to(q.loc.dtype)

@@ -40,7 +40,7 @@ from torch.distributions import kl_divergence
 
 from .selection import PRUNABLE_TYPES, num_structures as _num_structures, select_noise_layers
 from .selection import trace as _trace_model
-from .distributions import DEFAULT_A, DEFAULT_B, LogUniform, TruncatedLogNormal, draw_theta
+from .distributions import DEFAULT_A, DEFAULT_B, LogUniform, TruncatedLogNormal, draw_theta_parts, kl_log_uniform
 
 __all__ = [
     "MultiplicativeNoise",
@@ -198,15 +198,19 @@ class MultiplicativeNoise(nn.Module):
             if dim != 0:
                 if self.sharing == "channel":
                     u_shape[0] = h.shape[0]
-                theta = _JointDraw.take(self, u_shape[0], h.device)
-                if theta is not None:
-                    return h * theta.view(u_shape).to(h.dtype)
+                parts = _JointDraw.take(self, u_shape[0], h.device)
+                if parts is not None:
+                    return _noisy_product(h, self, parts, u_shape)
         self._check_finite_unless_cuda_training(h)
         dtype = _draw_dtype(self.mu.dtype)
-        u = torch.rand(u_shape, dtype=dtype, device=h.device)
-        theta = draw_theta(self.mu.view(shape).to(dtype), self.sigma.view(shape).to(dtype),
-                           self.mask.view(shape).to(dtype), u, self.a, self.b)
-        return h * theta.to(h.dtype)
+        grad = torch.is_grad_enabled() and (self.mu.requires_grad or self.log_sigma.requires_grad)
+        with torch.no_grad():
+            sigma, dsigma_dlog = _sigma_and_slope(self.log_sigma, self.log_sigma_bounds, dtype)
+            u = torch.rand(u_shape, dtype=dtype, device=h.device)
+            theta, dmu, dsigma = draw_theta_parts(self.mu.view(shape).to(dtype), sigma.view(shape),
+                                                  self.mask.view(shape).to(dtype), u, self.a, self.b,
+                                                  coefficients=grad)
+        return _noisy_product(h, self, (theta, dmu, dsigma, dsigma_dlog), u_shape)
 
     def _check_finite_unless_cuda_training(self, h: torch.Tensor) -> None:
         # on CUDA the check would stall the GPU pipeline at every training step; there the
@@ -291,20 +295,79 @@ class _Draws:
         return self.pieces[self.index[id(layer)]]
 
     def _draw(self, batch: int, device) -> tuple:
+        """Per layer ``(theta, dx/dmu or None, dx/dsigma, dsigma/dlog_sigma)`` (no autograd)."""
         layers, first = self.layers, self.layers[0]
-        mu = torch.cat([m.mu for m in layers])
-        log_sigma = torch.cat([m.log_sigma for m in layers])
-        if not (first.training and device.type == "cuda"):  # as MultiplicativeNoise.forward
-            with torch.no_grad():
+        grad = torch.is_grad_enabled()
+        with torch.no_grad():
+            mu = torch.cat([m.mu for m in layers])
+            log_sigma = torch.cat([m.log_sigma for m in layers])
+            if not (first.training and device.type == "cuda"):  # as MultiplicativeNoise.forward
                 if not bool(torch.isfinite(mu.sum() + log_sigma.sum())):
                     for m in layers:
                         m.check_finite()  # names the layer
-        dtype = _draw_dtype(mu.dtype)
-        sigma = log_sigma.clamp(*first.log_sigma_bounds).exp().to(dtype)
-        mask = torch.cat([m.mask for m in layers]).to(dtype)
-        u = torch.rand((batch, mu.numel()), dtype=dtype, device=device)
-        theta = draw_theta(mu.to(dtype), sigma, mask, u, first.a, first.b)
-        return theta.split([m.num_structures for m in layers], dim=1)
+            dtype = _draw_dtype(mu.dtype)
+            sigma, slope = _sigma_and_slope(log_sigma, first.log_sigma_bounds, dtype)
+            mask = torch.cat([m.mask for m in layers]).to(dtype)
+            u = torch.rand((batch, mu.numel()), dtype=dtype, device=device)
+            theta, dmu, dsigma = draw_theta_parts(mu.to(dtype), sigma, mask, u, first.a, first.b,
+                                                  coefficients=grad)
+        sizes = [m.num_structures for m in layers]
+        nones = [None] * len(layers)
+        return tuple(zip(theta.split(sizes, dim=1), nones if dmu is None else dmu.split(sizes, dim=1),
+                         nones if dsigma is None else dsigma.split(sizes, dim=1), slope.split(sizes)))
+
+
+def _sigma_and_slope(log_sigma: torch.Tensor, bounds: tuple, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sigma = exp(clamp(log_sigma, *bounds))`` and ``dsigma/dlog_sigma`` (sigma inside the
+    clamp's closed interval, 0 outside, as autograd's clamp), in ``dtype``; no autograd."""
+    ls = log_sigma.detach().to(dtype)
+    sigma = ls.clamp(*bounds).exp()
+    return sigma, sigma * ((ls >= bounds[0]) & (ls <= bounds[1])).to(dtype)
+
+
+class _NoisyProduct(torch.autograd.Function):
+    """``h * theta`` of a noise layer, with theta's reparameterisation gradient, in one node.
+
+    Inputs: ``h``, the layer's ``mu`` and ``log_sigma`` (for their gradients only), and its draw
+    from :func:`~bayesprune.distributions.draw_theta_parts`: ``theta`` (masked, shaped to
+    broadcast on h), ``dx/dmu`` (None = 1), ``dx/dsigma`` and ``dsigma/dlog_sigma``.  Backward
+    (docs/maths.md section 1): ``dL/dh = grad * theta``; ``g = dL/dx = theta * sum(grad * h)``
+    over the elements sharing a draw; ``dL/dmu = sum g dx/dmu``, ``dL/dlog_sigma = (sum g
+    dx/dsigma) dsigma/dlog_sigma`` over a structure's draws.  The same values and gradients as
+    ``h * draw_theta(...)`` through autograd, without its multiply, split, cat, clamp and exp nodes.
+    """
+
+    @staticmethod
+    def forward(ctx, h, mu, log_sigma, theta, dmu, dsigma, slope, shape):
+        ctx.save_for_backward(h, theta, dmu, dsigma, slope)
+        ctx.shape, ctx.dtype = shape, mu.dtype
+        return h * theta.to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, theta, dmu, dsigma, slope = ctx.saved_tensors
+        need_h, need_mu, need_ls = ctx.needs_input_grad[:3]
+        grad_h = grad * theta.to(grad.dtype) if need_h else None
+        grad_mu = grad_ls = None
+        if need_mu or need_ls:
+            g = (grad * h).sum_to_size(theta.shape).to(theta.dtype).mul_(theta)  # dL/dx per draw
+            if need_mu:
+                grad_mu = (g if dmu is None else g * dmu).sum_to_size(ctx.shape).reshape(-1).to(ctx.dtype)
+            if need_ls:
+                grad_ls = ((g * dsigma).sum_to_size(ctx.shape).reshape(-1) * slope).to(ctx.dtype)
+        return grad_h, grad_mu, grad_ls, None, None, None, None, None
+
+
+def _noisy_product(h: torch.Tensor, layer: "MultiplicativeNoise", parts: tuple, u_shape) -> torch.Tensor:
+    """``h * theta`` through :class:`_NoisyProduct`; ``parts`` = (theta, dx/dmu, dx/dsigma,
+    dsigma/dlog_sigma) with one draw per entry of ``u_shape``."""
+    theta, dmu, dsigma, slope = parts
+    if dsigma is None:  # drawn without gradient (torch.no_grad)
+        return h * theta.view(u_shape).to(h.dtype)
+    shape = [1] * h.ndim
+    shape[layer.dim % h.ndim] = layer.num_structures
+    return _NoisyProduct.apply(h, layer.mu, layer.log_sigma, theta.view(u_shape),
+                               None if dmu is None else dmu.view(u_shape), dsigma.view(u_shape), slope, shape)
 
 
 def _install_joint_draw(model: nn.Module) -> None:
@@ -521,8 +584,7 @@ def _kl_per_structure(layers: list[MultiplicativeNoise]) -> torch.Tensor:
         sigma = torch.cat([m.log_sigma for m in layers]).clamp(*layers[0].log_sigma_bounds).exp()
     else:
         sigma = torch.cat([m.sigma for m in layers])
-    q = TruncatedLogNormal(mu, sigma, a, b)
-    return kl_divergence(q, LogUniform(a, b, batch_shape=q.batch_shape))
+    return kl_log_uniform(mu, sigma, a, b).to(mu.dtype)  # = kl_divergence(q, p), without the objects
 
 
 _MEAN_WEIGHTS: dict = {}

@@ -1,0 +1,181 @@
+"""The fused noise op (noise._NoisyProduct): values and gradients equal ``h * draw_theta(...)``
+through autograd (the previous path), in float64, for every sharing mode, with masks, near the
+truncation bounds and with log_sigma outside its clamp; torch.autograd.gradcheck against finite
+differences with the uniforms held fixed; one autograd node per noise layer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bayesprune import add_noise, kl, noise_layers
+from bayesprune.distributions import LogUniform, TruncatedLogNormal, draw_theta, draw_theta_parts
+from bayesprune.noise import MultiplicativeNoise, _NoisyProduct, _sigma_and_slope
+
+F64 = torch.float64
+# (mu, log_sigma) per structure: inside, near the lower bound a = -20 (its weight matters), near
+# and above the upper bound b = 0 (mirrored draws; the last one deep in the tail, where the
+# sampler takes its log-space Newton path), tiny sigma, and log_sigma below/above its clamp
+# [-20, 5] (no gradient reaches it there)
+MU = [-1.0, -19.8, -0.05, 0.6, 1.0, -3.0, -2.0, -8.0]
+LOG_SIGMA = [-1.0, -1.5, -0.5, -1.2, -4.0, -9.0, -21.0, 6.0]
+
+
+def _module(sharing, dim=1):
+    n = MultiplicativeNoise(len(MU), dim=dim, sharing=sharing).to(F64)
+    with torch.no_grad():
+        n.mu.copy_(torch.tensor(MU, dtype=F64))
+        n.log_sigma.copy_(torch.tensor(LOG_SIGMA, dtype=F64))
+        n.mask[3] = 0
+    return n.train()
+
+
+def _reference(n, h, seed):
+    """The previous path: uniforms as the layer draws them, theta by draw_theta, then h * theta."""
+    dim = n.dim % h.ndim
+    shape = [1] * h.ndim
+    shape[dim] = n.num_structures
+    if n.sharing == "element":
+        u_shape = list(h.shape)
+    else:
+        u_shape = list(shape)
+        if n.sharing == "channel":
+            u_shape[0] = h.shape[0]
+    mu = n.mu.detach().clone().requires_grad_()
+    ls = n.log_sigma.detach().clone().requires_grad_()
+    torch.manual_seed(seed)
+    u = torch.rand(u_shape, dtype=F64)
+    theta = draw_theta(mu.view(shape), ls.clamp(*n.log_sigma_bounds).exp().view(shape), n.mask.view(shape), u, n.a, n.b)
+    return h * theta, mu, ls
+
+
+@pytest.mark.parametrize("sharing", ["channel", "structure", "element"])
+@pytest.mark.parametrize("layout", ["conv", "linear", "tokens"])
+def test_fused_values_and_gradients_equal_the_unfused_path(sharing, layout):
+    g = torch.Generator().manual_seed(3)
+    shapes = {"conv": ((6, len(MU), 3, 4), 1), "linear": ((6, len(MU)), -1), "tokens": ((4, 5, len(MU)), -1)}
+    h_shape, dim = shapes[layout]
+    n = _module(sharing, dim)
+    h0 = torch.randn(h_shape, generator=g, dtype=F64)
+    up = torch.randn(h_shape, generator=g, dtype=F64)
+    h_ref = h0.clone().requires_grad_()
+    ref_out, mu, ls = _reference(n, h_ref, seed=11)
+    torch.autograd.backward(ref_out, up)
+    h = h0.clone().requires_grad_()
+    torch.manual_seed(11)
+    out = n(h)
+    assert out.grad_fn.name() == "_NoisyProductBackward"
+    torch.autograd.backward(out, up)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=0)
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-12, atol=0)
+    torch.testing.assert_close(n.mu.grad, mu.grad, rtol=1e-10, atol=1e-300)
+    torch.testing.assert_close(n.log_sigma.grad, ls.grad, rtol=1e-10, atol=1e-300)
+    dim_ = dim % h0.ndim
+    masked = out.select(dim_, 3)
+    assert torch.equal(masked, torch.zeros_like(masked))  # mask 0 gives exact zeros
+    assert n.mu.grad[3] == 0 and n.log_sigma.grad[3] == 0
+    assert n.log_sigma.grad[6] == 0 and n.log_sigma.grad[7] == 0  # clamped: no gradient
+    assert (n.mu.grad[[0, 1, 2, 5]] != 0).all()
+
+
+def _fused_of_params(n, u, shape):
+    """h * theta through the fused op, theta recomputed from (mu, log_sigma) with u fixed, so that
+    finite differences in mu and log_sigma see the draw move."""
+
+    def f(h, mu, log_sigma):
+        sigma, slope = _sigma_and_slope(log_sigma, n.log_sigma_bounds, F64)
+        theta, dmu, dsigma = draw_theta_parts(mu.detach().view(shape), sigma.view(shape), n.mask.view(shape), u, n.a, n.b)
+        return _NoisyProduct.apply(h, mu, log_sigma, theta, dmu, dsigma, slope, list(shape))
+
+    return f
+
+
+@pytest.mark.parametrize("sharing", ["channel", "structure", "element"])
+def test_fused_gradient_passes_gradcheck(sharing):
+    """Finite differences of the fused op (u fixed) in h, mu and log_sigma, near both bounds, with
+    a masked structure; the clamp's own kinks (log_sigma at exactly -20 or 5) left out."""
+    mu = torch.tensor([-1.0, -19.5, -0.2, 0.5, -6.0], dtype=F64, requires_grad=True)
+    ls = torch.tensor([-1.0, -1.2, -0.7, -1.0, 0.0], dtype=F64, requires_grad=True)
+    n = MultiplicativeNoise(5, dim=1, sharing=sharing).to(F64)
+    with torch.no_grad():
+        n.mask[2] = 0
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 5, 2, 2, generator=g, dtype=F64, requires_grad=True)
+    shape = (1, 5, 1, 1)
+    u_shape = {"channel": (3, 5, 1, 1), "structure": (1, 5, 1, 1), "element": (3, 5, 2, 2)}[sharing]
+    u = torch.rand(u_shape, generator=g, dtype=F64).clamp(0.02, 0.98)  # no draw on a clip point
+    assert torch.autograd.gradcheck(_fused_of_params(n, u, shape), (h, mu, ls), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def _net(sharing):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 5, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(5 * 3 * 3, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+    x = torch.randn(4, 2, 8, 8, dtype=F64)
+    add_noise(model, x[:2], sharing=sharing)
+    with torch.no_grad():
+        for n in noise_layers(model):
+            n.mu.copy_(torch.linspace(-19.9, 0.4, n.num_structures, dtype=F64))
+            n.log_sigma.copy_(torch.linspace(-2.0, 0.5, n.num_structures, dtype=F64))
+            n.mask[1] = 0
+    return model.train(), x
+
+
+@pytest.mark.parametrize("sharing", ["channel", "structure"])
+def test_joint_draw_through_the_fused_op_gives_the_reference_loss_and_gradients(sharing):
+    """A whole training step's loss (outputs + KL) and every parameter's gradient, fused and joint,
+    against the same network whose noise layers run the unfused reference on the same uniforms."""
+    model, x = _net(sharing)
+    ref, _ = _net(sharing)
+    layers, rlayers = noise_layers(model), noise_layers(ref)
+    rows = x.shape[0] if sharing == "channel" else 1
+    torch.manual_seed(5)
+    u_all = torch.rand(rows, sum(n.num_structures for n in layers), dtype=F64).split([n.num_structures for n in layers], 1)
+
+    def reference_forward(n, u):
+        def fwd(h):
+            shape = [1] * h.ndim
+            shape[n.dim % h.ndim] = n.num_structures
+            ushape = list(shape)
+            ushape[0] = rows
+            return h * draw_theta(n.mu.view(shape), n.sigma.view(shape), n.mask.view(shape), u.reshape(ushape), n.a, n.b)
+        return fwd
+
+    for n, u in zip(rlayers, u_all):
+        n.forward = reference_forward(n, u)
+    w = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=F64)
+    torch.manual_seed(5)
+    loss = (model(x) * w).sum() + kl(model)
+    loss.backward()
+    rloss = (ref(x) * w).sum() + sum(kl_divergence_mean(n) for n in rlayers) / len(rlayers)
+    rloss.backward()
+    torch.testing.assert_close(loss, rloss, rtol=1e-12, atol=0)
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-300, msg=name)
+
+
+def kl_divergence_mean(n):
+    """A layer's mean KL from the distribution objects (torch.distributions.kl_divergence)."""
+    q = TruncatedLogNormal(n.mu, n.sigma, n.a, n.b)
+    return torch.distributions.kl_divergence(q, LogUniform(n.a, n.b, batch_shape=q.batch_shape)).mean()
+
+
+def test_one_backward_node_per_noise_layer_and_nothing_else_from_the_draw():
+    """The noisy step's graph holds one _NoisyProductBackward per layer and no autograd node for
+    the draw's multiply, split, cat, clamp or exp."""
+    model, x = _net("channel")
+    out = model(x)
+    seen, stack, names = set(), [out.grad_fn], []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(fn.name())
+        stack.extend(f for f, _ in fn.next_functions)
+    assert names.count("_NoisyProductBackward") == len(noise_layers(model)) == 2
+    assert not any(k in name for name in names for k in ("Split", "Cat", "Clamp", "Exp", "ThetaDraw"))
+    assert math.isfinite(float(out.detach().sum()))
