@@ -13,7 +13,7 @@ from .criteria import (
 )
 from .distributions import LogUniform, TruncatedLogNormal
 from .noise import DEFAULT_SHARING, MultiplicativeNoise, add_noise, kl, noise_layers, remove_noise, stored_example_inputs
-from .pruning import LayerReport, PruneReport, prune, report, scores
+from .pruning import LayerReport, PruneReport, prune, report, round_masks, scores
 from .reduction import REFERENCE_THRESHOLD, delta_f_normal, delta_f_uniform
 from .removal import count_parameters, remaining_parameters, shrink, shrink_for_training
 from .export import OnnxExport, export_onnx, load_shrunk, save_shrunk
@@ -55,6 +55,7 @@ __all__ = [
     "remaining_parameters",
     "remove_noise",
     "report",
+    "round_masks",
     "save_shrunk",
     "scores",
     "shrink",
