@@ -324,3 +324,76 @@ def test_integrations_are_not_imported_by_the_core_and_name_their_extra_when_mis
     lines = out.stdout.splitlines()
     assert "pip install 'bayesprune[lightning]'" in lines[0]
     assert "pip install 'bayesprune[transformers]'" in lines[1]
+
+
+_DDP_SCRIPT = textwrap.dedent('''
+    import sys
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    import lightning.pytorch as pl
+    import bayesprune as bp
+    from bayesprune.integrations.lightning import BMRSPruning
+
+    class Classifier(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(),
+                                     nn.Linear(6 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    if __name__ == "__main__":
+        out = sys.argv[1]
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, 1, 8, 8, generator=g)
+        y = (x[:, 0, :4, :4].sum((1, 2)) > 0).long() + (x[:, 0, 4:, 4:].sum((1, 2)) > 0).long()
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=True)
+        module = Classifier()
+        cb = BMRSPruning("bmrs_n", compression=0.3, example_inputs=x[:2])  # noise added in setup, before DDP wraps
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, callbacks=[cb],
+                             enable_progress_bar=False, logger=False, enable_checkpointing=False,
+                             enable_model_summary=False)
+        trainer.fit(module, loader)
+        rank = trainer.global_rank
+        module.eval()
+        with torch.no_grad():
+            masked, shrunk = module(x), cb.shrunk_model(x)
+        torch.save({"masks": [m.mask.clone() for m in bp.noise_layers(module.net)],
+                    "params": {k: v.detach().clone() for k, v in module.net.named_parameters()},
+                    "kept": cb.report.params_kept, "total": cb.report.params_total,
+                    "shrunk_params": bp.count_parameters(cb.shrunk_model),
+                    "err": float((masked - shrunk).abs().max() / masked.abs().max())}, f"{out}/rank{rank}.pt")
+''')
+
+
+def test_lightning_callback_under_the_ddp_strategy_prunes_alike_on_every_rank(tmp_path):
+    """Lightning's ``ddp`` strategy, 2 CPU processes (gloo): the noise is added before DDP wraps
+    the module, DDP keeps the noise parameters in sync, and both ranks end with the same masks,
+    the same parameters (BatchNorm's running statistics are buffers, which DDP broadcasts from
+    rank 0 at each forward and each rank then updates on its own shard: not compared) and a
+    shrunk network equal to the masked one with fewer parameters."""
+    script = tmp_path / "fit_ddp.py"
+    script.write_text(_DDP_SCRIPT)
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    p = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                       env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert len(r0["masks"]) == 2 and all(torch.equal(a, b) for a, b in zip(r0["masks"], r1["masks"]))
+    assert r0["params"].keys() == r1["params"].keys()
+    for k in r0["params"]:
+        torch.testing.assert_close(r0["params"][k], r1["params"][k], rtol=0, atol=0, msg=k)
+    assert sum(int((m == 0).sum()) for m in r0["masks"]) > 0  # something was pruned
+    for r in (r0, r1):
+        assert r["kept"] == r["shrunk_params"] <= 0.7 * r["total"] + 1e-9
+        assert r["err"] <= RTOL
