@@ -77,7 +77,7 @@ def _hf(name: str):
                                        window_size=4))
         return m, torch.randn(2, 3, 32, 32)
     elif name == "convnext":
-        m = tf.ConvNextModel(tf.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], image_size=32))
+        m = tf.ConvNextModel(tf.ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], image_size=32))
         return m, torch.randn(2, 3, 32, 32)
     else:
         raise ValueError(f"unknown hf model {name!r}")

@@ -387,7 +387,9 @@ def _remove_joint_draw(model: nn.Module) -> None:
                     getattr(m, "_forward_hooks_always_called", {}).pop(key, None)
 
 
-def _chain_from_trace(calls: list[_Call], layer_call: _Call, placement: str, sharing: str) -> list[str]:
+def _chain_from_trace(calls: list, layer_call, placement: str, sharing: str, uses=None) -> list[str]:
+    """The layer and the modules its noise moves past; ``uses``: id(tensor) -> operations outside
+    modules that also take it (a functional consumer, e.g. an SE gate's ``scale * x``, stops it)."""
     if placement == "layer":
         return [layer_call.name]
     counts: dict[int, int] = {}
@@ -400,6 +402,8 @@ def _chain_from_trace(calls: list[_Call], layer_call: _Call, placement: str, sha
         consumers = [c for c in calls if any(x is cur.output for x in c.inputs)]
         if len(consumers) != 1 or not _is_stage(consumers[0].module, kinds):
             continue
+        if (uses or {}).get(id(cur.output), 0):
+            break
         nxt = consumers[0]
         if counts[id(nxt.module)] != 1:
             break
@@ -484,7 +488,7 @@ def add_noise(
         n, dim = _num_structures(layer)
         if name in [c.name for c in calls]:
             layer_call = next(c for c in calls if c.name == name)
-            chain = _chain_from_trace(calls, layer_call, placement, sharing)
+            chain = _chain_from_trace(calls, layer_call, placement, sharing, traced.functional_uses)
         else:
             chain = _chain_from_sequential(model, name, placement, sharing)
         target_name = chain[-1]

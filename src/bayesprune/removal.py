@@ -439,7 +439,17 @@ def _fold_into_consumers(graph, layer, scale) -> None:
     """Scale the input weights that read structure i (column j of a consumer reads root i)."""
     group = graph.get_pruning_group(layer, _out_pruner(layer), idxs=list(range(len(scale))))
     found = False
-    items = list(_items(group))
+    # only what lies downstream of the layer reads the noisy tensor: the group also holds layers
+    # coupled to it upstream (an SE block's gate multiplies the tensor that its fc1 reads)
+    reach, stack = set(), list(graph.module2node[layer].outputs)
+    while stack:
+        node = stack.pop()
+        if id(node) in reach:
+            continue
+        reach.add(id(node))
+        if not is_prunable(node.module):
+            stack.extend(node.outputs)
+    items = [(dep, pairs) for dep, pairs in _items(group) if id(dep.target) in reach]
     # a depthwise conv reading the structures is in the group by its outputs (Torch-Pruning couples
     # its input and output channels): its filter i reads structure i, and what lies after it reads
     # its output, not the noisy tensor

@@ -127,6 +127,8 @@ class Trace:
     prediction heads, and per prunable layer the recurrent modules its output feeds (names)."""
 
     calls: list = field(default_factory=list)
+    #: id(tensor) -> how many operations outside the traced modules take it (``scale * x``)
+    functional_uses: dict = field(default_factory=dict)
     heads: list = field(default_factory=list)
     recurrent: dict = field(default_factory=dict)
     outputs_followed: bool = False
@@ -152,6 +154,8 @@ class _Lineage(TorchFunctionMode):
         super().__init__()
         self.tags: dict[int, frozenset] = {}
         self.alive: list = []  # keeps tagged tensors alive so their ids stay unique
+        self.depth = 0  # > 0 inside a traced module's forward
+        self.uses: dict[int, int] = {}
 
     def tag_of(self, t) -> frozenset:
         return self.tags.get(id(t), frozenset())
@@ -165,10 +169,15 @@ class _Lineage(TorchFunctionMode):
         out = func(*args, **kwargs)
         ins = _flat_tensors(args, [])
         _flat_tensors(kwargs, ins)
+        outs = _flat_tensors(out, [])
+        if self.depth == 0 and outs:  # an operation between modules (not .shape, .dim(), ...)
+            for t in ins:
+                self.uses[id(t)] = self.uses.get(id(t), 0) + 1
+                self.alive.append(t)
         if ins:
             tag = frozenset().union(*(self.tag_of(t) for t in ins))
             if tag:
-                for t in _flat_tensors(out, []):
+                for t in outs:
                     self.set_tag(t, tag | self.tag_of(t) if any(t is i for i in ins) else tag)
         return out
 
@@ -190,7 +199,11 @@ def trace(model: nn.Module, example_inputs) -> Trace:
     lineage = _Lineage()
     handles = []
 
+    def pre_hook(module, args):
+        lineage.depth += 1
+
     def hook(module, args, output):
+        lineage.depth -= 1
         name = names[module]
         result.calls.append(_Call(name, module, tuple(a for a in args if torch.is_tensor(a)), output))
         if is_prunable(module):
@@ -205,6 +218,7 @@ def trace(model: nn.Module, example_inputs) -> Trace:
 
     for m in model.modules():
         if len(list(m.children())) == 0 or is_prunable(m) or isinstance(m, _BN_TYPES + RECURRENT_TYPES):
+            handles.append(m.register_forward_pre_hook(pre_hook))
             handles.append(m.register_forward_hook(hook))
     was_training = model.training
     model.eval()
@@ -220,6 +234,8 @@ def trace(model: nn.Module, example_inputs) -> Trace:
     for t in outs:
         heads |= lineage.tag_of(t)
     result.outputs_followed = bool(outs)
+    kept = {id(c.output) for c in result.calls}  # ids of tensors still alive (held by the calls)
+    result.functional_uses = {k: v for k, v in lineage.uses.items() if k in kept}
     order = list(dict.fromkeys(c.name for c in result.calls if is_prunable(c.module)))
     if not outs and order:  # no tensor in the output to follow: the last layer run is the head
         heads = {order[-1]}
