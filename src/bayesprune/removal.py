@@ -666,8 +666,37 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
                 refused[n] = w
             return w is None
 
-        safe = {n for n in names if n not in masked or n in assume_safe or single(n)}
+        def bad_layers(group: list) -> list:
+            """The layers of ``group`` whose removal alone is inexact, found by halving (a group
+            that removes exactly clears all its layers in one attempt)."""
+            if not group:
+                return []
+            w = attempt(set(group))[2]
+            if w is None:
+                return []
+            if len(group) == 1:
+                refused[group[0]] = w
+                return group
+            return halves(group)
+
+        def halves(group: list) -> list:
+            half = len(group) // 2
+            return bad_layers(group[:half]) + bad_layers(group[half:])
+
+        suspects = [n for n in names if n in masked and n not in assume_safe]
+        if len(suspects) != len(masked):
+            bad = set(bad_layers(suspects))
+        elif len(suspects) > 1:  # the first attempt was this whole group
+            bad = set(halves(suspects))
+        else:  # the first attempt tried the one masked layer alone
+            bad = set(suspects)
+            refused.update({n: why for n in suspects})
+        safe = {n for n in names if n not in bad}
         out, steps, why = attempt(safe)
+        if why is not None:  # layers inexact only together: one at a time, as before
+            refused.clear()
+            safe = {n for n in names if n not in masked or n in assume_safe or single(n)}
+            out, steps, why = attempt(safe)
         if why is not None and assume_safe:  # the analysis was wrong: check every layer
             refused.clear()
             safe = {n for n in names if n not in masked or single(n)}
