@@ -7,15 +7,17 @@ import bayesprune.experiments.rundir as files
 import bayesprune.experiments.training as tr
 
 
-def test_portable_path_relative_under_cwd_and_its_parent(tmp_path, monkeypatch):
+def test_portable_path_relative_under_cwd_only(tmp_path, monkeypatch):
     work = tmp_path / "work" / "main"
     (work / "runs").mkdir(parents=True)
     (tmp_path / "work" / "shared").mkdir()
     monkeypatch.chdir(work)
     assert files.portable_path(work / "runs" / "a") == "runs/a"
-    assert files.portable_path(tmp_path / "work" / "shared" / "datasets") == "../shared/datasets"
+    # outside the working directory (even next to it): kept absolute, as the user gave it, so a
+    # run directory outside the project never reads as a path relative to some other folder
+    beside = tmp_path / "work" / "shared" / "datasets"
+    assert files.portable_path(beside) == beside.as_posix()
     far = tmp_path / "elsewhere"
-    # two levels up is not "the project": kept absolute, as the user gave it
     assert files.portable_path(far) == far.as_posix()
     assert files.portable_path("relative/given") == "relative/given"
     assert files.portable_path(None) is None

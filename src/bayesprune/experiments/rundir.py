@@ -33,16 +33,19 @@ PATH_FIELDS = ("out_dir", "data_dir")
 
 def portable_path(path: str | os.PathLike | None) -> str | None:
     """``path`` as a run file records it: relative to the working directory when it lies under
-    it or under its parent (``/work/shared/datasets`` from ``/work/main`` is ``../shared/datasets``),
-    as given otherwise; a relative path is kept as given. Committed results thus carry no
-    absolute path of the machine that made them."""
+    it, as given otherwise (a relative path is kept as given). Runs started from the repository
+    root into its own folders thus record no absolute path of the machine; paths outside it
+    (a scratch folder, ``/work/shared/datasets``) stay absolute and are rewritten by
+    ``scripts/relative_result_paths.py`` before results are committed."""
     if path is None:
         return None
     p = Path(path)
     if not p.is_absolute():
         return p.as_posix()
-    rel = Path(os.path.relpath(p.resolve(), Path.cwd().resolve()))
-    return rel.as_posix() if rel.parts[:2] != ("..", "..") else p.as_posix()
+    try:
+        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:  # not under the working directory
+        return p.as_posix()
 
 
 def recorded(config: dict) -> dict:
