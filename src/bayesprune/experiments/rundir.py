@@ -35,7 +35,7 @@ def portable_path(path: str | os.PathLike | None) -> str | None:
     """``path`` as a run file records it: relative to the working directory when it lies under
     it, as given otherwise (a relative path is kept as given). Runs started from the repository
     root into its own folders thus record no absolute path of the machine; paths outside it
-    (a scratch folder, ``/work/shared/datasets``) stay absolute and are rewritten by
+    (a scratch folder, the shared data sets) stay absolute and are rewritten by
     ``scripts/relative_result_paths.py`` before results are committed."""
     if path is None:
         return None
