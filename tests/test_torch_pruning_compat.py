@@ -40,7 +40,12 @@ def test_too_old_a_release_is_refused_naming_the_version_needed():
         from importlib import metadata
         real = metadata.version
         metadata.version = lambda name: "1.4.3" if name == "torch-pruning" else real(name)
-        import bayesprune
+        import bayesprune  # Torch-Pruning is imported (and checked) at its first use, not here
+        import torch
+        from torch import nn
+        m = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        bayesprune.add_noise(m, torch.zeros(2, 4))
+        bayesprune.shrink(m)
     """)
     assert out.returncode != 0
     assert "ImportError: bayesprune needs Torch-Pruning >= 1.5.0" in out.stderr and "found 1.4.3" in out.stderr

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import _torch_pruning as _tp
+from ._lazy import lazy_import
 from .noise import noise_layers, remove_noise, stored_example_inputs
 from .removal import count_parameters, example_from_spec
+
+_tp = lazy_import("bayesprune._torch_pruning")  # Torch-Pruning is imported when first used
 
 __all__ = ["size_speed_report", "SizeSpeedReport", "Latency", "machine_info", "format_report"]
 

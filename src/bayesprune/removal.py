@@ -49,9 +49,11 @@ import weakref
 import torch
 from torch import nn
 
-from . import _torch_pruning as _tp
+from ._lazy import lazy_import
 from . import heads as _heads
 from .selection import is_prunable, is_transposed_linear
+
+_tp = lazy_import("bayesprune._torch_pruning")  # Torch-Pruning is imported when first used
 
 from .noise import (
     _BN_TYPES,
@@ -295,8 +297,10 @@ def _shapes(grad_fn):
         return None
 
 
-_OP_TYPES = {_tp.OPTYPE.ELEMENTWISE, _tp.OPTYPE.RESHAPE, _tp.OPTYPE.CONCAT, _tp.OPTYPE.SPLIT,
-             _tp.OPTYPE.EXPAND, _tp.OPTYPE.SLICE, _tp.OPTYPE.UNBIND}
+def _op_types() -> set:
+    """Torch-Pruning's operation types a channel passes through unchanged in count."""
+    t = _tp.OPTYPE
+    return {t.ELEMENTWISE, t.RESHAPE, t.CONCAT, t.SPLIT, t.EXPAND, t.SLICE, t.UNBIND}
 
 
 def _grad_name(node) -> str:
@@ -334,7 +338,7 @@ def _through_permute(node, limit: int = 64) -> bool:
     stack, seen = [node], set()
     while stack:
         n = stack.pop()
-        if id(n) in seen or n.type not in _OP_TYPES:
+        if id(n) in seen or n.type not in _op_types():
             continue  # a layer (conv, BN, ...) sets the channel dimension
         seen.add(id(n))
         name = _grad_name(n).lower()
@@ -645,6 +649,8 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
             trial = copy.deepcopy(base)
             try:
                 steps, kept = _remove_structures(trial, example_inputs, entries, allowed)
+            except ImportError:  # Torch-Pruning missing or too old (first use): not an inexact layer
+                raise
             except Exception as e:  # a removal Torch-Pruning cannot map: keep that layer's structures
                 return None, None, f"removal failed: {type(e).__name__}: {e}"
             if keep_noise:
@@ -944,7 +950,7 @@ class _Analysis:
                 if isinstance(mod, _CROSS_CHANNEL_NORMS) or _tied_to_untraced(dep.target):
                     veto.update(r for _, r in pairs)
                     continue
-                if dep.target.type in _OP_TYPES:
+                if dep.target.type in _op_types():
                     odd = odd or self._odd_op(dep.target)
                     continue
                 if not isinstance(mod, nn.Module) or id(mod) not in mod_name:
