@@ -61,7 +61,7 @@ def _positive_int(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
 
 
@@ -74,16 +74,6 @@ def _threshold(text: str) -> float:
         return _finite(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a finite number or 'reference', got {text!r}") from None
-
-
-def _round_to(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer (structures per layer a multiple of it), got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
 
 
 def _prior_odds(text: str) -> float:
@@ -166,7 +156,7 @@ def _add_common(p: argparse.ArgumentParser, methods: bool = True) -> None:
                             f"{default.prior_odds:.4g} = sqrt(2 pi), the paper's; 1 = exact BMR, bmrs_u's default)")
         g.add_argument("--compression", type=_finite, default=None, help="target parameter compression in [0, 1] (l2, grad)")
         g.add_argument("--no-monotone", action="store_true", help="allow pruned structures to come back")
-        g.add_argument("--round-to", type=_round_to, default=None,
+        g.add_argument("--round-to", type=_positive_int, default=None,
                        help="each layer keeps a multiple of this many structures, the extra ones those of highest "
                             "keep score (kernel-friendly widths); off unless given")
         g.add_argument("--shrink", action="store_true", help="physically remove pruned structures during training")

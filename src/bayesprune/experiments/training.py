@@ -199,19 +199,6 @@ class RunConfig:
             raise ValueError("method 'dense' has no noise layers and prunes nothing: --dense-finetune-epochs does not apply")
         if not (isinstance(self.world_size, int) and self.world_size >= 1):
             raise ValueError(f"world_size must be an integer >= 1, got {self.world_size!r}")
-        if not isinstance(self.dense_finetune_epochs, int) or self.dense_finetune_epochs < 0:
-            raise ValueError(f"dense_finetune_epochs must be an integer >= 0 (0: off), got {self.dense_finetune_epochs!r}")
-        v = self.dense_finetune_lr
-        if v is not None and not (v > 0 and math.isfinite(v)):
-            raise ValueError(f"dense_finetune_lr must be a positive number, got {v}")
-        from .finetune import SCHEDULES
-
-        if self.dense_finetune_schedule not in SCHEDULES:
-            raise ValueError(f"unknown dense_finetune_schedule {self.dense_finetune_schedule!r}; valid: {', '.join(SCHEDULES)}")
-        if v is not None and not self.dense_finetune_epochs:
-            raise ValueError("dense_finetune_lr needs dense_finetune_epochs >= 1")
-        if self.method == "dense" and self.dense_finetune_epochs:
-            raise ValueError("method 'dense' has no noise layers and prunes nothing: --dense-finetune-epochs does not apply")
         for name in ("image_size", "train_subset", "test_subset"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
