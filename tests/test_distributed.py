@@ -69,6 +69,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, record: str, stop_at
     except KeyboardInterrupt:
         pass
     torch.save(dict(seen=seen, summary=summary), Path(record) / f"rank{rank}.pt")
+    dist.barrier()  # neither rank tears gloo down while the other still uses it (a SIGABRT otherwise, seen once)
     dist.destroy_process_group()
 
 
