@@ -347,15 +347,57 @@ class _NoisyProduct(torch.autograd.Function):
     def backward(ctx, grad):
         h, theta, dmu, dsigma, slope = ctx.saved_tensors
         need_h, need_mu, need_ls = ctx.needs_input_grad[:3]
-        grad_h = grad * theta.to(grad.dtype) if need_h else None
-        grad_mu = grad_ls = None
-        if need_mu or need_ls:
-            g = (grad * h).sum_to_size(theta.shape).to(theta.dtype).mul_(theta)  # dL/dx per draw
+        need_theta = need_mu or need_ls
+        grad_h = grad_mu = grad_ls = None
+        one_pass = _one_pass_backward(grad, h, theta, need_h, need_theta)
+        if one_pass is not None:
+            grad_h, gh = one_pass
+        elif need_h:
+            grad_h = grad * theta.to(grad.dtype)
+        if need_theta:
+            if one_pass is None:
+                gh = (grad * h).sum_to_size(theta.shape).to(theta.dtype)
+            g = gh.mul_(theta)  # dL/dx per draw
             if need_mu:
                 grad_mu = (g if dmu is None else g * dmu).sum_to_size(ctx.shape).reshape(-1).to(ctx.dtype)
             if need_ls:
                 grad_ls = ((g * dsigma).sum_to_size(ctx.shape).reshape(-1) * slope).to(ctx.dtype)
         return grad_h, grad_mu, grad_ls, None, None, None, None, None
+
+
+def _one_pass_backward(grad, h, theta, need_h: bool, need_theta: bool):
+    """``(grad * theta, sum of grad * h per draw)`` in one pass over ``grad`` and ``h``, or None
+    where the layout does not allow it.
+
+    For one draw per (example, channel) or per channel of a contiguous CPU ``[N, C, ...]``
+    tensor: ``h`` viewed as ``[1, N C, R]`` (per example) or ``[N, C, R]`` (per channel) is a
+    batch of "channels" each scaled by one theta, and ATen's eval-mode batch-norm backward with
+    mean 0, variance 1, eps 0 and weight theta returns exactly ``grad * theta`` (its input
+    gradient, ``grad * 1/sqrt(1 + 0) * theta``) and ``sum(grad * h)`` per channel (its weight
+    gradient), one channel at a time while it is in cache, without the product's temporary.
+    """
+    if (h.device.type != "cpu" or h.ndim < 2 or grad.dtype != h.dtype or theta.dtype != h.dtype
+            or h.dtype not in (torch.float32, torch.float64) or not h.is_contiguous() or not grad.is_contiguous()
+            or grad.shape != h.shape or theta.ndim != h.ndim):
+        return None
+    n, c = h.shape[0], h.shape[1]
+    r = h[0, 0].numel()
+    if tuple(theta.shape[1:]) != (c,) + (1,) * (h.ndim - 2):
+        return None
+    if theta.shape[0] == n and n > 1 or n == 1:  # one draw per (example, channel)
+        if r == 1:
+            return None  # nothing to reduce: the plain products are cheaper
+        view = (1, n * c, r)
+    elif theta.shape[0] == 1:  # one draw per channel for the batch
+        view = (n, c, r)
+    else:
+        return None
+    k = view[1]
+    weight = theta.reshape(k)
+    zeros, ones = torch.zeros(k, dtype=h.dtype), torch.ones(k, dtype=h.dtype)
+    grad_h, gh, _ = torch.ops.aten.native_batch_norm_backward(
+        grad.view(view), h.view(view), weight, zeros, ones, None, None, False, 0.0, [need_h, need_theta, False])
+    return (grad_h.view(h.shape) if need_h else None), (gh.view(theta.shape) if need_theta else None)
 
 
 def _noisy_product(h: torch.Tensor, layer: "MultiplicativeNoise", parts: tuple, u_shape) -> torch.Tensor:
