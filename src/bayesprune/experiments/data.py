@@ -786,26 +786,35 @@ def _load_or_decode(source: Path, fingerprint: str, decode: Callable[[], tuple])
     return (xtr, ytr), (xte, yte)
 
 
-def _read_cifar_zip(path: Path):
+def _read_zip(path: Path, decode_entries: Callable[[list, Callable[[str], bytes]], tuple]):
+    """``decode_entries(file names, read)`` on the zip at ``path``, through the decode cache
+    (fingerprint: size and mtime); a corrupt zip is a DataError naming the file."""
     st = path.stat()
-    fingerprint = f"{st.st_size}-{st.st_mtime_ns}"
 
     def decode():
         try:
             with zipfile.ZipFile(path) as zf:
-                names = [i.filename for i in zf.infolist() if not i.is_dir()]
-                groups = _group_entries(names, str(path))
-                out = []
-                for split in ("train", "test"):
-                    items = groups[split]
-                    blobs = [zf.read(n) for n, _ in items]
-                    x = _decode_images(blobs, [f"{path}:{n}" for n, _ in items])
-                    out.append((x, torch.tensor([lab for _, lab in items], dtype=torch.int64)))
-                return tuple(out)
+                return decode_entries([i.filename for i in zf.infolist() if not i.is_dir()], zf.read)
         except (zipfile.BadZipFile, zlib.error, EOFError) as e:
             raise DataError(f"{path}: not a valid zip file ({type(e).__name__}: {e})") from e
 
-    return _load_or_decode(path, fingerprint, decode)
+    return _load_or_decode(path, f"{st.st_size}-{st.st_mtime_ns}", decode)
+
+
+def _decode_cifar(names: Sequence[str], read: Callable[[str], bytes], where: str, sep: str = ":"):
+    """(train, test) from the image files ``names`` (``<split>/<class>/<file>``) read by ``read``;
+    errors name a file as ``where + sep + name``."""
+    groups = _group_entries(names, where)
+    out = []
+    for split in ("train", "test"):
+        items = groups[split]
+        x = _decode_images([read(n) for n, _ in items], [f"{where}{sep}{n}" for n, _ in items])
+        out.append((x, torch.tensor([lab for _, lab in items], dtype=torch.int64)))
+    return tuple(out)
+
+
+def _read_cifar_zip(path: Path):
+    return _read_zip(path, lambda names, read: _decode_cifar(names, read, str(path)))
 
 
 def _read_cifar_tree(root: Path):
@@ -822,16 +831,7 @@ def _read_cifar_tree(root: Path):
         h.update(f"{r}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     fingerprint = f"{len(rel)}-{h.hexdigest()[:16]}"
 
-    def decode():
-        groups = _group_entries(rel, str(root))
-        out = []
-        for split in ("train", "test"):
-            items = groups[split]
-            blobs = [(root / n).read_bytes() for n, _ in items]
-            x = _decode_images(blobs, [str(root / n) for n, _ in items])
-            out.append((x, torch.tensor([lab for _, lab in items], dtype=torch.int64)))
-        return tuple(out)
-
+    decode = lambda: _decode_cifar(rel, lambda n: (root / n).read_bytes(), str(root), os.sep)  # noqa: E731
     return _cached(("cifar-tree", str(root.resolve()), fingerprint),
                    lambda: _load_or_decode(root, fingerprint, decode))
 
@@ -861,18 +861,8 @@ def _load_tinyimagenet_uint8(root: Path, download: bool):
         )
     kind, path = found
     if kind == "zip":
-        st = path.stat()
-        fingerprint = f"{st.st_size}-{st.st_mtime_ns}"
-
-        def decode():
-            try:
-                with zipfile.ZipFile(path) as zf:
-                    names = [i.filename for i in zf.infolist() if not i.is_dir()]
-                    return _decode_tiny(names, zf.read, str(path))
-            except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-                raise DataError(f"{path}: not a valid zip file ({type(e).__name__}: {e})") from e
-
-        return _cached(("tiny-zip", _file_key(path)), lambda: _load_or_decode(path, fingerprint, decode))
+        return _cached(("tiny-zip", _file_key(path)),
+                       lambda: _read_zip(path, lambda names, read: _decode_tiny(names, read, str(path))))
     files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
     h = hashlib.sha1()
     for r in files:
