@@ -16,10 +16,19 @@ than one thread it also counts the worker threads' spinning).  The load average 
 before and after each network.
 
     python benchmarks/noise_overhead.py [--nets lenet5,resnet18,resnet50] [--variants ...]
-        [--steps 30] [--big-steps 3] [--threads 2] [--profile] [--data DIR]
+        [--modes eager,channels_last,compile] [--steps 30] [--big-steps 3] [--threads 2]
+        [--profile] [--dtypes] [--data DIR]
 
-``--profile`` adds, per network, the torch.profiler per-op self CPU time of the default noisy
-step beside the plain step (the ops whose time differs most).  Targets (issue "speed"):
+``--modes``: how both the plain and the noisy networks run, each mode with its own plain
+network, all measured in the same interleaved loop (the order rotated every round): ``eager``,
+``channels_last`` (model and input in channels-last memory format) and ``compile``
+(``torch.compile`` of the model, default inductor backend; the first step, which compiles, is
+timed apart and printed as the build time).  Each row: median ms per step, the ratio to the plain
+network of the same mode, the spread of that ratio over the rounds (lowest-highest of the
+per-round ratios of block means), the CPU clock and its ratio, and the ratio to the eager plain
+network.  ``--profile`` adds, per network, the torch.profiler per-op self CPU time of the default
+noisy step beside the plain step (the ops whose time differs most); ``--dtypes`` lists the ops of
+one noisy step that compute in float64, with their element counts.  Targets (issue "speed"):
 ratio <= 1.15 on LeNet5, <= 1.05 on ResNet-18 and ResNet-50.
 """
 
@@ -83,21 +92,32 @@ def batches(net: str, batch: int, count: int, data: str | None):
     return out, f"random {'x'.join(map(str, shape))} tensors{why}"
 
 
-def make(net: str, variant: str, example):
+MODES = ("eager", "channels_last", "compile")
+
+
+def make(net: str, variant: str, example, mode: str = "eager"):
+    """``(callable model, optimiser, module)`` of one variant in one mode; ``module`` is the
+    uncompiled network (its noise layers give the KL)."""
     model = build(net)
     if variant != "plain":
         bayesprune.add_noise(model, example, sharing=variant)
     model.train()
-    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+    if mode == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    run = torch.compile(model) if mode == "compile" else model
+    return run, opt, model
 
 
-def step(model, opt, x, y, variant: str) -> tuple[float, float]:
+def step(model, opt, x, y, variant: str, module=None, mode: str = "eager") -> tuple[float, float]:
     """One training step; (wall seconds, process CPU seconds)."""
     t0, c0 = time.perf_counter(), time.process_time()
+    if mode == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     opt.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x), y)
     if variant != "plain":
-        loss = loss + bayesprune.kl(model, "mean")
+        loss = loss + bayesprune.kl(model if module is None else module, "mean")
     loss.backward()
     opt.step()
     return time.perf_counter() - t0, time.process_time() - c0
@@ -107,34 +127,83 @@ def load() -> str:
     return "load average %.2f %.2f %.2f" % os.getloadavg()
 
 
-def measure(net: str, variants, steps: int, block: int, warmup: int, data) -> dict:
-    """Median (wall, cpu) seconds per step of each variant, measured interleaved."""
+def measure(net: str, variants, steps: int, block: int, warmup: int, data, modes=("eager",)):
+    """Per (mode, variant): median (wall, cpu) seconds per step, the per-round block means and
+    the first step's wall time, measured interleaved (the order rotated each round)."""
     shape, batch, _, _ = NETS[net]
     xs, source = batches(net, batch, 8 if net == "lenet5" else 2, data)
-    runs = {v: make(net, v, xs[0][0][:2]) for v in variants}
+    keys = [(m, v) for m in modes for v in variants]
+    runs = {k: make(net, k[1], xs[0][0][:2], k[0]) for k in keys}
     print(f"{net}: batch {batch}, input {'x'.join(map(str, shape))}, {source}; {load()}", flush=True)
-    for v in variants:
+    first = {}
+    for k in keys:
+        model, opt, module = runs[k]
         for i in range(warmup):
-            step(*runs[v], *xs[i % len(xs)], v)
-    times = {v: [] for v in variants}
-    k = 0
+            w, _ = step(model, opt, *xs[i % len(xs)], k[1], module, k[0])
+            first.setdefault(k, w)
+    times = {k: [] for k in keys}
+    rounds = {k: [] for k in keys}
+    j = 0
     while min(len(t) for t in times.values()) < steps:
-        for v in variants:  # interleaved blocks
-            for _ in range(block):
-                times[v].append(step(*runs[v], *xs[k % len(xs)], v))
-                k += 1
-    return {v: (statistics.median(w for w, _ in t[:steps]), statistics.median(c for _, c in t[:steps])) for v, t in times.items()}, runs, xs
+        order = keys[j % len(keys):] + keys[:j % len(keys)]  # rotated: no variant always first
+        for k in order:
+            model, opt, module = runs[k]
+            got = [step(model, opt, *xs[(j * block + i) % len(xs)], k[1], module, k[0]) for i in range(block)]
+            times[k] += got
+            rounds[k].append((statistics.fmean(w for w, _ in got), statistics.fmean(c for _, c in got)))
+        j += 1
+    med = {k: (statistics.median(w for w, _ in t[:steps]), statistics.median(c for _, c in t[:steps])) for k, t in times.items()}
+    return {"median": med, "rounds": rounds, "first": first}, runs, xs
 
 
-def report(net: str, med: dict, steps: int, block: int, warmup: int) -> None:
+def _label(variant: str) -> str:
+    if variant == "plain":
+        return "plain"
+    return f"noise+KL {variant}" + (" (default)" if variant == bayesprune.DEFAULT_SHARING else "")
+
+
+def report(net: str, result: dict, steps: int, block: int, warmup: int) -> None:
+    """One row per (mode, variant): ratios to the same mode's plain network and to eager plain."""
     target = NETS[net][3]
-    w0, c0 = med["plain"]
-    print(f"{'variant':<28} {'wall ms':>10} {'ratio':>7} {'cpu ms':>10} {'ratio':>7}")
-    for v, (w, c) in med.items():
-        label = "plain" if v == "plain" else f"noise+KL {v}" + (" (default)" if v == bayesprune.DEFAULT_SHARING else "")
-        print(f"{label:<28} {1e3 * w:>10.1f} {w / w0:>7.3f} {1e3 * c:>10.1f} {c / c0:>7.3f}")
-    print(f"({steps} steps per variant in interleaved blocks of {block}, {warmup} warm-up; "
+    med, rounds = result["median"], result["rounds"]
+    modes = list(dict.fromkeys(m for m, _ in med))
+    base = med.get(("eager", "plain"))
+    print(f"{'mode':<14}{'variant':<28} {'wall ms':>10} {'ratio':>7} {'spread':>13} {'cpu ms':>10} {'ratio':>7} {'vs eager':>8}")
+    for (mode, v), (w, c) in med.items():
+        w0, c0 = med[(mode, "plain")]
+        per_round = sorted(a[0] / b[0] for a, b in zip(rounds[(mode, v)], rounds[(mode, "plain")]))
+        spread = f"{per_round[0]:.3f}-{per_round[-1]:.3f}"
+        vs_eager = f"{w / base[0]:.3f}" if base else "-"
+        print(f"{mode:<14}{_label(v):<28} {1e3 * w:>10.1f} {w / w0:>7.3f} {spread:>13} {1e3 * c:>10.1f} {c / c0:>7.3f} {vs_eager:>8}")
+    if "compile" in modes:
+        print("compile: first step (builds the graphs) "
+              + ", ".join(f"{_label(v)} {s:.1f} s" for (m, v), s in result["first"].items() if m == "compile"))
+    print(f"({steps} steps per variant in interleaved blocks of {block}, {warmup} warm-up, order rotated each round; "
+          f"spread: lowest-highest ratio of the {len(next(iter(rounds.values())))} rounds' block means; "
           f"target ratio <= {target}; {load()})", flush=True)
+
+
+def float64_ops(runs: dict, xs, variant: str) -> list[tuple[str, int, int]]:
+    """``(op, calls, largest output in elements)`` of the ops that produce float64 tensors in one
+    ``variant`` step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    found: dict[str, list[int]] = {}
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                    entry = found.setdefault(str(func.overloadpacket.__name__), [0, 0])
+                    entry[0] += 1
+                    entry[1] = max(entry[1], t.numel())
+            return out
+
+    model, opt, module = runs[("eager", variant)]
+    with Watch():
+        step(model, opt, *xs[0], variant, module)
+    return sorted(((k, n, e) for k, (n, e) in found.items()), key=lambda r: -r[2])
 
 
 def profile(net: str, runs: dict, xs, variant: str, steps: int, rows: int = 14) -> None:
@@ -143,9 +212,10 @@ def profile(net: str, runs: dict, xs, variant: str, steps: int, rows: int = 14) 
 
     per = {}
     for v in ("plain", variant):
+        model, opt, module = runs[("eager", v)]
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             for i in range(steps):
-                step(*runs[v], *xs[i % len(xs)], v)
+                step(model, opt, *xs[i % len(xs)], v, module)
         per[v] = {e.key: (e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()}
     keys = sorted(set(per["plain"]) | set(per[variant]),
                   key=lambda k: -abs(per[variant].get(k, (0, 0))[0] - per["plain"].get(k, (0, 0))[0]))
@@ -167,7 +237,9 @@ def main(argv=None) -> None:
     ap.add_argument("--block", type=int, default=5, help="steps per interleaved block, LeNet5 (ResNets: 1)")
     ap.add_argument("--warmup", type=int, default=3, help="warm-up steps per variant, LeNet5 (ResNets: 1)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--modes", default="eager", help="comma-separated: " + ", ".join(MODES))
     ap.add_argument("--profile", action="store_true", help="per-op profile of the default variant against plain")
+    ap.add_argument("--dtypes", action="store_true", help="list the float64 ops of one default noisy step")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="MNIST directory for LeNet5 ('' for random data)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -179,6 +251,10 @@ def main(argv=None) -> None:
     for v in variants:
         if v not in VARIANTS:
             raise SystemExit(f"--variants: unknown variant {v!r}; valid: {', '.join(VARIANTS)}")
+    modes = [m for m in args.modes.split(",") if m]
+    for m in modes:
+        if m not in MODES:
+            raise SystemExit(f"--modes: unknown mode {m!r}; valid: {', '.join(MODES)}")
     print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, {os.cpu_count()} CPUs ({platform.machine()}), python {platform.python_version()}; "
           f"default sharing {bayesprune.DEFAULT_SHARING!r}")
@@ -190,10 +266,15 @@ def main(argv=None) -> None:
             chosen = [v for v in variants if v != "element"]
             print("resnet50: 'element' not run by default (one draw per activation element keeps ~10 GB of "
                   "draws and takes minutes per step on 2 cores); --variants element runs it")
-        med, runs, xs = measure(net, chosen, steps, block, warmup, args.data if small else None)
-        report(net, med, steps, block, warmup)
-        if args.profile and bayesprune.DEFAULT_SHARING in runs:
-            profile(net, runs, xs, bayesprune.DEFAULT_SHARING, steps=10 if small else 1)
+        want = list(dict.fromkeys(modes + (["eager"] if args.profile or args.dtypes else [])))
+        result, runs, xs = measure(net, chosen, steps, block, warmup, args.data if small else None, want)
+        report(net, result, steps, block, warmup)
+        default = ("eager", bayesprune.DEFAULT_SHARING)
+        if args.dtypes and default in runs:
+            ops = float64_ops(runs, xs, default[1])
+            print(f"float64 ops in one {default[1]} step: " + (", ".join(f"{k} x{n} (<= {e} elements)" for k, n, e in ops) or "none"))
+        if args.profile and default in runs:
+            profile(net, runs, xs, default[1], steps=10 if small else 1)
         del runs
 
 

@@ -1,7 +1,9 @@
 """The fused noise op (noise._NoisyProduct): values and gradients equal ``h * draw_theta(...)``
 through autograd (the previous path), in float64, for every sharing mode, with masks, near the
 truncation bounds and with log_sigma outside its clamp; torch.autograd.gradcheck against finite
-differences with the uniforms held fixed; one autograd node per noise layer."""
+differences with the uniforms held fixed; one autograd node per noise layer; the one-pass
+backward (batch-norm kernel) against the plain products; graph breaks under torch.compile only
+at the draw."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from torch import nn
 
 from bayesprune import add_noise, kl, noise_layers
 from bayesprune.distributions import LogUniform, TruncatedLogNormal, draw_theta, draw_theta_parts
-from bayesprune.noise import MultiplicativeNoise, _NoisyProduct, _sigma_and_slope
+from bayesprune.noise import MultiplicativeNoise, _NoisyProduct, _one_pass_backward, _sigma_and_slope
 
 F64 = torch.float64
 # (mu, log_sigma) per structure: inside, near the lower bound a = -20 (its weight matters), near
@@ -179,3 +181,74 @@ def test_one_backward_node_per_noise_layer_and_nothing_else_from_the_draw():
     assert names.count("_NoisyProductBackward") == len(noise_layers(model)) == 2
     assert not any(k in name for name in names for k in ("Split", "Cat", "Clamp", "Exp", "ThetaDraw"))
     assert math.isfinite(float(out.detach().sum()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("h_shape,theta_shape", [
+    ((6, 8, 3, 4), (6, 8, 1, 1)),  # one draw per (example, channel) of a conv output
+    ((6, 8, 3, 4), (1, 8, 1, 1)),  # one per channel for the batch
+    ((6, 8), (1, 8)),  # a Linear's output, per structure
+    ((1, 8, 5), (1, 8, 1)),  # a batch of one
+])
+def test_one_pass_backward_equals_the_products_and_their_sums(dtype, h_shape, theta_shape):
+    """The batch-norm-kernel backward returns grad * theta exactly and sum(grad * h) per draw to
+    rounding, against the plain products; and only the products it asked for."""
+    g = torch.Generator().manual_seed(1)
+    h, grad = torch.randn(h_shape, generator=g, dtype=dtype), torch.randn(h_shape, generator=g, dtype=dtype)
+    theta = torch.rand(theta_shape, generator=g, dtype=dtype) + 0.1
+    theta.view(-1)[2] = 0  # a masked structure
+    grad_h, gh = _one_pass_backward(grad, h, theta, True, True)
+    assert torch.equal(grad_h, grad * theta)
+    reference = (grad.double() * h.double()).sum_to_size(theta_shape)
+    tol = 1e-5 if dtype == torch.float32 else 1e-13
+    torch.testing.assert_close(gh.double(), reference, rtol=tol, atol=tol * float(reference.abs().max()))
+    assert gh.shape == theta.shape and gh.dtype == dtype
+    only_h, none = _one_pass_backward(grad, h, theta, True, False)
+    assert none is None and torch.equal(only_h, grad_h)
+
+
+def test_one_pass_backward_leaves_other_layouts_to_the_products():
+    """Per element, channels-last, tokens with the structure last, a half-precision input and a
+    Linear drawn per (example, structure) (nothing to reduce) take the plain products."""
+    h = torch.randn(4, 8, 3, 3)
+    theta = torch.rand(4, 8, 1, 1)
+    assert _one_pass_backward(h, h, theta, True, True) is not None
+    assert _one_pass_backward(h, h, torch.rand(4, 8, 3, 3), True, True) is None  # element
+    cl = h.contiguous(memory_format=torch.channels_last)
+    assert _one_pass_backward(cl, cl, theta, True, True) is None
+    tokens = torch.randn(4, 5, 8)
+    assert _one_pass_backward(tokens, tokens, torch.rand(4, 1, 8), True, True) is None
+    half = h.half()
+    assert _one_pass_backward(half, half, theta, True, True) is None
+    lin = torch.randn(4, 8)
+    assert _one_pass_backward(lin, lin, torch.rand(4, 8), True, True) is None
+
+
+def test_fused_gradients_agree_between_the_one_pass_and_the_product_paths():
+    """A conv network's noisy gradients in float32: channels-last (the products) against
+    contiguous (the one-pass kernel), the same draws."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    x = torch.randn(5, 3, 8, 8)
+    add_noise(model, x[:2], layers=["0", "2"], placement="layer")
+    model.train()
+    grads, fmt = {}, torch.channels_last
+    for f in (torch.contiguous_format, fmt):
+        model.zero_grad(set_to_none=True)
+        m = model.to(memory_format=f)
+        torch.manual_seed(3)
+        m(x.contiguous(memory_format=f)).square().sum().backward()
+        grads[f] = {k: p.grad.clone() for k, p in m.named_parameters()}
+    for k, g in grads[torch.contiguous_format].items():
+        torch.testing.assert_close(grads[fmt][k], g, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_noisy_model_traces_for_torch_compile_with_breaks_only_at_the_draw():
+    """torch._dynamo traces the fused product (the custom autograd.Function) into the graph; the
+    only graph breaks are at the draw, which runs eagerly (torch.compiler.disable)."""
+    model, x = _net("channel")
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count >= 1
+    assert all("MultiplicativeNoise._draw" in b.reason for b in explained.break_reasons)
+    traced = "\n".join(str(gm.graph) for gm in explained.graphs)
+    assert "_NoisyProduct" in traced or "autograd_function_apply" in traced

@@ -190,8 +190,17 @@ class MultiplicativeNoise(nn.Module):
         if not self.training:
             self._check_finite_unless_cuda_training(h)
             return h * (self.expected_theta() * self.mask).to(h.dtype).view(shape)
+        parts, u_shape = self._draw(h, shape)
+        return _noisy_product(h, self, parts, u_shape)
+
+    @torch.compiler.disable
+    def _draw(self, h: torch.Tensor, shape: list) -> tuple:
+        """``(theta, dx/dmu, dx/dsigma, dsigma/dlog_sigma)`` for ``h`` (this layer's slice of the
+        joint draw, or its own draw) and the shape of one draw per entry.  Run eagerly under
+        ``torch.compile`` (data-dependent branches); the product and its backward are compiled."""
+        dim = self.dim % h.ndim
         if self.sharing == "element":
-            u_shape = h.shape
+            u_shape = list(h.shape)
         else:
             u_shape = [1] * h.ndim
             u_shape[dim] = self.num_structures
@@ -200,7 +209,7 @@ class MultiplicativeNoise(nn.Module):
                     u_shape[0] = h.shape[0]
                 parts = _JointDraw.take(self, u_shape[0], h.device)
                 if parts is not None:
-                    return _noisy_product(h, self, parts, u_shape)
+                    return parts, u_shape
         self._check_finite_unless_cuda_training(h)
         dtype = _draw_dtype(self.mu.dtype)
         grad = torch.is_grad_enabled() and (self.mu.requires_grad or self.log_sigma.requires_grad)
@@ -210,7 +219,7 @@ class MultiplicativeNoise(nn.Module):
             theta, dmu, dsigma = draw_theta_parts(self.mu.view(shape).to(dtype), sigma.view(shape),
                                                   self.mask.view(shape).to(dtype), u, self.a, self.b,
                                                   coefficients=grad)
-        return _noisy_product(h, self, (theta, dmu, dsigma, dsigma_dlog), u_shape)
+        return (theta, dmu, dsigma, dsigma_dlog), u_shape
 
     def _check_finite_unless_cuda_training(self, h: torch.Tensor) -> None:
         # on CUDA the check would stall the GPU pipeline at every training step; there the
