@@ -35,6 +35,7 @@ ratio <= 1.15 on LeNet5, <= 1.05 on ResNet-18 and ResNet-50.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -49,6 +50,10 @@ import bayesprune
 from bayesprune.experiments.models import LeNet5, cifar_resnet18
 
 VARIANTS = ("plain", "channel", "structure", "element")
+#: measured only when named in --variants, for the ablation: the default noise without the fused
+#: BatchNorm-and-noise node (noise._noisy_batch_norm), and without it nor the one-pass noise
+#: backward (noise._one_pass_backward: two products and a reduction instead)
+ABLATIONS = ("channel-nobn", "channel-products")
 NETS = {  # name: (input shape per example, batch, default steps key, target ratio)
     "lenet5": ((1, 32, 32), 128, "steps", 1.15),
     "resnet18": ((3, 32, 32), 128, "big_steps", 1.05),
@@ -100,7 +105,7 @@ def make(net: str, variant: str, example, mode: str = "eager"):
     uncompiled network (its noise layers give the KL)."""
     model = build(net)
     if variant != "plain":
-        bayesprune.add_noise(model, example, sharing=variant)
+        bayesprune.add_noise(model, example, sharing=variant.split("-")[0])
     model.train()
     if mode == "channels_last":
         model = model.to(memory_format=torch.channels_last)
@@ -111,6 +116,9 @@ def make(net: str, variant: str, example, mode: str = "eager"):
 
 def step(model, opt, x, y, variant: str, module=None, mode: str = "eager") -> tuple[float, float]:
     """One training step; (wall seconds, process CPU seconds)."""
+    if variant in ABLATIONS:
+        with _without(("_noisy_batch_norm",) + (("_one_pass_backward",) if variant == "channel-products" else ())):
+            return step(model, opt, x, y, "channel", module, mode)
     t0, c0 = time.perf_counter(), time.process_time()
     if mode == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -121,6 +129,22 @@ def step(model, opt, x, y, variant: str, module=None, mode: str = "eager") -> tu
     loss.backward()
     opt.step()
     return time.perf_counter() - t0, time.process_time() - c0
+
+
+@contextlib.contextmanager
+def _without(names):
+    """The noise layers with the named fast paths of bayesprune.noise turned off (they return
+    None, the fallback), for the ablation variants."""
+    import bayesprune.noise as noise
+
+    kept = {n: getattr(noise, n) for n in names}
+    for n in names:
+        setattr(noise, n, lambda *args: None)
+    try:
+        yield
+    finally:
+        for n, f in kept.items():
+            setattr(noise, n, f)
 
 
 def load() -> str:
@@ -159,6 +183,8 @@ def measure(net: str, variants, steps: int, block: int, warmup: int, data, modes
 def _label(variant: str) -> str:
     if variant == "plain":
         return "plain"
+    if variant in ABLATIONS:
+        return "noise+KL " + {"channel-nobn": "channel, no BN fusion", "channel-products": "channel, products"}[variant]
     return f"noise+KL {variant}" + (" (default)" if variant == bayesprune.DEFAULT_SHARING else "")
 
 
@@ -168,13 +194,13 @@ def report(net: str, result: dict, steps: int, block: int, warmup: int) -> None:
     med, rounds = result["median"], result["rounds"]
     modes = list(dict.fromkeys(m for m, _ in med))
     base = med.get(("eager", "plain"))
-    print(f"{'mode':<14}{'variant':<28} {'wall ms':>10} {'ratio':>7} {'spread':>13} {'cpu ms':>10} {'ratio':>7} {'vs eager':>8}")
+    print(f"{'mode':<14}{'variant':<30} {'wall ms':>10} {'ratio':>7} {'spread':>13} {'cpu ms':>10} {'ratio':>7} {'vs eager':>8}")
     for (mode, v), (w, c) in med.items():
         w0, c0 = med[(mode, "plain")]
         per_round = sorted(a[0] / b[0] for a, b in zip(rounds[(mode, v)], rounds[(mode, "plain")]))
         spread = f"{per_round[0]:.3f}-{per_round[-1]:.3f}"
         vs_eager = f"{w / base[0]:.3f}" if base else "-"
-        print(f"{mode:<14}{_label(v):<28} {1e3 * w:>10.1f} {w / w0:>7.3f} {spread:>13} {1e3 * c:>10.1f} {c / c0:>7.3f} {vs_eager:>8}")
+        print(f"{mode:<14}{_label(v):<30} {1e3 * w:>10.1f} {w / w0:>7.3f} {spread:>13} {1e3 * c:>10.1f} {c / c0:>7.3f} {vs_eager:>8}")
     if "compile" in modes:
         print("compile: first step (builds the graphs) "
               + ", ".join(f"{_label(v)} {s:.1f} s" for (m, v), s in result["first"].items() if m == "compile"))
@@ -249,8 +275,8 @@ def main(argv=None) -> None:
             raise SystemExit(f"--nets: unknown network {n!r}; valid: {', '.join(NETS)}")
     variants = ["plain"] + [v for v in (args.variants or ",".join(VARIANTS)).split(",") if v and v != "plain"]
     for v in variants:
-        if v not in VARIANTS:
-            raise SystemExit(f"--variants: unknown variant {v!r}; valid: {', '.join(VARIANTS)}")
+        if v not in VARIANTS + ABLATIONS:
+            raise SystemExit(f"--variants: unknown variant {v!r}; valid: {', '.join(VARIANTS + ABLATIONS)}")
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
         if m not in MODES:

@@ -252,3 +252,93 @@ def test_noisy_model_traces_for_torch_compile_with_breaks_only_at_the_draw():
     assert all("MultiplicativeNoise._draw" in b.reason for b in explained.break_reasons)
     traced = "\n".join(str(gm.graph) for gm in explained.graphs)
     assert "_NoisyProduct" in traced or "autograd_function_apply" in traced
+
+
+def _bn_net(sharing, affine=True, momentum=0.1, dims=2):
+    """Noise after two BatchNorms (conv-BN-ReLU-conv-BN, or Linear-BN1d): the second BN is a
+    noise target."""
+    torch.manual_seed(0)
+    if dims == 2:
+        model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6, affine=affine, momentum=momentum), nn.Conv2d(6, 5, 3),
+                              nn.BatchNorm2d(5, affine=affine, momentum=momentum), nn.Flatten(), nn.Linear(5 * 4 * 4, 3))
+        x = torch.randn(4, 3, 8, 8, dtype=F64)
+    else:
+        model = nn.Sequential(nn.Linear(7, 6), nn.BatchNorm1d(6, affine=affine, momentum=momentum), nn.Linear(6, 5),
+                              nn.BatchNorm1d(5, affine=affine, momentum=momentum), nn.Linear(5, 3))
+        x = torch.randn(9, 7, dtype=F64)
+    model = model.double()
+    add_noise(model, x[:2], sharing=sharing)
+    with torch.no_grad():
+        for n in noise_layers(model):
+            n.mu.copy_(torch.linspace(-19.9, 0.4, n.num_structures, dtype=F64))
+            n.log_sigma.copy_(torch.linspace(-2.0, 0.5, n.num_structures, dtype=F64))
+            n.mask[1] = 0
+        for bn in (model[1], model[3]):
+            if affine:
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-1, 1)
+    return model.train(), x
+
+
+def _graph_names(out):
+    seen, stack, names = set(), [out.grad_fn], []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(fn.name())
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("sharing", ["channel", "structure"])
+@pytest.mark.parametrize("affine,momentum,dims", [(True, 0.1, 2), (False, None, 2), (True, 0.1, 1)])
+def test_noise_after_batch_norm_fused_equals_batch_norm_then_noise(monkeypatch, sharing, affine, momentum, dims):
+    """The fused BatchNorm-and-noise node: outputs, every gradient (input-side weights, BN's
+    gamma and beta, mu, log_sigma) and the running statistics equal the BatchNorm followed by the
+    noise product on the same draws (float64; masked structure, bounds near both ends)."""
+    model, x = _bn_net(sharing, affine, momentum, dims)
+    ref, _ = _bn_net(sharing, affine, momentum, dims)
+    assert [n.target_name for n in noise_layers(model)] == ["1", "3"]
+    w = torch.randn(x.shape[0], 3, generator=torch.Generator().manual_seed(2), dtype=F64)
+    xr = x.clone().requires_grad_()
+    x = x.clone().requires_grad_()
+    torch.manual_seed(5)
+    out = model(x)
+    names = _graph_names(out)
+    assert names.count("_NoisyBatchNormBackward") == 2 and "NativeBatchNormBackward0" not in names
+    ((out * w).sum() + kl(model)).backward()
+    import bayesprune.noise as noise_module
+
+    monkeypatch.setattr(noise_module, "_noisy_batch_norm", lambda *args: None)
+    torch.manual_seed(5)
+    rout = ref(xr)
+    assert _graph_names(rout).count("NativeBatchNormBackward0") == 2
+    ((rout * w).sum() + kl(ref)).backward()
+    torch.testing.assert_close(out, rout, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-12)
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        scale = float(q.grad.abs().max())
+        # a bias before a BatchNorm has gradient 0 up to rounding on both paths
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12 * max(scale, 1.0), msg=name)
+    for (name, b), (_, c) in zip(model.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(b, c, rtol=0, atol=0, msg=name)
+
+
+def test_fused_batch_norm_leaves_other_cases_to_the_product():
+    """Eval mode, no gradient, channels-last and BatchNorm in eval mode inside a training noise
+    layer take the usual path (no _NoisyBatchNormBackward), with BatchNorm's own node."""
+    model, x = _bn_net("channel")
+    with torch.no_grad():
+        assert model(x).grad_fn is None
+    model.eval()
+    assert "_NoisyBatchNormBackward" not in _graph_names(model(x))
+    model.train()
+    model[3].eval()  # running statistics, not the batch's
+    names = _graph_names(model(x))
+    assert names.count("_NoisyBatchNormBackward") == 1 and names.count("NativeBatchNormBackward0") == 1
+    model.train()
+    cl = model.to(memory_format=torch.channels_last)
+    names = _graph_names(cl(x.contiguous(memory_format=torch.channels_last)))
+    assert "_NoisyBatchNormBackward" not in names and names.count("_NoisyProductBackward") == 2

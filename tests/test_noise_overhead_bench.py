@@ -150,3 +150,22 @@ def test_main_refuses_unknown_names(bench, args, message):
 def test_script_runs_from_the_command_line():
     done = subprocess.run([sys.executable, str(PATH), "--help"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "--big-steps" in done.stdout
+
+
+def test_ablation_variants_compute_the_default_s_gradients(bench):
+    """'channel-nobn' and 'channel-products' turn the fast paths off, not the maths: from the same
+    weights and draws, their gradients equal the default's (ResNet-18, noise after every BN)."""
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    grads = {}
+    for variant in ("channel", "channel-nobn", "channel-products"):
+        model, opt, module = bench.make("resnet18", variant, x[:2])
+        torch.manual_seed(7)
+        bench.step(model, opt, x, y, variant, module)
+        grads[variant] = {k: p.grad.clone() for k, p in module.named_parameters()}
+    import bayesprune.noise as noise
+
+    assert noise._noisy_batch_norm.__name__ == "_noisy_batch_norm"  # restored after the ablation
+    assert noise._one_pass_backward.__name__ == "_one_pass_backward"
+    for variant in ("channel-nobn", "channel-products"):
+        for k, g in grads["channel"].items():
+            torch.testing.assert_close(grads[variant][k], g, rtol=2e-3, atol=2e-5, msg=f"{variant} {k}")

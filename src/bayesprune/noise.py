@@ -190,6 +190,11 @@ class MultiplicativeNoise(nn.Module):
         if not self.training:
             self._check_finite_unless_cuda_training(h)
             return h * (self.expected_theta() * self.mask).to(h.dtype).view(shape)
+        call = getattr(self, "_batch_norm_call", None)
+        if call is not None and call[2] is h:
+            fused = _noisy_batch_norm(self, *call)
+            if fused is not None:
+                return fused
         parts, u_shape = self._draw(h, shape)
         return _noisy_product(h, self, parts, u_shape)
 
@@ -228,6 +233,14 @@ class MultiplicativeNoise(nn.Module):
             self.check_finite()
 
     def _hook(self, module, args, output):
+        if (isinstance(module, _BN_TYPES) and self.training and self.sharing != "element"
+                and not torch.compiler.is_compiling()):
+            # forward may fuse with the BatchNorm (see _noisy_batch_norm) when it gets this output
+            self._batch_norm_call = (module, args, output)
+            try:
+                return self(output)
+            finally:
+                self._batch_norm_call = None
         return self(output)
 
 
@@ -407,6 +420,97 @@ def _one_pass_backward(grad, h, theta, need_h: bool, need_theta: bool):
     grad_h, gh, _ = torch.ops.aten.native_batch_norm_backward(
         grad.view(view), h.view(view), weight, zeros, ones, None, None, False, 0.0, [need_h, need_theta, False])
     return (grad_h.view(h.shape) if need_h else None), (gh.view(theta.shape) if need_theta else None)
+
+
+class _NoisyBatchNorm(torch.autograd.Function):
+    """``BN(x) * theta`` of a noise layer after a training-mode BatchNorm, in one node that
+    replaces the BatchNorm's own (docs/maths.md section 1).
+
+    Forward: the BatchNorm's output ``y`` (computed by the module, running statistics updated
+    there) is multiplied by theta in place, so no new activation-sized tensor is made and
+    neither ``y`` nor a copy is kept.  Backward, from the BatchNorm's input ``x``, its batch mean
+    ``m`` and ``invstd`` per channel (``x_hat = (x - m) invstd``, ``M`` elements per channel):
+    per draw ``S1 = sum grad`` and ``S2 = sum grad x_hat`` in one pass (ATen's eval-mode
+    batch-norm backward on the per-draw view); ``sum grad y = gamma S2 + beta S1`` gives theta's
+    gradient as in :class:`_NoisyProduct`; ``dbeta = sum theta S1``, ``dgamma = sum theta S2``
+    over a channel's draws; and the batch-norm input gradient with ``grad theta`` in place of
+    the output gradient, ``dx = gamma invstd theta grad + P x + Q`` with
+    ``P = -gamma invstd^2 dgamma / M``, ``Q = gamma invstd (invstd m dgamma - dbeta) / M``.
+    """
+
+    @staticmethod
+    def forward(ctx, y, x, weight, bias, mu, log_sigma, mean, invstd, theta, dmu, dsigma, slope, shape):
+        y.mul_(theta)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(x, weight, bias, mean, invstd, theta, dmu, dsigma, slope)
+        ctx.shape, ctx.dtype = shape, mu.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, mean, invstd, theta, dmu, dsigma, slope = ctx.saved_tensors
+        need_x, need_w, need_b, need_mu, need_ls = ctx.needs_input_grad[1:6]
+        n, c = x.shape[0], x.shape[1]
+        rows = theta.shape[0]
+        view = (1, n * c, x[0, 0].numel()) if rows > 1 else (n, c, x[0, 0].numel())
+        k = view[1]
+        grad = grad.contiguous()
+        ones = torch.ones(k, dtype=x.dtype, device=x.device)
+        _, s2, s1 = torch.ops.aten.native_batch_norm_backward(
+            grad.view(view), x.view(view), ones, mean.repeat(rows) if rows > 1 else mean, ones,
+            None, None, False, 0.0, [False, True, True])
+        bshape = (1, c) + (1,) * (x.ndim - 2)
+        s1, s2 = s1.view(theta.shape), s2.view(theta.shape) * invstd.view(bshape)  # per draw
+        gamma = weight.view(bshape) if weight is not None else torch.ones((), dtype=x.dtype, device=x.device)
+        beta = bias.view(bshape) if bias is not None else torch.zeros((), dtype=x.dtype, device=x.device)
+        grad_x = grad_w = grad_b = grad_mu = grad_ls = None
+        if need_mu or need_ls:
+            g = (gamma * s2 + beta * s1).mul_(theta)  # dL/dx per draw, x = log theta
+            if need_mu:
+                grad_mu = (g if dmu is None else g * dmu).sum_to_size(ctx.shape).reshape(-1).to(ctx.dtype)
+            if need_ls:
+                grad_ls = ((g * dsigma).sum_to_size(ctx.shape).reshape(-1) * slope).to(ctx.dtype)
+        dbeta = (theta * s1).sum_to_size(bshape)
+        dgamma = (theta * s2).sum_to_size(bshape)
+        if need_w and weight is not None:
+            grad_w = dgamma.reshape(c)
+        if need_b and bias is not None:
+            grad_b = dbeta.reshape(c)
+        if need_x:
+            m = x.numel() // c
+            gi = gamma * invstd.view(bshape)
+            p = (-gi * invstd.view(bshape) * dgamma / m).reshape(c)
+            q = (gi * (invstd.view(bshape) * mean.view(bshape) * dgamma - dbeta) / m).reshape(c)
+            zeros = torch.zeros(c, dtype=x.dtype, device=x.device)
+            grad_x = torch.ops.aten.native_batch_norm(
+                x.view(n, c, -1), p, q, zeros, torch.ones(c, dtype=x.dtype, device=x.device), False, 0.0, 0.0)[0]
+            grad_x = grad_x.view(x.shape).addcmul_(grad, gi * theta)  # + gamma invstd theta grad
+        return None, grad_x, grad_w, grad_b, grad_mu, grad_ls, None, None, None, None, None, None, None
+
+
+def _noisy_batch_norm(layer: "MultiplicativeNoise", bn: nn.Module, args, y: torch.Tensor):
+    """``bn``'s output ``y`` times the layer's theta through :class:`_NoisyBatchNorm`, or None
+    where it does not apply (then the layer runs as usual): a training-mode CPU BatchNorm whose
+    output still carries its own autograd node, float32/64, contiguous, one draw per
+    (example, channel) or per channel, with a gradient wanted; never under torch.compile."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or len(args) != 1:
+        return None
+    x, node = args[0], y.grad_fn
+    if (node is None or type(node).__name__ != "NativeBatchNormBackward0" or not node._saved_training
+            or not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.ndim < 2 or layer.dim % x.ndim != 1
+            or x.dtype not in (torch.float32, torch.float64) or y.dtype != x.dtype or layer.mu.dtype != x.dtype
+            or not x.is_contiguous() or not y.is_contiguous() or x.shape != y.shape
+            or x.shape[1] != layer.num_structures or not (layer.mu.requires_grad or layer.log_sigma.requires_grad)):
+        return None
+    shape = [1] * y.ndim
+    shape[1] = layer.num_structures
+    parts, u_shape = layer._draw(y, shape)
+    theta, dmu, dsigma, slope = parts
+    if dsigma is None or theta.dtype != x.dtype:
+        return _noisy_product(y, layer, parts, u_shape)
+    return _NoisyBatchNorm.apply(y.detach(), x, bn.weight, bn.bias, layer.mu, layer.log_sigma,
+                                 node._saved_result1, node._saved_result2, theta.view(u_shape),
+                                 None if dmu is None else dmu.view(u_shape), dsigma.view(u_shape), slope, shape)
 
 
 def _noisy_product(h: torch.Tensor, layer: "MultiplicativeNoise", parts: tuple, u_shape) -> torch.Tensor:
