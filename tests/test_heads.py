@@ -237,7 +237,12 @@ def test_bert_layer_heads(tmp_path):
     assert att.self.query.weight.shape == (16, 32) and att.output.dense.weight.shape == (32, 16)
     # BERT derives the head size from hidden_size / num_attention_heads: its config cannot hold 2
     # heads of size 8, so the library's loader reloads it
-    assert not heads.update_hf_config(small)
+    config = copy.deepcopy(small.config.to_dict())
+    with pytest.raises(ValueError, match=r"hidden_size / num_attention_heads.*save_shrunk"):
+        heads.update_hf_config(small)
+    assert small.config.to_dict() == config
+    with pytest.raises(ValueError, match=r"'encoder.layer.0.attention' keeps 2 of 4 heads.*load_shrunk"):
+        bp.shrink(model, uniform_heads=True)
     bp.save_shrunk(small, tmp_path / "bert.pt")
     loaded = bp.load_shrunk(tmp_path / "bert.pt", model=_bert())
     with torch.no_grad():
@@ -256,12 +261,15 @@ def test_gpt2_heads():
     _, small = _prune_shrink(model, x, [_ids(1, 3, 5)], {"h.0.attn": [1], "h.1.attn": [0, 2, 3]}, out=_hidden)
     assert [small.h[i].attn.num_heads for i in (0, 1)] == [3, 1]
     assert small.h[1].attn.c_attn.weight.shape == (32, 3 * 8) and small.h[1].attn.split_size == 8
+    with pytest.raises(ValueError, match=r"'h.0.attn' keeps 3 of 4 heads.*GPT-2.*save_shrunk"):
+        bp.shrink(model, uniform_heads=True)
 
 
 def _llama(**kw):
     tf = pytest.importorskip("transformers")
-    cfg = tf.LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=16, use_cache=False, **kw)
+    kw = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, **kw}
+    cfg = tf.LlamaConfig(vocab_size=50, num_hidden_layers=2, intermediate_size=48, max_position_embeddings=16,
+                         use_cache=False, **kw)
     return tf.LlamaModel(cfg)
 
 
@@ -290,7 +298,7 @@ def test_llama_uniform_heads_reload_with_from_pretrained(tmp_path):
     heads.add_head_noise(model, x)
     dead = {"layers.0.self_attn": [1, 3], "layers.1.self_attn": [0, 2]}  # one query head per group
     _, small = _prune_shrink(model, x, [_ids(1, 3, 5)], dead, out=_hidden)
-    assert heads.update_hf_config(small)
+    assert heads.update_hf_config(small) is small.config
     assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (2, 2)
     small.save_pretrained(tmp_path / "llama")
     loaded = tf.LlamaModel.from_pretrained(tmp_path / "llama").eval()
@@ -314,3 +322,165 @@ def test_compression_search_and_l2_with_head_noise():
     assert small.block.self_attention.num_heads == kept < 4
     with pytest.raises(ValueError, match="'block.self_attention' holds attention-head noise"):
         bp.prune(model, "l2", threshold=0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face ViT, and one head count in every layer (uniform_heads) for save_pretrained
+
+
+def _hf_vit():
+    tf = pytest.importorskip("transformers")
+    cfg = tf.ViTConfig(image_size=16, patch_size=8, hidden_size=24, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return tf.ViTForImageClassification(cfg)
+
+
+def _logits(y):
+    return y.logits
+
+
+def _revived(model, layer, heads_):
+    """A copy of ``model`` with the masks of ``heads_`` of attention ``layer`` set to 1."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        (n,) = [n for n in heads.head_noise_layers(ref) if n.layer_name == layer]
+        n.mask[list(heads_)] = 1.0
+    return ref
+
+
+def _best(model, layer, candidates):
+    """The candidate head of ``layer`` with the highest BMRS_N keep score."""
+    i = [n.layer_name for n in bp.noise_layers(model)].index(layer)
+    sc = bp.scores(model, "bmrs_n")[i]
+    return max(candidates, key=lambda h: float(sc[h]))
+
+
+def test_hf_vit_heads_removed_uniform_and_from_pretrained(tmp_path):
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(10)
+    model = _hf_vit().eval()
+    x = torch.randn(2, 3, 16, 16)
+    bp.add_noise(model, x, layers=["vit.layers.0.mlp.fc1", "vit.layers.1.mlp.fc1"])  # channel noise too
+    heads.add_head_noise(model, x)
+    assert [n.target_name for n in heads.head_noise_layers(model)] == ["vit.layers.0.attention.o_proj",
+                                                                      "vit.layers.1.attention.o_proj"]
+    others = [torch.randn(3, 3, 16, 16), 2 * torch.randn(1, 3, 16, 16)]
+    dead = {"vit.layers.0.attention": [0, 3], "vit.layers.1.attention": [2]}
+    _, small = _prune_shrink(model, x, others, dead, out=_logits)
+    assert [small.vit.layers[i].attention.q_proj.out_features for i in (0, 1)] == [12, 18]
+    with pytest.raises(ValueError, match="different numbers of heads"):
+        heads.update_hf_config(small)
+
+    # uniform: layer 0 gets back its better masked head, every layer keeps 3 heads of size 6
+    best = _best(model, "vit.layers.0.attention", [0, 3])
+    ref = _revived(model, "vit.layers.0.attention", [best])
+    big = bp.shrink(model, uniform_heads=True)
+    assert all(n.mask.sum() < n.num_structures for n in heads.head_noise_layers(model))  # model untouched
+    assert [big.vit.layers[i].attention.q_proj.out_features for i in (0, 1)] == [18, 18]
+    assert big.bayesprune_pruning["heads"][0][2]["keep"] == sorted({1, 2, best})
+    assert (big.config.num_attention_heads, big.config.head_dim, big.config.hidden_size) == (3, 6, 24)
+    with torch.no_grad():
+        for inp in [x] + others:
+            assert _rel_err(ref(inp).logits, big(inp).logits) <= TOL
+    # the report says what it cost: one head's q, k, v rows (with bias) and o_proj columns
+    rep = heads.uniform_heads(copy.deepcopy(model))
+    assert rep.uniform_heads == 3 and rep.params_kept == bp.count_parameters(big)
+    assert rep.params_kept - rep.params_kept_unrounded == bp.count_parameters(big) - bp.count_parameters(small) \
+        == 3 * (6 * 24 + 6) + 6 * 24
+    assert rep.rounding_cost > 0 and "uniform_heads: 3 heads in every attention" in str(rep)
+
+    big.save_pretrained(tmp_path / "vit")
+    loaded = tf.ViTForImageClassification.from_pretrained(tmp_path / "vit").eval()
+    with torch.no_grad():
+        for inp in others:
+            assert _rel_err(big(inp).logits, loaded(inp).logits) <= TOL
+
+
+def test_prune_uniform_heads_pads_an_attention_with_every_head_masked(tmp_path):
+    """prune(uniform_heads=True) revives heads where an attention keeps some; one whose heads are
+    all masked stays so, and shrink keeps as many of its heads, zeroed, as the others keep."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(11)
+    model = _hf_vit().eval()
+    x = torch.randn(2, 3, 16, 16)
+    heads.add_head_noise(model, x)
+    _train_step(model, x, _logits)
+    _collapse(model, {"vit.layers.0.attention": [1], "vit.layers.1.attention": [0, 1, 2, 3]})
+    rep = bp.prune(model, "bmrs_n", uniform_heads=True)
+    n0, n1 = heads.head_noise_layers(model)
+    # no mask revived; the cost: layer 1 keeps 3 zeroed heads instead of 1 (q, k, v rows, o_proj columns)
+    assert rep.uniform_heads == 3 and rep.structures_kept == rep.structures_kept_unrounded == 3
+    assert rep.params_kept - rep.params_kept_unrounded == 2 * (3 * (6 * 24 + 6) + 6 * 24)
+    assert n0.mask.tolist() == [1, 0, 1, 1] and n1.mask.tolist() == [0, 0, 0, 0]
+    small = bp.shrink(model)
+    assert rep.params_kept == bp.count_parameters(small)
+    assert [small.vit.layers[i].attention.q_proj.out_features for i in (0, 1)] == [18, 18]
+    assert "3 masked head(s) stay (zeroed)" in small.bayesprune_kept["vit.layers.1.attention"]
+    with torch.no_grad():
+        assert _rel_err(model(x).logits, small(x).logits) <= TOL
+    heads.update_hf_config(small)
+    small.save_pretrained(tmp_path / "vit")
+    loaded = tf.ViTForImageClassification.from_pretrained(tmp_path / "vit").eval()
+    with torch.no_grad():
+        assert _rel_err(small(x).logits, loaded(x).logits) <= TOL
+    bp.prune(model, "bmrs_n")  # without uniform_heads: the layout is forgotten, one zeroed head stays
+    assert n1.uniform_groups is None
+    assert bp.shrink(model).vit.layers[1].attention.q_proj.out_features == 6
+
+
+def test_llama_grouped_uniform_heads_from_pretrained(tmp_path):
+    """8 query heads in 4 key/value groups (heads 2g, 2g+1 read group g).  Layer 0 keeps head 1 of
+    group 0 and groups 2, 3; layer 1 groups 2, 3.  Uniform: 3 groups of 2 heads everywhere; layer
+    0 gets head 0 back, layer 1 the group of its best-scored masked head."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(12)
+    model = _llama(hidden_size=48, num_attention_heads=8, num_key_value_heads=4, head_dim=8).eval()
+    x = _ids(0)
+    heads.add_head_noise(model, x)
+    _train_step(model, x, _hidden)
+    _collapse(model, {"layers.0.self_attn": [0, 2, 3], "layers.1.self_attn": [0, 1, 2, 3]})
+    with torch.no_grad():
+        heads.head_noise_layers(model)[1].mu[3] = -18.5  # still removed, but the best of layer 1's masked
+    bp.prune(model, "bmrs_n")
+    assert [int(n.mask.sum()) for n in heads.head_noise_layers(model)] == [5, 4]
+    g = _best(model, "layers.1.self_attn", [0, 1, 2, 3]) // 2
+    ref = _revived(_revived(model, "layers.0.self_attn", [0]), "layers.1.self_attn", [2 * g, 2 * g + 1])
+    big = bp.shrink(model, uniform_heads=True)
+    for a in (big.layers[0].self_attn, big.layers[1].self_attn):
+        assert (a.q_proj.out_features, a.k_proj.out_features, a.num_key_value_groups) == (48, 24, 2)
+    assert (big.config.num_attention_heads, big.config.num_key_value_heads, big.config.head_dim) == (6, 3, 8)
+    with torch.no_grad():
+        for inp in (x, _ids(1, 3, 5)):
+            assert _rel_err(_hidden(ref(**inp)), _hidden(big(**inp))) <= TOL
+    big.save_pretrained(tmp_path / "llama")
+    loaded = tf.LlamaModel.from_pretrained(tmp_path / "llama").eval()
+    with torch.no_grad():
+        assert _rel_err(_hidden(big(**_ids(4))), _hidden(loaded(**_ids(4)))) <= TOL
+
+
+def test_uniform_heads_refusals():
+    """A head count the config refuses (LlamaConfig: hidden_size a multiple of the head count),
+    one below what an attention keeps, and a model without head noise: clear errors."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(13)
+    model = _llama(num_key_value_heads=4, head_dim=8).eval()
+    x = _ids(0)
+    heads.add_head_noise(model, x)
+    _collapse(model, {"layers.0.self_attn": [1], "layers.1.self_attn": [0, 2]})
+    bp.prune(model, "bmrs_n")
+    with pytest.raises(ValueError, match=r"LlamaConfig refuses 3 attention heads.*not a multiple.*uniform_heads=<"):
+        bp.shrink(model, uniform_heads=True)
+    with pytest.raises(ValueError, match=r"uniform_heads=2: no layout of 2 heads.*'layers.0.self_attn' keeps 3"):
+        bp.shrink(model, uniform_heads=2)
+    full = bp.shrink(model, uniform_heads=4)  # every head back: nothing removed, the config as it was
+    assert full.config.num_attention_heads == 4 and full.layers[1].self_attn.q_proj.out_features == 32
+    with pytest.raises(ValueError, match="uniform_heads must be True, False or a positive number"):
+        bp.shrink(model, uniform_heads=0)
+    with pytest.raises(ValueError, match="give round_to or uniform_heads"):
+        bp.prune(model, "bmrs_n", round_to=2, uniform_heads=True)
+    plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    bp.add_noise(plain, torch.randn(2, 4))
+    with pytest.raises(ValueError, match="uniform_heads needs attention-head noise"):
+        bp.shrink(plain, uniform_heads=True)
+    with pytest.raises(ValueError, match="needs a Hugging Face model"):
+        heads.update_hf_config(plain)

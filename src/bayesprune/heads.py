@@ -39,7 +39,7 @@ from torch import nn
 from .noise import MultiplicativeNoise, _install_joint_draw, noise_layers, DEFAULT_SHARING, SHARING
 
 __all__ = ["HeadNoise", "HeadwiseMultiheadAttention", "add_head_noise", "head_noise_layers",
-           "shrink_heads", "replay_heads", "ADAPTERS", "register_adapter", "update_hf_config"]
+           "shrink_heads", "replay_heads", "ADAPTERS", "register_adapter", "update_hf_config", "uniform_heads"]
 
 
 class HeadNoise(MultiplicativeNoise):
@@ -52,6 +52,10 @@ class HeadNoise(MultiplicativeNoise):
     def __init__(self, num_heads: int, head_dim: int, family: str = "", **kwargs):
         super().__init__(num_heads, dim=-2, **kwargs)
         self.head_dim, self.family = int(head_dim), family
+        #: set by ``uniform_heads``: removal keeps ``uniform_groups`` key/value groups of
+        #: ``uniform_size`` query heads each (masked heads kept zeroed where the masks hold fewer)
+        self.uniform_groups: int | None = None
+        self.uniform_size: int | None = None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", heads, head_dim={self.head_dim}"
@@ -494,7 +498,13 @@ def _remove_heads(model: nn.Module, fold: bool) -> tuple[list, dict]:
             _scale_in(m.get_submodule(ad.out_proj), scale, noise.head_dim)
         _detach(model, noise)
         keep = [int(i) for i in torch.nonzero(mask != 0).flatten()]
-        if not keep:  # a module needs one head for its shapes; folded to zero it adds nothing
+        if getattr(noise, "uniform_groups", None) is not None:  # uniform_heads: the same layout in every attention
+            padded = _pad(keep, _query_groups(m, ad), noise.uniform_groups, noise.uniform_size, noise.layer_name)
+            if len(padded) > len(keep):
+                kept[noise.layer_name] = (f"{len(padded) - len(keep)} masked head(s) stay (zeroed) so that every attention "
+                                          f"keeps {len(padded)} heads (uniform_heads)")
+            keep = padded
+        elif not keep:  # a module needs one head for its shapes; folded to zero it adds nothing
             keep = [0]
             kept[noise.layer_name] = "every head masked: head 0 stays (zeroed)"
         if len(keep) < len(mask):
@@ -555,23 +565,242 @@ def replay_heads(model: nn.Module, record) -> nn.Module:
     return model
 
 
-def update_hf_config(model: nn.Module) -> bool:
-    """Set a shrunk Hugging Face model's ``config`` to its heads where the config can say it:
-    every q/k/v/o_proj attention with the same query and key/value head counts and a config
-    with ``head_dim`` (Llama-style).  Then ``save_pretrained`` / ``from_pretrained`` reload it.
-    Returns whether it did; BERT and GPT-2 derive the head size from the hidden size, so their
-    configs cannot hold fewer heads: reload those with :func:`bayesprune.load_shrunk`."""
+# ---------------------------------------------------------------------------------------------
+# one head layout in every attention (what a Hugging Face config can hold)
+
+
+def _query_groups(m: nn.Module, ad: Adapter) -> list[int]:
+    """The key/value group of each query head: grouped attention's, else each head its own."""
+    if isinstance(ad, _QKVO):
+        return ad.kv_of(m)
+    return list(range(ad.heads(m)[0]))
+
+
+def _sizes(groups: list[int], kept) -> dict[int, int]:
+    """Kept query heads per key/value group."""
+    out: dict[int, int] = {}
+    for q in kept:
+        out[groups[q]] = out.get(groups[q], 0) + 1
+    return out
+
+
+def check_uniform(count):
+    """``uniform_heads`` as given: None (False, None), True, or a positive head count."""
+    if count is None or count is False:
+        return None
+    if count is True:
+        return True
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"uniform_heads must be True, False or a positive number of heads per attention, got {count!r}")
+    return int(count)
+
+
+def _layout(entries, count) -> tuple[int, int]:
+    """(G, s): every attention keeps G key/value groups of s query heads.  ``entries``: per
+    attention (name, groups, kept heads).  ``count=True``: the smallest layout that holds every
+    attention's kept heads (G = most kept groups, s = most kept heads in one group); an int:
+    G * s = count, as few key/value groups as that allows."""
+    sizes = [_sizes(g, k) for _, g, k in entries]
+    most_groups = max(1, max(len(sz) for sz in sizes))
+    most_size = max(1, max(max(sz.values(), default=0) for sz in sizes))
+    if count is True:
+        return most_groups, most_size
+    n_groups = min(len(set(g)) for _, g, _ in entries)
+    group_size = min(min(g.count(x) for x in set(g)) for _, g, _ in entries)
+    for s in range(group_size, most_size - 1, -1):  # fewest key/value heads first
+        if count % s == 0 and most_groups <= count // s <= n_groups:
+            return count // s, s
+    name, _, kept = max(entries, key=lambda e: len(e[2]))
+    raise ValueError(
+        f"uniform_heads={count}: no layout of {count} heads holds every attention's kept heads ({name!r} keeps "
+        f"{len(kept)}; grouped attention needs at least {most_groups} key/value groups of {most_size} query heads, "
+        f"at most {n_groups} groups of {group_size}); use uniform_heads=True for the smallest that does"
+    )
+
+
+def _pad(keep: list[int], groups: list[int], n_groups: int, size: int, name: str) -> list[int]:
+    """``keep`` plus masked heads (lowest index first) up to ``n_groups`` groups of ``size``."""
+    sizes = _sizes(groups, keep)
+    if len(sizes) > n_groups or any(v > size for v in sizes.values()):
+        raise ValueError(f"attention {name!r} keeps {len(keep)} heads in {len(sizes)} key/value groups, more than the "
+                         f"uniform layout of {n_groups} groups of {size} set before; call uniform_heads again")
+    out = set(keep)
+    for g in sorted(sizes):
+        out.update([q for q in range(len(groups)) if groups[q] == g and q not in out][: size - sizes[g]])
+    for g in [g for g in sorted(set(groups)) if g not in sizes][: n_groups - len(sizes)]:
+        out.update([q for q in range(len(groups)) if groups[q] == g][:size])
+    return sorted(out)
+
+
+def clear_uniform(layers, restore=None) -> list:
+    """Forget the uniform layouts set before (``prune``) and return them; ``restore``: a list
+    this returned, set back instead."""
+    heads = [n for n in layers if isinstance(n, HeadNoise)]
+    old = [(getattr(n, "uniform_groups", None), getattr(n, "uniform_size", None)) for n in heads]
+    for n, (g, s) in zip(heads, restore or [(None, None)] * len(heads)):
+        n.uniform_groups, n.uniform_size = g, s
+    return old
+
+
+@torch.no_grad()
+def revive_uniform(model: nn.Module, layers, sc, count, before) -> int:
+    """Revive masked heads, highest keep score (``sc``, docs/maths.md section 3) first, so that
+    every attention keeps the same layout: G key/value groups of s query heads (G * s heads;
+    s = 1 outside grouped attention).  In each attention the kept groups are filled to s heads,
+    then the groups with the best-scored masked heads are added until G.  ``before``: as for
+    ``round_to`` (only heads alive then, with their old mask value); None: any head, set to 1.
+    An attention with every head masked stays so; removal keeps masked heads (zeroed) where too
+    few could be revived.  Returns G * s."""
+    heads = [(i, n) for i, n in enumerate(layers) if isinstance(n, HeadNoise)]
+    if not heads:
+        raise ValueError("uniform_heads needs attention-head noise (bayesprune.add_head_noise); the model has none")
+    entries = []
+    for _, n in heads:
+        m = model.get_submodule(n.layer_name)
+        kept = [q for q, v in enumerate(n.mask.detach().cpu().tolist()) if v != 0]
+        entries.append((n.layer_name, _query_groups(m, adapter_for(m)), kept))
+    n_groups, size = _layout(entries, count)
+    for (i, n), (_, groups, kept) in zip(heads, entries):
+        n.uniform_groups, n.uniform_size = n_groups, size
+        if not kept:
+            continue
+        score = sc[i].detach().cpu().double().nan_to_num(nan=-math.inf).tolist()
+        alive = [True] * len(groups) if before is None else (before[i].detach().cpu() != 0).tolist()
+        kept_set = set(kept)
+
+        def masked(g):
+            return sorted((q for q in range(len(groups)) if groups[q] == g and q not in kept_set and alive[q]),
+                          key=lambda q: (-score[q], q))
+
+        sizes = _sizes(groups, kept)
+        revive = [q for g in sorted(sizes) for q in masked(g)[: size - sizes[g]]]
+        others = [g for g in sorted(set(groups)) if g not in sizes and masked(g)]
+        others.sort(key=lambda g: (-score[masked(g)[0]], g))
+        revive += [q for g in others[: n_groups - len(sizes)] for q in masked(g)[:size]]
+        if revive:
+            idx = torch.tensor(revive, dtype=torch.long, device=n.mask.device)
+            n.mask[idx] = 1.0 if before is None else before[i].to(n.mask.device)[idx]
+    return n_groups * size
+
+
+@torch.no_grad()
+def uniform_heads(model: nn.Module, count=True, criterion=None, *, example_inputs=None):
+    """Make every attention keep the same number of heads (in place), as a Hugging Face config
+    holds one head count for all layers: masked heads are revived, highest keep scores of
+    ``criterion`` first (default: ``bayesprune.pruning.DEFAULT_CRITERION``), see
+    :func:`revive_uniform`; ``count``: True (the most any attention keeps) or that many heads.
+    ``shrink`` then removes the same heads from every attention.  Returns the report of the new
+    masks with the counts before (``structures_kept_unrounded``, ``params_kept_unrounded``,
+    ``rounding_cost``: the compression this costs)."""
+    from . import pruning as _p  # pruning imports removal, which imports this module
+    from .removal import _example
+
+    count = check_uniform(count)
+    if count is None:
+        raise ValueError("uniform_heads needs count=True or a number of heads per attention, got None/False")
+    crit = _p.get_criterion(_p.DEFAULT_CRITERION if criterion is None else criterion)
+    layers = _p._layers(model)
+    example_inputs = _example(model, example_inputs)
+    sc = _p._scores(model, layers, crit)
+    old = [(n.mask.clone(), getattr(n, "uniform_groups", None), getattr(n, "uniform_size", None)) for n in layers]
+    try:
+        before = _p.report(model, example_inputs=example_inputs)
+        n = revive_uniform(model, layers, sc, count, None)
+        rep = _p.report(model, criterion=crit.name, rule=f"{crit.label}: masks made uniform, {n} heads in every attention",
+                        example_inputs=example_inputs)
+    except BaseException:
+        for layer, (mask, g, s) in zip(layers, old):
+            layer.mask.copy_(mask)
+            if isinstance(layer, HeadNoise):
+                layer.uniform_groups, layer.uniform_size = g, s
+        raise
+    rep.uniform_heads = n
+    rep.structures_kept_unrounded, rep.params_kept_unrounded = before.structures_kept, before.params_kept
+    return rep
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face config
+
+
+def _shape_mismatch(model: nn.Module, config) -> str | None:
+    """The first parameter or buffer whose shape differs in ``type(model)(config)`` (built on
+    the meta device), or None."""
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(config)
+    except Exception as e:
+        return f"building {type(model).__name__} from it failed: {type(e).__name__}: {e}"
+    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    for k, v in model.state_dict().items():
+        if k in want and want[k] != tuple(v.shape):
+            return f"{type(model).__name__}(config) has {k} of shape {want[k]}, the model {tuple(v.shape)}"
+    return None
+
+
+def update_hf_config(model: nn.Module):
+    """Set a shrunk Hugging Face model's ``config`` to its attention heads (in place), so that
+    ``save_pretrained`` / ``from_pretrained`` reload it; returns the config.
+
+    Needs one head layout in every attention (shrink with ``uniform_heads=True``) and a family
+    whose config holds a head count and head size: q/k/v/o_proj attention (Llama, Mistral,
+    Qwen2, ViT: ``num_attention_heads``, ``head_dim``, ``num_key_value_heads``).  Checked by
+    building the model from the new config on the meta device.  Raises ``ValueError`` saying why
+    otherwise: BERT and GPT-2 derive the head size from the hidden size (fewer heads cannot be
+    expressed; save with :func:`bayesprune.save_shrunk`, reload with :func:`bayesprune.load_shrunk`).
+    """
     config = getattr(model, "config", None)
-    attn = [m for m in model.modules() if isinstance(adapter_for(m), _QKVO)]
-    if config is None or not attn or not hasattr(config, "head_dim") or not hasattr(config, "num_attention_heads"):
-        return False
-    shapes = {(m.q_proj.out_features // m.head_dim, m.k_proj.out_features // m.head_dim, m.head_dim) for m in attn}
-    if len(shapes) != 1:
-        return False
-    h, kv, d = shapes.pop()
-    config.num_attention_heads, config.head_dim = h, d
+    if config is None or not hasattr(model, "save_pretrained") or not hasattr(config, "num_attention_heads"):
+        raise ValueError(f"update_hf_config needs a Hugging Face model (a config with num_attention_heads and "
+                         f"save_pretrained); got a {type(model).__name__}")
+    if _shape_mismatch(model, config) is None:
+        return config  # the config already builds this model
+    attn = [(name, m, adapter_for(m)) for name, m in model.named_modules() if adapter_for(m) is not None]
+    layouts = {}
+    for name, m, ad in attn:
+        h, d = ad.heads(m)
+        layouts[name] = (h, m.k_proj.out_features // d if isinstance(ad, _QKVO) else h, d)
+    derived = [name for name, m, ad in attn if isinstance(ad, (_Bert, _GPT2)) and layouts[name][0] != config.num_attention_heads]
+    if derived:
+        raise ValueError(
+            f"{derived[0]!r} keeps {layouts[derived[0]][0]} of {config.num_attention_heads} heads, and "
+            f"{type(config).__name__} cannot say so: transformers {_tf_version()} sets the head size to hidden_size / "
+            "num_attention_heads in BERT and GPT-2 attention (no head_dim, no per-layer head counts, no pruned_heads), so "
+            "from_pretrained would build heads of another size. Save with bayesprune.save_shrunk(model, path) and reload "
+            "with bayesprune.load_shrunk(path, model=<the unpruned architecture>)"
+        )
+    distinct = sorted(set(layouts.values()))
+    if len(distinct) != 1:
+        listed = ", ".join(f"{n}: {h} heads" for n, (h, _, _) in layouts.items())
+        raise ValueError(f"the attentions keep different numbers of heads ({listed}); a {type(config).__name__} holds one "
+                         "count for every layer: shrink with uniform_heads=True (or prune with uniform_heads=True)")
+    h, kv, d = distinct[0]
+    new = {"num_attention_heads": h, "head_dim": d}
     if hasattr(config, "num_key_value_heads"):
-        config.num_key_value_heads = kv
+        new["num_key_value_heads"] = kv
     elif kv != h:
-        return False
-    return True
+        raise ValueError(f"the attentions keep {kv} key/value heads for {h} query heads, and {type(config).__name__} "
+                         "has no num_key_value_heads")
+    trial = copy.deepcopy(config)
+    for k, v in new.items():
+        setattr(trial, k, v)
+    try:
+        trial = type(config).from_dict(trial.to_dict())  # the validation from_pretrained runs
+    except Exception as e:
+        why = " ".join(str(e).split())
+        raise ValueError(f"{type(config).__name__} refuses {h} attention heads of size {d}: {why}; shrink with "
+                         "uniform_heads=<a head count it accepts> instead of True") from None
+    why = _shape_mismatch(model, trial)
+    if why is not None:
+        raise ValueError(f"setting {type(config).__name__} to {h} heads of size {d} does not describe the model: {why}")
+    for k, v in new.items():
+        setattr(config, k, v)
+    return config
+
+
+def _tf_version() -> str:
+    try:
+        import transformers
+    except ImportError:  # a model with a config attribute but no transformers
+        return "(not installed)"
+    return transformers.__version__

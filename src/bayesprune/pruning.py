@@ -48,6 +48,9 @@ class PruneReport:
     round_to: int | None = None
     structures_kept_unrounded: int | None = None
     params_kept_unrounded: int | None = None
+    #: heads every attention keeps after ``uniform_heads`` (then the ``*_unrounded`` counts are
+    #: those before it, and ``rounding_cost`` its cost); None: not asked
+    uniform_heads: int | None = None
 
     @property
     def structure_compression(self) -> float:
@@ -75,7 +78,7 @@ class PruneReport:
         d = asdict(self)
         d["structure_compression"] = self.structure_compression
         d["param_compression"] = self.param_compression
-        if self.round_to is not None:
+        if self.round_to is not None or self.uniform_heads is not None:
             d["param_compression_unrounded"] = self.param_compression_unrounded
             d["rounding_cost"] = self.rounding_cost
         return d
@@ -94,6 +97,13 @@ class PruneReport:
                 f"{self.params_kept - self.params_kept_unrounded} more parameters kept; parameters removed "
                 f"{100 * self.param_compression_unrounded:.2f} % without rounding, {100 * self.param_compression:.2f} % "
                 f"with (cost {100 * self.rounding_cost:.2f} points)"
+            )
+        if self.uniform_heads is not None:
+            rows.append(
+                f"uniform_heads: {self.uniform_heads} heads in every attention, {self.structures_kept - self.structures_kept_unrounded} "
+                f"more structures and {self.params_kept - self.params_kept_unrounded} more parameters kept; parameters removed "
+                f"{100 * self.param_compression_unrounded:.2f} % without, {100 * self.param_compression:.2f} % with "
+                f"(cost {100 * self.rounding_cost:.2f} points)"
             )
         return "\n".join(rows)
 
@@ -148,6 +158,7 @@ def prune(
     compression: float | None = None,
     monotone: bool = True,
     round_to: int | None = None,
+    uniform_heads: bool | int = False,
     example_inputs=None,
     **options,
 ) -> PruneReport:
@@ -161,9 +172,17 @@ def prune(
     ``round_to=k``: then keep, per layer or coupled group, the removed structures with the highest
     keep scores until a multiple of k remain (:func:`round_masks`); the report gives the counts
     without rounding too (``structures_kept_unrounded``, ``params_kept_unrounded``, ``rounding_cost``).
+    ``uniform_heads=True`` (or a head count): then revive masked attention heads, highest keep
+    scores first, until every attention keeps the same heads (:func:`bayesprune.heads.uniform_heads`;
+    the report gives the counts before it in the same fields).
     ``example_inputs``: another input than the one given to ``add_noise``.
     """
+    from . import heads as _heads
+
     round_to = _check_round_to(round_to)
+    uniform_heads = _heads.check_uniform(uniform_heads)
+    if round_to is not None and uniform_heads is not None:
+        raise ValueError("give round_to or uniform_heads, not both (round_to does not handle attention heads)")
     crit = get_criterion(criterion, **options)
     if compression is not None:
         if options.get("threshold") is not None or options.get("prior_odds") is not None:
@@ -181,6 +200,7 @@ def prune(
     else:
         keeps = None
         rule = f"{crit.label}: lowest scores removed first until {100 * compression:g} % of the parameters are"
+    layouts = _heads.clear_uniform(layers)  # a layout set by an earlier uniform_heads no longer holds
     try:
         if keeps is not None:
             for n, keep in zip(layers, keeps):
@@ -188,18 +208,22 @@ def prune(
                 n.mask.copy_(n.mask * new if monotone else new)
         else:
             _prune_to_compression(model, layers, sc, compression, monotone, example_inputs)
-        if round_to is None:
+        if round_to is None and uniform_heads is None:
             return report(model, criterion=crit.name, rule=rule, example_inputs=example_inputs)
         unrounded = report(model, example_inputs=example_inputs)
-        _round(model, layers, sc, round_to, old if monotone else None, example_inputs)
+        if uniform_heads is not None:
+            rep_heads = _heads.revive_uniform(model, layers, sc, uniform_heads, old if monotone else None)
+        else:
+            _round(model, layers, sc, round_to, old if monotone else None, example_inputs)
         rep = report(model, criterion=crit.name, rule=rule, example_inputs=example_inputs)
-        rep.round_to = round_to
+        rep.round_to, rep.uniform_heads = round_to, (rep_heads if uniform_heads is not None else None)
         rep.structures_kept_unrounded = unrounded.structures_kept
         rep.params_kept_unrounded = unrounded.params_kept
         return rep
     except BaseException:
         for n, o in zip(layers, old):
             n.mask.copy_(o)
+        _heads.clear_uniform(layers, layouts)
         raise
 
 

@@ -782,7 +782,7 @@ def _reattach(model, entries, kept) -> None:
 
 @torch.no_grad()
 def shrink(model: nn.Module, example_inputs=None, *, fold: bool = True, verify: bool = True,
-           round_to: int | None = None) -> nn.Module:
+           round_to: int | None = None, uniform_heads: bool | int = False) -> nn.Module:
     """A plain ``nn.Module`` without noise layers and without the masked structures.
 
     Its eval output equals the masked model's eval output (``fold=True``; checked when ``verify``
@@ -795,17 +795,28 @@ def shrink(model: nn.Module, example_inputs=None, *, fold: bool = True, verify: 
     ``round_to=k``: first round a copy's masks up to multiples of k per layer or coupled group,
     highest BMRS_N keep scores first (:func:`bayesprune.pruning.round_masks`); the output then
     equals that copy's masked output.
+    ``uniform_heads=True`` (or a head count): first make a copy's head masks keep the same heads
+    in every attention (:func:`bayesprune.heads.uniform_heads`), and set a Hugging Face model's
+    config to them (:func:`bayesprune.heads.update_hf_config`, which raises where its config
+    cannot say so) so that ``save_pretrained`` / ``from_pretrained`` reload it.
     """
+    uniform_heads = _heads.check_uniform(uniform_heads)
     if round_to is not None:
         from .pruning import round_masks  # pruning imports this module
 
         model = copy.deepcopy(model)
         round_masks(model, round_to, example_inputs=example_inputs)
+    if uniform_heads is not None:
+        model = copy.deepcopy(model)
+        _heads.uniform_heads(model, uniform_heads, example_inputs=example_inputs)
     if fold and verify:  # computed once per model state (remaining_parameters counts this network)
         out = copy.deepcopy(_cached_shrink(model, example_inputs))
         out.train(model.training)
-        return out
-    return _shrink(model, example_inputs, fold=fold, keep_noise=False, verify=verify)
+    else:
+        out = _shrink(model, example_inputs, fold=fold, keep_noise=False, verify=verify)
+    if uniform_heads is not None and hasattr(out, "config") and hasattr(out, "save_pretrained"):
+        _heads.update_hf_config(out)
+    return out
 
 
 @torch.no_grad()
