@@ -175,8 +175,6 @@ def test_head_noise_refuses_what_it_cannot_handle():
     heads.add_head_noise(block, torch.randn(2, 5, 6))
     with pytest.raises(ValueError, match="already has head noise"):
         heads.add_head_noise(block, torch.randn(2, 5, 6))
-    with pytest.raises(ValueError, match="shrink_for_training does not remove attention heads"):
-        bp.shrink_for_training(block)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,3 +482,64 @@ def test_uniform_heads_refusals():
         bp.shrink(plain, uniform_heads=True)
     with pytest.raises(ValueError, match="needs a Hugging Face model"):
         heads.update_hf_config(plain)
+
+
+# ---------------------------------------------------------------------------------------------
+# shrink_for_training: the masked heads go, the kept heads' noise trains on
+
+
+def test_shrink_for_training_keeps_the_kept_heads_noise():
+    torch.manual_seed(14)
+    model = _vision_block().eval()
+    x = torch.randn(2, 5, 6)
+    bp.add_noise(model, x)
+    heads.add_head_noise(model, x)
+    others = [torch.randn(3, 5, 6)]
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    (model(x).square().mean() + bp.kl(model)).backward()
+    opt.step()
+    opt.zero_grad()
+    model.eval()
+    _collapse(model, {"block.self_attention": [0, 2]})
+    bp.prune(model, "bmrs_n")
+    small = bp.shrink_for_training(model)
+    (hn,) = heads.head_noise_layers(small)
+    (old,) = heads.head_noise_layers(model)
+    att = small.block.self_attention
+    assert att.num_heads == 2 and hn.num_structures == 2 and hn.layer_name == "block.self_attention"
+    assert torch.equal(hn.mu, old.mu[[1, 3]]) and torch.equal(hn.log_sigma, old.log_sigma[[1, 3]])
+    assert hn.mask.tolist() == [1.0, 1.0] and bp.count_parameters(small) < bp.count_parameters(model)
+    with torch.no_grad():
+        for inp in [x] + others:
+            assert _rel_err(model(inp), small(inp)) <= TOL
+    # Adam's moments follow the kept heads (noise) and their q/k/v rows
+    new_opt = torch.optim.Adam(small.parameters(), lr=1e-3)
+    bp.removal.carry_optimizer_state(model, opt, small, new_opt)
+    assert torch.equal(new_opt.state[hn.mu]["exp_avg"], opt.state[old.mu]["exp_avg"][[1, 3]])
+    rows = torch.cat([torch.arange(4, 8), torch.arange(12, 16)])  # heads 1, 3 of the query block
+    w_old = model.block.self_attention.in_proj_weight
+    assert torch.equal(new_opt.state[att.in_proj_weight]["exp_avg"][:8], opt.state[w_old]["exp_avg"][rows])
+    _train_step(small, x)  # gradients reach the kept heads' noise
+    final = bp.shrink(small)
+    with torch.no_grad():
+        assert _rel_err(small(others[0]), final(others[0])) <= TOL
+
+
+def test_shrink_for_training_grouped_llama():
+    """Layer 1 keeps heads 1, 2, 3 (groups of 1 and 2): key/value head 1 repeated; the noise keeps
+    the kept query heads' entries and the model trains on."""
+    torch.manual_seed(15)
+    model = _llama().eval()
+    x = _ids(0)
+    heads.add_head_noise(model, x)
+    _collapse(model, {"layers.0.self_attn": [0, 1], "layers.1.self_attn": [0]})
+    bp.prune(model, "bmrs_n")
+    small = bp.shrink_for_training(model)
+    n0, n1 = heads.head_noise_layers(small)
+    assert (n0.num_structures, n1.num_structures) == (2, 3)
+    assert torch.equal(n1.mu, heads.head_noise_layers(model)[1].mu[[1, 2, 3]])
+    with torch.no_grad():
+        for inp in (x, _ids(1, 3, 5)):
+            assert _rel_err(_hidden(model(**inp)), _hidden(small(**inp))) <= TOL
+    _train_step(small, x, _hidden)

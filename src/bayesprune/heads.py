@@ -39,7 +39,7 @@ from torch import nn
 from .noise import MultiplicativeNoise, _install_joint_draw, noise_layers, DEFAULT_SHARING, SHARING
 
 __all__ = ["HeadNoise", "HeadwiseMultiheadAttention", "add_head_noise", "head_noise_layers",
-           "shrink_heads", "replay_heads", "ADAPTERS", "register_adapter", "update_hf_config", "uniform_heads"]
+           "shrink_heads", "replay_heads", "noise_origins", "ADAPTERS", "register_adapter", "update_hf_config", "uniform_heads"]
 
 
 class HeadNoise(MultiplicativeNoise):
@@ -484,9 +484,19 @@ def _detach(model: nn.Module, noise: HeadNoise) -> None:
 
 
 @torch.no_grad()
-def _remove_heads(model: nn.Module, fold: bool) -> tuple[list, dict]:
+def _slice_noise(noise: HeadNoise, keep: list[int]) -> None:
+    """Keep the entries of heads ``keep`` in the noise's per-head parameters and mask."""
+    idx = torch.as_tensor(keep, dtype=torch.long, device=noise.mu.device)
+    for pname in ("mu", "log_sigma"):
+        setattr(noise, pname, _new_param(getattr(noise, pname), getattr(noise, pname)[idx]))
+    noise.mask = noise.mask[idx.to(noise.mask.device)].clone()
+    noise.num_structures = len(keep)
+
+
+def _remove_heads(model: nn.Module, fold: bool, keep_noise: bool = False) -> tuple[list, dict]:
     """Fold (optionally) and remove the masked heads of ``model`` in place, detaching the head
-    noise; returns the replay record and the modules that keep a zeroed head (with why)."""
+    noise (``keep_noise``: leaving it on, sliced to the kept heads); returns the replay record and
+    the modules that keep a zeroed head (with why)."""
     record, kept = [], {}
     for noise in head_noise_layers(model):
         noise.check_finite()
@@ -496,7 +506,8 @@ def _remove_heads(model: nn.Module, fold: bool) -> tuple[list, dict]:
         if fold:
             scale = noise.expected_theta().double() * noise.mask.double()
             _scale_in(m.get_submodule(ad.out_proj), scale, noise.head_dim)
-        _detach(model, noise)
+        if not keep_noise:
+            _detach(model, noise)
         keep = [int(i) for i in torch.nonzero(mask != 0).flatten()]
         if getattr(noise, "uniform_groups", None) is not None:  # uniform_heads: the same layout in every attention
             padded = _pad(keep, _query_groups(m, ad), noise.uniform_groups, noise.uniform_size, noise.layer_name)
@@ -513,6 +524,8 @@ def _remove_heads(model: nn.Module, fold: bool) -> tuple[list, dict]:
                 kept[noise.layer_name] = (f"{len(rec['keep']) - len(keep)} masked query head(s) stay (zeroed) so that every "
                                           "key/value group keeps the same number of query heads")
             record.append([noise.layer_name, ad.family, rec])
+            if keep_noise:
+                _slice_noise(noise, rec["keep"])
     return record, kept
 
 
@@ -520,17 +533,19 @@ def shrink_heads(model: nn.Module, example_inputs, rest, *, fold: bool, keep_noi
     """What ``removal._shrink`` does for a model with head noise: a copy with the masked heads
     removed (folded first with ``fold``), then ``rest(copy)`` for the channel noise if any is
     left, checked against the masked model's eval output on several inputs when ``verify``.
-    The record of removed heads goes to ``result.bayesprune_pruning["heads"]``."""
+    ``keep_noise`` (``shrink_for_training``): nothing folded, each head noise stays on its
+    attention with the kept heads' ``mu``, ``log_sigma`` and mask.  The record of removed heads
+    goes to ``result.bayesprune_pruning["heads"]``."""
     from . import removal as _r  # removal calls this module
 
-    if keep_noise:
-        raise ValueError("shrink_for_training does not remove attention heads; shrink(model) removes them "
-                         "(or train on with the masks, which keep masked heads at zero)")
     m = copy.deepcopy(model)
-    values = fold
+    values = fold or keep_noise
     probes = _r._ProbeList(_r._probes(example_inputs) if values else [_r._probe(example_inputs)])
     reference = _r._eval_outputs(m, probes) if verify else None
-    record, kept = _remove_heads(m, fold)
+    record, kept = _remove_heads(m, fold, keep_noise)
+    carried = head_noise_layers(m) if keep_noise else []
+    for noise in carried:  # off while the channel structures are removed, back on the result
+        _detach(m, noise)
     if noise_layers(m):
         out = rest(m)
     else:
@@ -538,6 +553,13 @@ def shrink_heads(model: nn.Module, example_inputs, rest, *, fold: bool, keep_noi
         out.train(model.training)
         out.bayesprune_pruning = {**_r._input_spec(example_inputs), "steps": []}
         out.bayesprune_kept = {}
+    if carried:
+        stored = _r.stored_example_inputs(model)
+        for noise in carried:
+            out.get_submodule(noise.layer_name).add_module("bayes_noise", noise)
+            noise._handle = out.get_submodule(noise.target_name).register_forward_pre_hook(noise._pre_hook)
+            noise.example_inputs = stored if stored is not None else example_inputs
+        _install_joint_draw(out)
     if verify:
         why = _r._mismatch(reference, out, probes, values=values)
         if why is not None:
@@ -545,6 +567,19 @@ def shrink_heads(model: nn.Module, example_inputs, rest, *, fold: bool, keep_noi
     out.bayesprune_pruning["heads"] = record
     out.bayesprune_kept.update(kept)
     out.train(model.training)
+    return out
+
+
+def noise_origins(shrunk: nn.Module, record) -> dict[str, torch.Tensor]:
+    """For ``shrunk = shrink_for_training(model)``: per head-noise parameter name, the heads of
+    ``model``'s noise its entries come from (``record``: ``bayesprune_pruning["heads"]``)."""
+    keep = {name: rec["keep"] for name, _, rec in record or ()}
+    names = {id(m): name for name, m in shrunk.named_modules()}
+    out = {}
+    for noise in head_noise_layers(shrunk):
+        idx = torch.as_tensor(keep.get(noise.layer_name, range(noise.num_structures)), dtype=torch.long)
+        for pname, _ in noise.named_parameters(recurse=False):
+            out[f"{names[id(noise)]}.{pname}"] = idx
     return out
 
 

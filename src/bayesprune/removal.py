@@ -852,10 +852,14 @@ def parameter_origins(model: nn.Module, shrunk: nn.Module) -> dict[str, torch.Te
     device = next(tagged.parameters()).device
     example = _map_inputs(lambda x: (x.double() if x.is_floating_point() else x).to(device) if torch.is_tensor(x) else x,
                           example_from_spec(spec))
+    _heads.replay_heads(tagged, spec.get("heads"))  # the steps were recorded without those heads
     replay_pruning(tagged, example, spec["steps"])
     origins = {name: p.long().flatten() for name, p in tagged.named_parameters()}
+    origins.update(_heads.noise_origins(shrunk, spec.get("heads")))
     names = {id(m): name for name, m in shrunk.named_modules()}
     for noise in noise_layers(shrunk):  # its structures are the kept outputs of its layer
+        if isinstance(noise, _heads.HeadNoise):
+            continue  # its heads: noise_origins
         original, w = model.get_submodule(noise.layer_name), tagged.get_submodule(noise.layer_name).weight
         if is_transposed_linear(original):  # [in, out]: output j is column j, flat index i*nf + j
             kept = w[0].long() % original.nf
