@@ -8,6 +8,10 @@ Run level: the summaries and metric files of an ensemble of three runs (two seed
 equal those of the three single runs except times; a run interrupted on its own resumes inside
 an ensemble to the uninterrupted numbers; a member whose run fails (its directory locked) fails
 alone; batched epochs falling back to the members' own code give the same numbers too.
+reproduce: --ensemble K and --ensemble auto give the summaries of --ensemble 1 (up to times);
+auto trains batched when the probe's (injected) timer finds the ensemble faster and single runs
+otherwise, printing the measured ratio and recording it in every summary; the probe's size
+follows the free memory, it refuses what cannot be batched; bad --ensemble values are named.
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ def test_one_batched_epoch_equals_each_members_own(model_name):
 
 def _strip(d):
     if isinstance(d, dict):
-        return {k: _strip(v) for k, v in d.items() if k not in TIMES and k != "out_dir"}
+        return {k: _strip(v) for k, v in d.items() if k not in TIMES and k not in ("out_dir", "ensemble")}
     if isinstance(d, list):
         return [_strip(v) for v in d]
     return d
@@ -188,21 +192,147 @@ def test_members_must_share_the_network_and_its_training(tmp_path):
         ensemble.check_members([a, resolve_config(**OPTS, seed=1, out_dir=str(tmp_path / "a"))])
 
 
-def test_reproduce_with_ensembles_gives_the_single_runs_tables(tmp_path):
+TABLE = dict(seeds=[0, 1], epochs=1, finetune_epochs=0, datasets=["digits"], models=["mlp"], progress=False, device="cpu",
+             width=16, measure_latency=False,
+             methods=(("bmrs_n", None),))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """reproduce's LocalEngine(1) gives a run every usable core; here one (conftest's), as the
+    tiny runs of these tests are much slower on two threads of a loaded machine."""
+    from bayesprune.experiments import engines
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # LocalEngine(1) of an earlier test module may have left more
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engines, "usable_cores", lambda: 1)
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def single_table(tmp_path_factory):
+    from bayesprune.experiments.reproduce import reproduce
+
+    root = tmp_path_factory.mktemp("table")
+    one = reproduce("bmrs-table1", root / "single", ensemble=1, **TABLE)
+    assert not one["failures"]
+    assert all("ensemble" not in s for s in one["summaries"])  # --ensemble 1 records nothing
+    return {Path(s["config"]["out_dir"]).relative_to(root / "single"): s for s in one["summaries"]}
+
+
+def _same_table(got, root, by_dir):
+    assert len(by_dir) == len(got["summaries"]) == 4  # 2 seeds x (bmrs_n, then l2 at bmrs_n's compression)
+    for s in got["summaries"]:
+        _same(s, by_dir[Path(s["config"]["out_dir"]).relative_to(root)])
+
+
+def test_reproduce_with_ensembles_gives_the_single_runs_tables(single_table, tmp_path):
     from bayesprune.experiments.reproduce import ensemble_groups, reproduce
 
-    opts = dict(seeds=[0, 1], epochs=1, datasets=["digits"], models=["mlp"], progress=False, device="cpu",
-                methods=(("bmrs_n", None),))
-    one = reproduce("bmrs-table1", tmp_path / "single", **opts)
-    four = reproduce("bmrs-table1", tmp_path / "ensemble", ensemble=4, **opts)
-    assert not one["failures"] and not four["failures"]
-    by_dir = {Path(s["config"]["out_dir"]).relative_to(tmp_path / "single"): s for s in one["summaries"]}
-    assert len(by_dir) == len(four["summaries"]) == 4  # 2 seeds x (bmrs_n, then l2 at bmrs_n's compression)
-    for s in four["summaries"]:
-        _same(s, by_dir[Path(s["config"]["out_dir"]).relative_to(tmp_path / "ensemble")])
+    four = reproduce("bmrs-table1", tmp_path / "ensemble", ensemble=4, **TABLE)
+    assert not four["failures"]
+    _same_table(four, tmp_path / "ensemble", single_table)
+    assert all(s["ensemble"] == {"size": 2, "probe_ratio": None} for s in four["summaries"])  # forced: no probe
     cfgs = [resolve_config(**OPTS, seed=s, out_dir=str(tmp_path / str(s))) for s in range(5)]
     assert ensemble_groups(cfgs, 2) == [(0, 1), (2, 3), (4,)]
     cfgs[1] = resolve_config(**OPTS, seed=1, shrink=True, out_dir=str(tmp_path / "1"))
     assert ensemble_groups(cfgs, 4) == [(0, 2, 3, 4), (1,)]
-    with pytest.raises(ValueError, match="ensemble must be an integer >= 1"):
-        reproduce("bmrs-table1", tmp_path / "x", ensemble=0, **opts)
+    for bad in (0, -1, True, "4", 2.0):
+        with pytest.raises(ValueError, match="ensemble must be 'auto' or an integer >= 1"):
+            reproduce("bmrs-table1", tmp_path / "x", **dict(TABLE, ensemble=bad))
+
+
+class _Timer:
+    """A probe timer that runs the work and says the ``faster`` side took 1 s, the other 3 s."""
+
+    def __init__(self, faster: str):
+        self.faster, self.kinds = faster, []
+
+    def __call__(self, kind, work):
+        work()
+        self.kinds.append(kind)
+        return 1.0 if kind == self.faster else 3.0
+
+
+@pytest.mark.parametrize("faster", ["ensemble", "single"])
+def test_auto_trains_batched_where_the_probe_finds_it_faster(single_table, tmp_path, monkeypatch, capsys, faster):
+    from bayesprune.experiments.reproduce import reproduce
+
+    calls, real = [], ensemble.run_ensemble
+    monkeypatch.setattr(ensemble, "run_ensemble", lambda cfgs, **kw: calls.append(len(cfgs)) or real(cfgs, **kw))
+    timer = _Timer(faster)
+    got = reproduce("bmrs-table1", tmp_path, **dict(TABLE, progress=True), probe_timer=timer)
+    assert not got["failures"]
+    _same_table(got, tmp_path, single_table)  # the probe changed no run's numbers
+    # one probe per stage (bmrs_n, then l2), each 3 timed passes of each side
+    assert timer.kinds.count("single") == timer.kinds.count("ensemble") == 2 * ensemble.PROBE_REPEATS
+    batched = faster == "ensemble"
+    ratio = 3.0 if batched else round(1 / 3, 4)
+    assert calls == ([2, 2] if batched else [])  # what trained: two ensembles of 2, or eight single runs
+    for s in got["summaries"]:
+        assert s["ensemble"] == {"size": 2 if batched else 1, "probe_ratio": ratio}
+        on_disk = json.loads((Path(s["config"]["out_dir"]) / "summary.json").read_text())
+        assert on_disk["ensemble"] == s["ensemble"]
+    out = capsys.readouterr().out
+    assert f"ensemble probe mlp/digits, 2 runs: 2 single runs 3.000 s, one ensemble of 2 1.000 s" in out or not batched
+    assert f"throughput {3.0 if batched else 1 / 3:.2f}x -> {'batched: ensembles of 2' if batched else 'single runs'}" in out
+    # a second call finds every run finished: no probe, the summaries (and the recorded choice) as they are
+    again = reproduce("bmrs-table1", tmp_path, **TABLE, probe_timer=_Timer("ensemble"))
+    assert sorted(json.dumps(s, sort_keys=True) for s in again["summaries"]) == \
+        sorted(json.dumps(s, sort_keys=True) for s in got["summaries"])
+
+
+def test_probe_sizes_to_the_memory_and_refuses_what_it_cannot_batch(tmp_path, monkeypatch):
+    cfgs = [resolve_config(**OPTS, seed=s, out_dir=str(tmp_path / str(s))) for s in range(3)]
+    p = ensemble.probe(cfgs, steps=2, repeats=1)
+    assert p.error is None and p.size == 3 and p.steps == 2 and p.single_s > 0 and p.ensemble_s > 0
+    assert p.ratio == pytest.approx(p.single_s / p.ensemble_s)
+    splits = training.load_splits(cfgs[0])
+    training._seed_all(0)
+    model, _ = training._build(cfgs[0], splits, CPU)
+    images, labels = splits.train.images, splits.train.labels
+    data = images.nelement() * images.element_size() + labels.nelement() * labels.element_size()
+    params = sum(p.nelement() * 4 for p in model.parameters())
+    acts = [o.nelement() * 4 for o in _module_outputs(model, splits.train.images[:16])]
+    assert len(acts) == 8  # the MLP: Flatten, 3 Linear, 2 noise layers, 2 Tanh
+    per_member = data + 8 * params + 3 * sum(acts)
+    monkeypatch.setattr(ensemble, "_free_memory", lambda device: 2 * 2 * per_member + 1)  # half of it, 2 tasks: 2 members
+    p = ensemble.probe(cfgs, steps=2, repeats=1)
+    assert (p.size, p.max_members, p.error) == (2, 2, None)
+    p = ensemble.probe(cfgs, steps=2, repeats=1, share=2)
+    assert p.error is not None and "memory" in p.error and p.ratio is None and not p.batched
+    monkeypatch.undo()
+    element = [resolve_config(**OPTS, seed=s, sharing="element", out_dir=str(tmp_path / f"e{s}")) for s in range(2)]
+    p = ensemble.probe(element, steps=2, repeats=1)
+    assert "sharing 'element' is not supported" in p.error and not p.batched
+
+
+def _module_outputs(model, x):
+    outs = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: outs.append(o)) for m in model.modules() if m is not model]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return outs
+
+
+def test_cli_ensemble_values(tmp_path, monkeypatch, capsys):
+    import bayesprune.experiments.reproduce as rep
+    from bayesprune.experiments.cli import main
+
+    seen = {}
+    monkeypatch.setattr(rep, "reproduce", lambda name, out, **kw: seen.update(kw) or {"wall_time_s": 0.0})
+    base = ["reproduce", "bmrs-table1", "--datasets", "digits", "--jobs", "1", "--out-dir", str(tmp_path)]
+    main(base)
+    assert seen["ensemble"] == rep.ENSEMBLE_AUTO == "auto"  # the default
+    for value, parsed in (("auto", "auto"), ("1", 1), ("14", 14)):
+        main(base + ["--ensemble", value])
+        assert seen["ensemble"] == parsed
+    capsys.readouterr()
+    for bad in ("0", "-2", "foo", "1.5"):
+        assert main(base + ["--ensemble", bad]) == 2
+        err = capsys.readouterr().err
+        assert f"argument --ensemble: expected 'auto' or an integer >= 1 (1: single runs), got {bad!r}" in err

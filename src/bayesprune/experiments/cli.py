@@ -254,7 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bf_run)
 
-    from .reproduce import TARGETS
+    from .reproduce import ENSEMBLE_AUTO, TARGETS
+
+    def _ensemble(text: str):
+        if text == ENSEMBLE_AUTO:
+            return text
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected {ENSEMBLE_AUTO!r} or an integer >= 1 (1: single runs), got {text!r}")
+        return value
 
     rp = sub.add_parser("reproduce", help="run (or resume) every run of one of the papers' tables, then print it",
                         description="bmrs-table1: MLP/LeNet5 x MNIST/Fashion-MNIST/CIFAR-10 x None, L2, E[θ], SNR, "
@@ -273,10 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--jobs", type=int, default=None,
                     help="runs in parallel, each with cores/jobs threads (default: one per core on the CPU, "
                          "measured ~1.9x faster than one run with all threads; 1 on CUDA)")
-    rp.add_argument("--ensemble", type=int, default=1, metavar="K",
-                    help="bmrs-table1/-table2: train up to K runs that share a network (seeds, methods) as one batched "
-                         "ensemble, each member with its single run's numbers (default 1: off; on a 2-core CPU 0.8x the "
-                         "throughput for LeNet5, 1.1-1.5x for the MLP: docs/scale-out.md)")
+    rp.add_argument("--ensemble", type=_ensemble, default=ENSEMBLE_AUTO, metavar="auto|K",
+                    help="bmrs-table1/-table2: train runs that share a network (seeds, methods) as batched ensembles, "
+                         "each member with its single run's numbers; auto (default): a timed probe of a few steps per "
+                         "network decides, printed and recorded in each summary; 1: single runs; K: ensembles of up "
+                         "to K (docs/scale-out.md)")
     rp.add_argument("--sharing", choices=SHARING, default=None, help="noise draws (default: channel)")
     rp.add_argument("--noise-lr", type=_finite, default=None, help="learning rate of the noise parameters (default: --lr)")
     rp.add_argument("--threshold", type=_threshold, default=None, help="BMRS_N/BMRS_U threshold (default 0; 'reference')")

@@ -31,8 +31,12 @@ during training, or data sets not held in memory are refused (:func:`check_membe
 
 from __future__ import annotations
 
+import copy
+import os
+import statistics
 import threading
-from dataclasses import asdict
+import time
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +47,8 @@ from ..distributions import LogUniform, TruncatedLogNormal, draw_theta
 from ..noise import noise_layers
 from . import training
 
-__all__ = ["run_ensemble", "check_members", "SHARED_FIELDS"]
+__all__ = ["run_ensemble", "check_members", "check_network", "SHARED_FIELDS", "probe", "Probe", "wall_clock", "MAX_MEMBERS", "PROBE_STEPS",
+           "PROBE_REPEATS"]
 
 #: RunConfig fields that members of one ensemble share (seed, method and its rule may differ)
 SHARED_FIELDS = ("dataset", "model", "width", "extra_layers", "epochs", "finetune_epochs", "batch_size", "lr",
@@ -73,6 +78,16 @@ def check_members(cfgs) -> None:
     twice = sorted({d for d in dirs if dirs.count(d) > 1})
     if twice:
         raise ValueError(f"ensemble members share the run directory {twice[0]}")
+
+
+def check_network(model: nn.Module) -> None:
+    """ValueError naming the layer if ``model`` is not a network the ensemble batches: an
+    ``nn.Sequential`` of Linear, Conv2d, pooling, Flatten and element-wise activations."""
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(f"the ensemble trains nn.Sequential networks; {type(model).__name__} is not one")
+    for name, mod in model.named_children():
+        if not isinstance(mod, (nn.Linear, nn.Conv2d) + _ELEMENTWISE + _PER_EXAMPLE):
+            raise ValueError(f"the ensemble cannot batch layer {name} ({type(mod).__name__})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,11 +211,7 @@ class _Batch:
         self.rng = [m.request[1] for m in group]
         self.k = len(group)
         base = self.models[0]
-        if not isinstance(base, nn.Sequential):
-            raise ValueError(f"the ensemble trains nn.Sequential networks; {type(base).__name__} is not one")
-        for name, mod in base.named_children():
-            if not isinstance(mod, (nn.Linear, nn.Conv2d) + _ELEMENTWISE + _PER_EXAMPLE):
-                raise ValueError(f"the ensemble cannot batch layer {name} ({type(mod).__name__})")
+        check_network(base)
         self.names = [n for n, _ in base.named_parameters()]
         self.stacked = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in self.models]).requires_grad_()
                         for n in self.names}
@@ -396,3 +407,192 @@ def _indices(loader):
     index_loader = torch.utils.data.DataLoader(_IndexSet(len(loader.dataset)), sampler=loader.sampler,
                                                batch_size=None, generator=loader.generator)
     return training.tqdm(index_loader, disable=True, leave=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the probe of ``reproduce --ensemble auto``: is one ensemble faster than its single runs, here?
+
+#: most members ``reproduce --ensemble auto`` puts in one ensemble (14 = the 7 methods of the BMRS
+#: Table 1 x 2 seeds fit one); fewer where the device's free memory does not hold them
+MAX_MEMBERS = 16
+#: training steps of each side of the probe (after one warm-up pass of each, not timed)
+PROBE_STEPS = 8
+#: timed passes of each side, alternating which goes first; the medians are compared
+PROBE_REPEATS = 3
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What :func:`probe` measured: ``size`` members (at most ``max_members``, what the device's
+    memory holds), the median seconds of ``steps`` steps of the ``size`` single runs one after
+    another and of the one ensemble, ``ratio`` = single / ensemble (above 1: the ensemble is
+    faster); ``error``: why the group cannot train batched (then ``ratio`` is None)."""
+
+    size: int
+    steps: int
+    repeats: int = PROBE_REPEATS
+    single_s: float | None = None
+    ensemble_s: float | None = None
+    max_members: int | None = None
+    error: str | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.error is not None or not self.ensemble_s else self.single_s / self.ensemble_s
+
+    @property
+    def batched(self) -> bool:
+        return self.ratio is not None and self.ratio > 1
+
+
+def wall_clock(kind: str, work) -> float:
+    """The probe's default timer: seconds of ``work()`` (which ends with a device sync);
+    ``kind`` ("single" or "ensemble") says which side it is."""
+    t0 = time.perf_counter()
+    work()
+    return time.perf_counter() - t0
+
+
+def probe(cfgs, *, steps: int = PROBE_STEPS, repeats: int = PROBE_REPEATS, timer=wall_clock, share: int = 1) -> Probe:
+    """Time ``steps`` training steps of the members ``cfgs`` (RunConfigs that could share an
+    ensemble) as one batched ensemble against the same steps of each as its single run, on the
+    runs' own network, device, batch size and data (the first ``steps`` batches of the training
+    set), from the same initial states; one untimed warm-up pass of each side, then ``repeats``
+    timed passes alternating which side goes first.  ``timer(kind, work)`` returns the seconds
+    of ``work()``.  Members beyond what half of the device's free memory, shared by ``share``
+    parallel tasks, holds are left out of the probe (``Probe.max_members``).  The runs' state is
+    untouched: the probe builds its own copies, and the global generators are restored."""
+    cfgs = list(cfgs)
+    try:
+        check_members(cfgs)
+    except ValueError as e:
+        return Probe(len(cfgs), steps, repeats, error=str(e))
+    state = training._rng_state()
+    try:
+        return _probe(cfgs, steps, repeats, timer, share)
+    finally:
+        training._set_rng_state(state)
+        _RESIDENT.clear()
+
+
+def _probe(cfgs, steps, repeats, timer, share) -> Probe:
+    from .data import ImageTensorDataset, make_loader
+
+    first = cfgs[0]
+    device = training._device(first.device)
+    splits = training.load_splits(first)
+    if not hasattr(splits.train, "images"):
+        return Probe(len(cfgs), steps, repeats, error="the ensemble needs data sets held in memory (ImageTensorDataset)")
+    built = []
+    for cfg in cfgs:
+        training._seed_all(cfg.seed)
+        model, _ = training._build(cfg, splits, device)
+        if not built:
+            try:
+                check_network(model)
+            except ValueError as e:  # before building the others
+                return Probe(len(cfgs), steps, repeats, error=str(e))
+        built.append((cfg, model, training._optimizer(model, cfg)))
+    fits = _members_that_fit(built[0][1], splits, first.batch_size, device, share)
+    if fits < 2:
+        return Probe(len(cfgs), steps, repeats, max_members=fits,
+                     error=f"half of the free memory of {device}, shared by {share} task(s), holds one member only")
+    built = built[:fits]
+    n = min(len(splits.train), steps * first.batch_size)
+    data = ImageTensorDataset(splits.train.images[:n], splits.train.labels[:n])
+    steps = -(-n // first.batch_size)
+
+    def fresh():
+        out = []
+        for cfg, model, opt in built:
+            m = copy.deepcopy(model)
+            o = training._optimizer(m, cfg)
+            o.load_state_dict(opt.state_dict())
+            out.append((cfg, m, o, make_loader(data, cfg.batch_size, shuffle=True, seed=cfg.seed)))
+        return out
+
+    def single():
+        runs = fresh()
+
+        def work():
+            for cfg, m, o, loader in runs:
+                training._train_epoch(m, o, loader, cfg, splits.num_train, device, "probe")
+            _sync(device)
+        return work
+
+    def batched():
+        rng = training._rng_state()
+        waiting = [_Waiting((m, o, loader, cfg, splits.num_train, device, "probe"), rng) for cfg, m, o, loader in fresh()]
+        batches = [_Batch(g) for g in _groups(waiting)]  # raises ValueError for a network it cannot batch
+
+        def work():
+            for b in batches:
+                b.epoch()
+            _sync(device)
+        return work
+
+    try:
+        batched()()
+    except (ValueError, _Fallback) as e:
+        what = "a non-finite or absurd loss" if isinstance(e, _Fallback) else str(e)
+        return Probe(len(built), steps, repeats, max_members=fits, error=what)
+    single()()
+    times: dict = {"single": [], "ensemble": []}
+    for r in range(repeats):
+        for kind in (("single", "ensemble") if r % 2 == 0 else ("ensemble", "single")):
+            work = single() if kind == "single" else batched()
+            _sync(device)
+            times[kind].append(float(timer(kind, work)))
+    return Probe(len(built), steps, repeats, statistics.median(times["single"]), statistics.median(times["ensemble"]), fits)
+
+
+class _Waiting:
+    """A member as the coordinator sees it while it waits for an epoch (the probe's members)."""
+
+    def __init__(self, args, rng):
+        self.request = (args, rng)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _members_that_fit(model, splits, batch_size: int, device: torch.device, share: int) -> int:
+    """How many members half of the device's free memory holds, split between ``share`` tasks:
+    each member holds its training set on the device, its parameters 8 times (its own, their
+    gradients and Adam's two moments, and the same stacked) and the outputs of its modules at
+    ``batch_size`` 3 times (forward, saved for backward, gradients); at most MAX_MEMBERS."""
+    free = _free_memory(device)
+    if free is None:
+        return MAX_MEMBERS
+    images, labels = splits.train.images, splits.train.labels
+    data = images.nelement() * images.element_size() + labels.nelement() * labels.element_size()
+    params = sum(p.nelement() * p.element_size() for p in model.parameters())
+    acts = []
+
+    def count(_module, _inputs, out):
+        if isinstance(out, torch.Tensor):
+            acts.append(out.nelement() * out.element_size())
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if m is not model]
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(images[:batch_size].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train()
+    per_member = data + 8 * params + 3 * sum(acts)
+    return max(1, min(MAX_MEMBERS, int(free / 2 / max(1, share) // per_member)))
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Free bytes of ``device`` (CUDA: ``mem_get_info``; CPU: the available physical pages)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -26,7 +26,8 @@ from pathlib import Path
 from .engines import LocalEngine, RunOutcome, run_all, usable_cores  # noqa: F401  (usable_cores: the CLI's --jobs default)
 from .training import RunConfig, resolve_config, run_continuous, run_dir_name, run_sweep
 
-__all__ = ["TARGETS", "bmrs_table1_configs", "bmrs_table2_configs", "table2", "reproduce"]
+__all__ = ["TARGETS", "ENSEMBLE_AUTO", "bmrs_table1_configs", "bmrs_table2_configs", "table2", "reproduce", "check_ensemble",
+           "ensemble_groups"]
 
 TARGETS = ("bmrs-table1", "bmrs-table2", "bmrs-posttrain", "bf-table1")
 BMRS_MODELS = ("mlp", "lenet5")
@@ -112,41 +113,188 @@ def _sweep_one(cfg: RunConfig) -> dict:
     return run_sweep(cfg, progress=False)
 
 
-def _ensemble_one(cfgs: tuple) -> list:
-    """The runs of one batched ensemble (ensemble.py): per member its summary or its error text."""
+#: ``reproduce``'s ``ensemble`` (and ``--ensemble``) default: a timed probe decides, per group of
+#: runs that could share an ensemble, whether it trains batched (docs/scale-out.md)
+ENSEMBLE_AUTO = "auto"
+
+
+def check_ensemble(ensemble) -> None:
+    """ValueError unless ``ensemble`` is "auto" or an integer >= 1 (1: single runs)."""
+    if ensemble != ENSEMBLE_AUTO and (isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1):
+        raise ValueError(f"ensemble must be {ENSEMBLE_AUTO!r} or an integer >= 1 (1: single runs), got {ensemble!r}")
+
+
+class _Group(tuple):
+    """The RunConfigs of one engine task (one ensemble, or one single run) with the choice to
+    record in their summaries (``record``: ``{"size": K, "probe_ratio": r}``, or None)."""
+
+    def __new__(cls, cfgs, record=None):
+        self = super().__new__(cls, cfgs)
+        self.record = record
+        return self
+
+    def __reduce__(self):
+        return (_Group, (tuple(self), self.record))
+
+    @property
+    def out_dir(self) -> str:  # what run_all prints
+        return str(self[0].out_dir) if len(self) == 1 else f"{self[0].out_dir} and {len(self) - 1} more (one ensemble)"
+
+
+def _group_task(group: _Group) -> list:
+    """The runs of ``group``: one run_continuous, or one batched ensemble (ensemble.py); per
+    member its summary (with the recorded choice) or its error text."""
     from .ensemble import run_ensemble
 
-    return [r if isinstance(r, dict) else f"{type(r).__name__}: {r}" for r in run_ensemble(list(cfgs))]
+    if len(group) == 1:
+        results = [run_continuous(group[0], progress=False)]
+    else:
+        results = [r if isinstance(r, dict) else f"{type(r).__name__}: {r}" for r in run_ensemble(list(group))]
+    if group.record is not None:
+        for cfg, r in zip(group, results):
+            if isinstance(r, dict):
+                _record(cfg, r, group.record)
+    return results
+
+
+def _record(cfg: RunConfig, summary: dict, record: dict) -> None:
+    """``record`` as ``"ensemble"`` of the run's summary (and of its summary.json)."""
+    from .rundir import read_json, write_json
+    from .training import RunDir
+
+    rd = RunDir(cfg.out_dir)
+    with rd.locked():
+        on_disk = read_json(rd.summary)
+        on_disk["ensemble"] = dict(record)
+        write_json(rd.summary, on_disk)
+    if not cfg.dense_finetune_epochs:  # else ``summary`` is the dense fine-tune's, in a folder of its own
+        summary["ensemble"] = dict(record)
+
+
+def _probe_task(task: tuple):
+    """ensemble.probe of one group on the engine (the device and threads its runs get)."""
+    from .ensemble import probe
+
+    cfgs, timer, share = task
+    return probe(cfgs, share=share) if timer is None else probe(cfgs, share=share, timer=timer)
+
+
+class _ProbeTask(tuple):
+    """(the members' RunConfigs, the timer or None, the tasks sharing the device) of one probe."""
+
+    @property
+    def out_dir(self) -> str:  # what run_all prints
+        return f"ensemble probe of {self[0][0].model}/{self[0][0].dataset} ({len(self[0])} members)"
+
+
+def _key(cfg: RunConfig, i: int):
+    from .ensemble import SHARED_FIELDS
+
+    if cfg.shrink:
+        return ("alone", i)
+    d = asdict(cfg)
+    return tuple(repr(d[f]) for f in SHARED_FIELDS)
+
+
+def _chunks(idx: list, size: int) -> list[tuple]:
+    """``idx`` in ceil(len / size) consecutive groups of as equal sizes as possible."""
+    n = -(-len(idx) // size)
+    q, r = divmod(len(idx), n)
+    out, j = [], 0
+    for c in range(n):
+        k = q + (c < r)
+        out.append(tuple(idx[j:j + k]))
+        j += k
+    return out
 
 
 def ensemble_groups(cfgs, size: int) -> list[tuple]:
     """``cfgs`` in groups of at most ``size`` that share a network and its training
     (ensemble.SHARED_FIELDS) and do not shrink, in the order of their first member."""
-    from .ensemble import SHARED_FIELDS
-
     keyed: dict = {}
     for i, cfg in enumerate(cfgs):
-        d = asdict(cfg)
-        key = ("alone", i) if cfg.shrink else tuple(repr(d[f]) for f in SHARED_FIELDS)
-        keyed.setdefault(key, []).append(i)
+        keyed.setdefault(_key(cfg, i), []).append(i)
     return [tuple(idx[j:j + size]) for idx in keyed.values() for j in range(0, len(idx), size)]
 
 
-def _run_continuous_all(engine, cfgs, progress, failures, ensemble: int) -> list:
-    """run_continuous on every config; with ``ensemble`` > 1, groups of up to that many runs that
-    share a network train as one batched ensemble each (one engine task per group)."""
-    if ensemble <= 1:
+def _auto_groups(engine, cfgs, todo: list, progress: bool, timer) -> list[_Group]:
+    """``--ensemble auto``: per group of the runs ``todo`` that could share an ensemble, a probe
+    (ensemble.probe, on the engine) of min(runs, ensemble.MAX_MEMBERS) members, fewer where the
+    runs fill fewer tasks than the engine's parallel slots or the memory does not hold them;
+    batched in ensembles of that size if the probe found the ensemble faster, else single runs."""
+    from .ensemble import MAX_MEMBERS
+
+    keyed: dict = {}
+    for i in todo:
+        keyed.setdefault(_key(cfgs[i], i), []).append(i)
+    shared = [idx for idx in keyed.values() if len(idx) > 1]
+    slots = max(1, int(getattr(engine, "jobs", 1)))
+    per_key = -(-slots // max(1, len(shared)))  # ensembles per group that keep every slot busy
+    sizes = {id(idx): -(-len(idx) // max(-(-len(idx) // MAX_MEMBERS), min(len(idx), per_key))) for idx in shared}
+    probed = [idx for idx in shared if sizes[id(idx)] > 1]
+    tasks = [_ProbeTask((tuple(cfgs[i] for i in idx[:sizes[id(idx)]]), timer, min(slots, len(probed)))) for idx in probed]
+    probes = run_all(engine, _probe_task, tasks, progress=False, failures=[]) if tasks else []
+    choice = {}
+    for idx, p in zip(probed, probes):
+        c = cfgs[idx[0]]
+        what = f"ensemble probe {c.model}/{c.dataset}, {len(idx)} runs"
+        if p is None or p.error is not None:
+            if progress:
+                print(f"{what}: cannot train batched ({'the probe failed' if p is None else p.error}); single runs", flush=True)
+            continue
+        head = (f"{what}: {p.size} single runs {p.single_s:.3f} s, one ensemble of {p.size} {p.ensemble_s:.3f} s "
+                f"({p.steps} steps, medians of {p.repeats} passes): ensemble/single throughput {p.ratio:.2f}x")
+        if p.batched:
+            groups = _chunks(idx, p.size)
+            if progress:
+                print(f"{head} -> batched: ensembles of {', '.join(str(len(g)) for g in groups)}", flush=True)
+            for g in groups:
+                choice[g[0]] = (g, {"size": len(g), "probe_ratio": round(p.ratio, 4)})
+        else:
+            if progress:
+                print(f"{head} -> single runs", flush=True)
+            for i in idx:
+                choice[i] = ((i,), {"size": 1, "probe_ratio": round(p.ratio, 4)})
+    out, placed = [], set()
+    for i in todo:
+        if i in placed:
+            continue
+        g, record = choice.get(i, ((i,), None))
+        placed.update(g)
+        out.append(_Group([cfgs[j] for j in g], record))
+    return out
+
+
+def _run_continuous_all(engine, cfgs, progress, failures, ensemble, probe_timer=None) -> list:
+    """run_continuous on every config.  ``ensemble`` 1: one engine task per run; K > 1: groups of
+    up to K runs that share a network train as one batched ensemble each (one engine task per
+    group); "auto": a probe per group decides (:func:`_auto_groups`; ``probe_timer``: the probe's
+    timer, ensemble.wall_clock by default).  Runs finished before are only read."""
+    if ensemble == 1:
         return run_all(engine, _run_one, cfgs, progress=progress, failures=failures)
-    groups = ensemble_groups(cfgs, ensemble)
+    from .training import RunDir
+
+    todo = [i for i, c in enumerate(cfgs) if not RunDir(c.out_dir).summary.exists()]
+    if ensemble == ENSEMBLE_AUTO:
+        groups = _auto_groups(engine, cfgs, todo, progress, probe_timer)
+    else:
+        groups = [_Group([cfgs[todo[j]] for j in g], {"size": len(g), "probe_ratio": None} if len(g) > 1 else None)
+                  for g in ensemble_groups([cfgs[i] for i in todo], ensemble)]
+    index = {id(c): i for i, c in enumerate(cfgs)}
+    pending = set(todo)
+    groups += [_Group([cfgs[i]]) for i in range(len(cfgs)) if i not in pending]
     out = [None] * len(cfgs)
-    for idx, res in zip(groups, run_all(engine, _ensemble_one, [tuple(cfgs[i] for i in g) for g in groups],
-                                        progress=progress, failures=failures)):
-        for i, r in zip(idx, res or [None] * len(idx)):
+    lost: list[RunOutcome] = []
+    for g, res in zip(groups, run_all(engine, _group_task, groups, progress=progress, failures=lost)):
+        for c, r in zip(g, res or []):
+            i = index[id(c)]
             if isinstance(r, str):
-                failures.append(RunOutcome(i, cfgs[i], error=r))
-                print(f"FAILED {cfgs[i].out_dir}: {r}", file=sys.stderr, flush=True)
-            elif res is not None:
+                failures.append(RunOutcome(i, c, error=r))
+                print(f"FAILED {c.out_dir}: {r}", file=sys.stderr, flush=True)
+            else:
                 out[i] = r
+    for o in lost:  # the whole task failed: each of its runs
+        failures.extend(RunOutcome(index[id(c)], c, error=o.error, traceback=o.traceback) for c in o.config)
     return out
 
 
@@ -171,25 +319,29 @@ def _bf_group(group) -> list[dict]:
     return [run_bayes_factor(cfg, data_cache=cache) for cfg in configs]
 
 
-def reproduce(name: str, out: str | Path, seeds=(0,), epochs=None, finetune_epochs=None, data_dir=None, jobs: int = 1, models=None, datasets=None, progress: bool = True, engine=None, ensemble: int = 1, **extra) -> dict:
+def reproduce(name: str, out: str | Path, seeds=(0,), epochs=None, finetune_epochs=None, data_dir=None, jobs: int = 1, models=None, datasets=None, progress: bool = True, engine=None, ensemble: int | str = ENSEMBLE_AUTO, probe_timer=None, **extra) -> dict:
     """Run (or resume) every run of target ``name`` on ``engine`` (default ``LocalEngine(jobs)``);
     returns {"summaries": [...], "wall_time_s": ..., "failures": [RunOutcome of each failed run]}.
-    ``ensemble`` > 1 (bmrs-table1, bmrs-table2): up to that many runs sharing a network train as
-    one batched ensemble (ensemble.py; off by default; measured in docs/scale-out.md)."""
+    ``ensemble`` (bmrs-table1, bmrs-table2): "auto" (default) lets a timed probe decide per group
+    of runs sharing a network whether they train as batched ensembles (ensemble.py), 1 forces
+    single runs, K > 1 ensembles of up to K runs; the choice is each summary's ``"ensemble"``
+    (docs/scale-out.md).  ``probe_timer(kind, work)``: the probe's timer (ensemble.wall_clock)."""
     if name not in TARGETS:
         raise ValueError(f"unknown reproduction {name!r}; valid: {', '.join(TARGETS)}")
-    if not (isinstance(ensemble, int) and ensemble >= 1):
-        raise ValueError(f"ensemble must be an integer >= 1 (1: off), got {ensemble!r}")
-    if ensemble > 1 and name not in ("bmrs-table1", "bmrs-table2"):
-        raise ValueError(f"ensemble applies to bmrs-table1 and bmrs-table2 (continuous runs), not {name}")
+    check_ensemble(ensemble)
+    if name not in ("bmrs-table1", "bmrs-table2"):
+        if ensemble not in (1, ENSEMBLE_AUTO):
+            raise ValueError(f"ensemble applies to bmrs-table1 and bmrs-table2 (continuous runs), not {name}")
+        ensemble = 1  # auto: nothing to batch
     engine = LocalEngine(jobs) if engine is None else engine
     t0 = time.time()
     with engine:  # one Ray for every stage of the target
-        summaries, failures = _reproduce(name, out, seeds, epochs, finetune_epochs, data_dir, models, datasets, progress, engine, ensemble, **extra)
+        summaries, failures = _reproduce(name, out, seeds, epochs, finetune_epochs, data_dir, models, datasets, progress, engine, ensemble,
+                                         probe_timer, **extra)
     return {"summaries": summaries, "wall_time_s": time.time() - t0, "failures": failures}
 
 
-def _reproduce(name, out, seeds, epochs, finetune_epochs, data_dir, models, datasets, progress, engine, ensemble=1, **extra) -> tuple[list, list[RunOutcome]]:
+def _reproduce(name, out, seeds, epochs, finetune_epochs, data_dir, models, datasets, progress, engine, ensemble=1, probe_timer=None, **extra) -> tuple[list, list[RunOutcome]]:
     failures: list[RunOutcome] = []
     if epochs is not None and finetune_epochs is None:
         finetune_epochs = min(10, epochs)  # a short smoke run should not fine-tune 10 epochs
@@ -199,7 +351,7 @@ def _reproduce(name, out, seeds, epochs, finetune_epochs, data_dir, models, data
             cfgs = bmrs_table1_configs(out, seeds, epochs, finetune_epochs, data_dir, models or BMRS_MODELS, datasets or BMRS_DATASETS, **extra)
         else:
             cfgs = bmrs_table2_configs(out, seeds, epochs, finetune_epochs, data_dir, models or TABLE2_MODELS, datasets or TABLE2_DATASETS, **extra)
-        summaries = _run_continuous_all(engine, cfgs, progress, failures, ensemble)
+        summaries = _run_continuous_all(engine, cfgs, progress, failures, ensemble, probe_timer)
         # L2 at BMRS_N's compression, per (model, dataset, seed)
         l2 = []
         thresholded = {(c.model, c.dataset, c.seed) for c in cfgs if c.method == "bmrs_n" and c.threshold is not None}
@@ -209,7 +361,7 @@ def _reproduce(name, out, seeds, epochs, finetune_epochs, data_dir, models, data
                 d = asdict(cfg)
                 d.update(method="l2", threshold=None, prior_odds=None, compression=float(s["param_compression"]), out_dir=str(out / run_dir_name(cfg.model, cfg.dataset, "l2") / f"seed{cfg.seed}"))
                 l2.append(RunConfig(**d))
-        summaries = [s for s in summaries + _run_continuous_all(engine, l2, progress, failures, ensemble) if s is not None]
+        summaries = [s for s in summaries + _run_continuous_all(engine, l2, progress, failures, ensemble, probe_timer) if s is not None]
     elif name == "bmrs-posttrain":
         cfgs = []
         for model in models or BMRS_MODELS:
