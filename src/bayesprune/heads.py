@@ -25,6 +25,12 @@ function computed with the output projection called as a module), timm's ``Atten
 Hugging Face BERT-style ``BertAttention`` (query/key/value + output.dense), GPT-2's
 ``GPT2Attention`` (``Conv1D`` c_attn/c_proj) and the q/k/v/o_proj family (Llama, Mistral,
 Qwen2, Hugging Face ViT).
+
+``shrink_for_training`` removes the masked heads without folding and keeps each head noise,
+sliced to the kept heads.  :func:`uniform_heads` (``prune``/``shrink(..., uniform_heads=True)``)
+gives every attention the same head layout, and :func:`update_hf_config` writes it into a
+Hugging Face config so that ``save_pretrained`` / ``from_pretrained`` reload the shrunk model
+(docs/shrink.md, "Attention heads").
 """
 
 from __future__ import annotations
