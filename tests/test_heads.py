@@ -543,3 +543,28 @@ def test_shrink_for_training_grouped_llama():
         for inp in (x, _ids(1, 3, 5)):
             assert _rel_err(_hidden(model(**inp)), _hidden(small(**inp))) <= TOL
     _train_step(small, x, _hidden)
+
+
+def test_update_hf_config_refuses_widths_outside_the_heads():
+    """MLP neurons removed as well: the config's intermediate_size no longer builds the model, and
+    update_hf_config (so shrink(uniform_heads=True)) says so instead of writing a config that
+    from_pretrained cannot load; prune(uniform_heads=True) + shrink still gives the model."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(16)
+    model = _hf_vit().eval()
+    x = torch.randn(2, 3, 16, 16)
+    bp.add_noise(model, x, layers=["vit.layers.0.mlp.fc1"])
+    heads.add_head_noise(model, x)
+    model.eval()  # add_noise leaves its new noise modules in training mode
+    _collapse(model, {"vit.layers.0.attention": [0], "vit.layers.1.attention": [1]})
+    with torch.no_grad():
+        (fc1,) = [n for n in bp.noise_layers(model) if not isinstance(n, heads.HeadNoise)]
+        fc1.mu[:5], fc1.log_sigma[:5] = -19.0, 0.0
+    bp.prune(model, "bmrs_n", uniform_heads=True)
+    with pytest.raises(ValueError, match=r"vit.layers.0.mlp.fc1.weight of shape \(32, 24\), the model \(27, 24\).*MLP"):
+        bp.shrink(model, uniform_heads=True)
+    small = bp.shrink(model)
+    assert [small.vit.layers[i].attention.q_proj.out_features for i in (0, 1)] == [18, 18]
+    assert small.config.num_attention_heads == 4  # untouched
+    with torch.no_grad():
+        assert _rel_err(model(x).logits, small(x).logits) <= TOL

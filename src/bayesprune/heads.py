@@ -833,7 +833,12 @@ def update_hf_config(model: nn.Module):
                          "uniform_heads=<a head count it accepts> instead of True") from None
     why = _shape_mismatch(model, trial)
     if why is not None:
-        raise ValueError(f"setting {type(config).__name__} to {h} heads of size {d} does not describe the model: {why}")
+        raise ValueError(
+            f"setting {type(config).__name__} to {h} heads of size {d} does not describe the model: {why}. "
+            "update_hf_config sets the attention head fields only; widths that shrink removed elsewhere (e.g. MLP "
+            "neurons) are not in the config. Save with bayesprune.save_shrunk / load_shrunk, or get the uniform "
+            "model without a config update by prune(..., uniform_heads=True) then shrink(model)"
+        )
     for k, v in new.items():
         setattr(config, k, v)
     return config
