@@ -568,3 +568,29 @@ def test_update_hf_config_refuses_widths_outside_the_heads():
     assert small.config.num_attention_heads == 4  # untouched
     with torch.no_grad():
         assert _rel_err(model(x).logits, small(x).logits) <= TOL
+
+
+def test_prune_uniform_heads_monotone_revives_only_heads_alive_before():
+    """A head masked by an earlier prune step stays masked under monotone=True (removal keeps it
+    zeroed to fill the layout); monotone=False revives the best-scored one."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(17)
+    model = _hf_vit().eval()
+    x = torch.randn(2, 3, 16, 16)
+    heads.add_head_noise(model, x)
+    _collapse(model, {"vit.layers.0.attention": [0], "vit.layers.1.attention": [1, 2]})
+    with torch.no_grad():
+        heads.head_noise_layers(model)[1].mu[2] = -18.5  # still removed, the better of the two
+    bp.prune(model, "bmrs_n")
+    rep = bp.prune(model, "bmrs_n", uniform_heads=True)
+    n0, n1 = heads.head_noise_layers(model)
+    assert rep.uniform_heads == 3 and n1.mask.tolist() == [1, 0, 0, 1]
+    small = bp.shrink(model)
+    assert small.vit.layers[1].attention.q_proj.out_features == 18
+    assert "1 masked head(s) stay (zeroed)" in small.bayesprune_kept["vit.layers.1.attention"]
+    with torch.no_grad():
+        assert _rel_err(model(x).logits, small(x).logits) <= TOL
+    best = _best(model, "vit.layers.1.attention", [1, 2])
+    assert best == 2
+    bp.prune(model, "bmrs_n", uniform_heads=True, monotone=False)
+    assert n1.mask.tolist() == [1.0 if h in (0, 3, best) else 0.0 for h in range(4)]
