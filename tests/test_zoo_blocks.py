@@ -172,3 +172,132 @@ def test_squeeze_excitation_gate_noise_folds_only_into_what_reads_the_gated_tens
     with torch.no_grad():
         for inp in (x, torch.randn(x.shape, generator=g, dtype=torch.float64)):
             assert _rel_err(model(inp), small(inp)) <= 1e-12  # float64: the fold is exact, not 1e-5 close
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped convolutions: whole groups, or the same number of channels from every group
+
+
+def _set_masks(model, masked: dict) -> None:
+    """Mask exactly the given structures of the named noise layers (every other one kept)."""
+    with torch.no_grad():
+        for n in bp.noise_layers(model):
+            n.mask.fill_(1)
+            n.mask[masked.get(n.layer_name, [])] = 0
+
+
+def _resnext_net():
+    """A stem and a ResNeXt bottleneck: conv1 32 -> 16, conv2 16 -> 16 in 4 groups of 4 (3 x 3),
+    conv3 16 -> 32, a residual addition; 3018 parameters."""
+    from torchvision.models.resnet import Bottleneck
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                          Bottleneck(32, 8, groups=4, base_width=32),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    assert model[3].conv2.groups == 4 and model[3].conv2.weight.shape == (16, 4, 3, 3)
+    return model, torch.randn(2, 3, 8, 8)
+
+
+def _check_equal(model, small, x):
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for inp in (torch.randn(x.shape, generator=g), 3 * torch.randn((3,) + x.shape[1:], generator=g) - 1):
+            assert _rel_err(model(inp), small(inp)) <= TOL
+    assert bp.remaining_parameters(model) == bp.count_parameters(small)
+
+
+def test_resnext_block_loses_whole_masked_groups_and_equal_counts_from_the_others():
+    model, x = _resnext_net()
+    bp.add_noise(model, x)
+    _mask_and_randomise(model, x)  # random BatchNorm statistics and affine parameters
+    # group 1 (channels 4-7) masked in conv1 (conv2's inputs) and in conv2's rows; groups 0, 2, 3
+    # have 1, 1 and 3 masked inputs and 2, 3 and 1 masked rows
+    _set_masks(model, {"3.conv1": [4, 5, 6, 7, 1, 9, 12, 13, 15], "3.conv2": [4, 5, 6, 7, 0, 3, 8, 9, 11, 14]})
+    small = bp.shrink(model)
+    conv2 = small[3].conv2
+    # group 1 goes; every other group loses one input and one row (the fewest masked in a group)
+    assert (conv2.groups, conv2.in_channels, conv2.out_channels) == (3, 9, 9)
+    assert small[3].conv1.out_channels == 9 and small[3].conv3.in_channels == 9
+    # removed by hand: conv1 7 of its 16 rows of 32 weights, bn1 7 x 2, conv2 16 x 4 x 9 -> 9 x 3 x 9,
+    # bn2 7 x 2, conv3 7 input columns of 32
+    removed = 7 * 32 + 7 * 2 + (16 * 4 * 9 - 9 * 3 * 9) + 7 * 2 + 7 * 32
+    assert bp.count_parameters(model) == 3018
+    assert bp.count_parameters(small) == 3018 - removed == 2209
+    assert small.bayesprune_kept == {}  # rounded to what is exact, not refused
+    _check_equal(model, small, x)
+    # training on: the masked channels that stay keep mask 0; the replayed steps map every parameter
+    train_small = bp.shrink_for_training(model)
+    masks = {n.layer_name: n.mask for n in bp.noise_layers(train_small)}
+    assert int((masks["3.conv1"] == 0).sum()) == 9 - 7 and int((masks["3.conv2"] == 0).sum()) == 10 - 7
+    origins = bp.removal.parameter_origins(model, train_small)
+    original = dict(model.named_parameters())
+    for name, p in train_small.named_parameters():
+        if "bayes_noise" not in name:
+            assert torch.equal(p.detach().flatten(), original[name].detach().flatten()[origins[name]]), name
+
+
+def test_regnet_block_loses_whole_masked_groups():
+    from torchvision.models.regnet import ResBottleneckBlock
+
+    torch.manual_seed(0)
+    # f.a 16 -> 24, f.b 24 -> 24 in 3 groups of 8 (3 x 3, stride 2), f.c 24 -> 24, a projection shortcut
+    block = ResBottleneckBlock(16, 24, 2, nn.BatchNorm2d, nn.ReLU, group_width=8, bottleneck_multiplier=1.0, se_ratio=None)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), block,
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10))
+    x = torch.randn(2, 3, 8, 8)
+    bp.add_noise(model, x)
+    _mask_and_randomise(model, x)
+    _set_masks(model, {"3.f.a.0": list(range(8, 16)) + [0, 20], "3.f.b.0": list(range(8, 16)) + [1, 2, 17]})
+    small = bp.shrink(model)
+    b = small[3].f.b[0]
+    assert (b.groups, b.in_channels, b.out_channels) == (2, 14, 14)
+    # group 1 goes from f.b's inputs and rows; groups 0 and 2 lose one input and one row each
+    removed = 10 * 16 + 10 * 2 + (24 * 8 * 9 - 14 * 7 * 9) + 10 * 2 + 10 * 24
+    assert bp.count_parameters(model) == 3994
+    assert bp.count_parameters(small) == 3994 - removed
+    assert small.bayesprune_kept == {}
+    _check_equal(model, small, x)
+
+
+def test_grouped_conv_masks_not_covering_whole_groups_remove_what_is_exact():
+    model, x = _resnext_net()
+    bp.add_noise(model, x)
+    _mask_and_randomise(model, x)
+    # group 3 has no masked input and group 3 no masked row: nothing of conv2 can go
+    _set_masks(model, {"3.conv1": [0, 1, 5, 9], "3.conv2": [0, 4, 8]})
+    small = bp.shrink(model)
+    assert bp.count_parameters(small) == bp.count_parameters(model)
+    assert small[3].conv2.groups == 4 and small.bayesprune_kept == {}
+    _check_equal(model, small, x)
+    # one masked input in every group (at different positions), two in group 0: one from each goes
+    _set_masks(model, {"3.conv1": [0, 1, 6, 11, 12]})
+    small = bp.shrink(model)
+    conv2 = small[3].conv2
+    assert (conv2.groups, conv2.in_channels, conv2.out_channels) == (4, 12, 16)
+    assert bp.count_parameters(small) == 3018 - (4 * 32 + 4 * 2 + 16 * 1 * 9)
+    _check_equal(model, small, x)
+
+
+def test_fold_refusal_names_the_layer_and_why():
+    """timm's MobileNetV3 stem: the noise after a fused BatchNorm + Hardswish whose output also
+    feeds the first block's residual addition directly: no weight can take E[theta] * mask."""
+    pytest.importorskip("torchvision")  # imported before timm (see the report of this change)
+    timm_blocks = pytest.importorskip("timm.models._efficientnet_blocks")
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), BatchNormAct2d(8, act_layer=nn.Hardswish),
+                          timm_blocks.DepthwiseSeparableConv(8, 8, act_layer=nn.ReLU),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    assert model[2].has_skip
+    x = torch.randn(2, 3, 8, 8)
+    bp.add_noise(model, x)
+    _mask_and_randomise(model, x)
+    with pytest.raises(RuntimeError) as err:
+        bp.shrink(model)
+    first, *lines = str(err.value).splitlines()
+    assert first.endswith("for the noise of 0:")  # only the stem's noise; the block's folds are exact
+    assert len(lines) == 1
+    assert lines[0].startswith("  0: its noise after 1 (BatchNormAct2d), folded into the input weights")
+    assert "AddBackward0" in lines[0] and "max abs difference" in lines[0]

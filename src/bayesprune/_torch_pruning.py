@@ -12,7 +12,10 @@ Both layouts are handled here; anything missing raises an ``ImportError`` naming
 needed.  Besides the names below, :mod:`bayesprune.removal` reads these attributes of Torch-Pruning
 objects: ``DependencyGraph.module2node`` and ``._2d_4d``, a node's ``type``, ``inputs``, ``outputs``,
 ``dependencies`` and ``grad_fn``, a dependency's ``target``, ``handler`` and ``index_mapping``, a
-group item's ``dep``, ``idxs`` and ``root_idxs`` (present in 1.5.0 to 1.6.1).
+group item's ``dep``, ``idxs`` and ``root_idxs`` (present in 1.5.0 to 1.6.1).  :func:`new_graph`
+puts :data:`CONV_PRUNER` (a subclass of ``torch_pruning.pruner.function.ConvPruner``) into a
+graph's own ``REGISTERED_PRUNERS`` table and its ``_in_channel_pruning_fn`` /
+``_out_channel_pruning_fn`` sets, so that grouped convolutions are pruned group by group.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ __all__ = [
     "prune_linear_out_channels",
     "TransposedLinearPruner",
     "TRANSPOSED_LINEAR_PRUNER",
+    "GroupedConvPruner",
+    "CONV_PRUNER",
+    "new_graph",
+    "finish_grouped_convs",
+    "is_grouped_conv",
 ]
 
 #: The oldest Torch-Pruning release bayesprune works with (its test suite passes on it).
@@ -70,13 +78,15 @@ try:
     count_ops_and_params = _tp.utils.count_ops_and_params
     OPTYPE = _ops.OPTYPE
     _BasePruningFunc = _tp.pruner.function.BasePruningFunc
+    _ConvPruner = _tp.pruner.function.ConvPruner
 except AttributeError as e:  # pragma: no cover - depends on the installed version
     raise _missing(str(e)) from e
 
 for _name in ("ELEMENTWISE", "RESHAPE", "CONCAT", "SPLIT", "EXPAND", "SLICE", "UNBIND"):
     if not hasattr(OPTYPE, _name):  # pragma: no cover
         raise _missing(f"torch_pruning.ops.OPTYPE.{_name}")
-for _name in ("build_dependency", "get_pruning_group", "is_out_channel_pruning_fn", "load_pruning_history"):
+for _name in ("build_dependency", "get_pruning_group", "is_out_channel_pruning_fn", "is_in_channel_pruning_fn",
+              "load_pruning_history"):
     if not callable(getattr(DependencyGraph, _name, None)):  # pragma: no cover
         raise _missing(f"DependencyGraph.{_name}")
 
@@ -131,3 +141,131 @@ class TransposedLinearPruner(_BasePruningFunc):
 
 #: the one instance (Torch-Pruning tells out- from in-channel handlers by these bound methods)
 TRANSPOSED_LINEAR_PRUNER = TransposedLinearPruner()
+
+
+def is_grouped_conv(module) -> bool:
+    """A (non-transposed) convolution with 1 < groups < out_channels: Torch-Pruning's OPTYPE.CONV
+    with groups (it takes groups == out_channels for a depthwise convolution)."""
+    import torch.nn as nn
+
+    return (isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and 1 < module.groups
+            and module.groups != module.out_channels) or hasattr(module, _STATE)
+
+
+_STATE = "_bayesprune_grouped"  # removal in progress: which original group each row and input belongs to
+
+
+class GroupedConvPruner(_ConvPruner):
+    """Torch-Pruning's convolution pruner, with grouped convolutions pruned per group.
+
+    A grouped convolution (G groups, a inputs and b outputs each) computes output row r of group
+    g = r // b from the inputs g*a ... g*a + a - 1, with weight column j reading input g*a + j.
+    Torch-Pruning's ``prune_in_channels`` keeps the first columns whatever group lost which
+    inputs, and never changes ``groups``.  Here the rows and inputs removed are tracked per
+    original group; once every remaining group has the same number of rows and of inputs (and
+    the groups with rows are those with inputs) the weight is rebuilt, row by row from its own
+    group's remaining columns, and ``groups`` is the number of remaining groups.  Between two
+    such states (e.g. a whole group's rows removed, its inputs not yet) ``groups`` is 1 and the
+    layer is not usable; :func:`finish_grouped_convs` raises if one is left so.  Other
+    convolutions are pruned as by Torch-Pruning.
+    """
+
+    @staticmethod
+    def _state(layer):
+        st = getattr(layer, _STATE, None)
+        if st is None:
+            g = layer.groups
+            b, a = layer.out_channels // g, layer.in_channels // g
+            st = {"rows": [r // b for r in range(layer.out_channels)],
+                  "ins": [c // a for c in range(layer.in_channels)],
+                  "cols": [list(range(a)) for _ in range(g)]}
+            setattr(layer, _STATE, st)
+        return st
+
+    def prune_out_channels(self, layer, idxs):
+        if getattr(layer, "transposed", False) or not is_grouped_conv(layer):
+            return super().prune_out_channels(layer, idxs)
+        st = self._state(layer)
+        drop = set(int(i) for i in idxs)
+        keep = [r for r in range(layer.out_channels) if r not in drop]
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+        if layer.bias is not None:
+            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+        st["rows"] = [st["rows"][r] for r in keep]
+        layer.out_channels = len(keep)
+        self._settle(layer, st)
+        return layer
+
+    def prune_in_channels(self, layer, idxs):
+        if getattr(layer, "transposed", False) or not is_grouped_conv(layer):
+            return super().prune_in_channels(layer, idxs)
+        st = self._state(layer)
+        drop = set(int(i) for i in idxs)
+        position: dict[int, int] = {}
+        gone: dict[int, set] = {}
+        for c, g in enumerate(st["ins"]):  # input c is the p-th remaining input of its group g
+            p = position.get(g, 0)
+            position[g] = p + 1
+            if c in drop:
+                gone.setdefault(g, set()).add(p)
+        for g, ps in gone.items():
+            st["cols"][g] = [j for p, j in enumerate(st["cols"][g]) if p not in ps]
+        st["ins"] = [g for c, g in enumerate(st["ins"]) if c not in drop]
+        layer.in_channels = len(st["ins"])
+        self._settle(layer, st)
+        return layer
+
+    @staticmethod
+    def _settle(layer, st) -> None:
+        import torch
+
+        rows, ins = st["rows"], st["ins"]
+        groups = sorted(set(rows))
+        n_rows = {g: rows.count(g) for g in groups}
+        n_ins = {g: ins.count(g) for g in groups}
+        if (set(ins) != set(groups) or len(set(n_rows.values())) != 1 or len(set(n_ins.values())) != 1
+                or any(len(st["cols"][g]) != n_ins[g] for g in groups)):
+            layer.groups = 1  # not yet a valid grouped convolution (Torch-Pruning must not take it for depthwise)
+            return
+        w = layer.weight
+        index = torch.tensor([st["cols"][g] for g in rows], dtype=torch.long, device=w.device)
+        index = index.view(index.shape + (1,) * (w.ndim - 2)).expand((-1, -1) + tuple(w.shape[2:]))
+        new = torch.nn.Parameter(torch.gather(w.detach(), 1, index), requires_grad=w.requires_grad)
+        if w.grad is not None:
+            new.grad = torch.gather(w.grad, 1, index)
+        layer.weight = new
+        layer.groups = len(groups)
+        delattr(layer, _STATE)
+
+
+#: Torch-Pruning's conv pruner for every convolution that is not depthwise (see :func:`new_graph`)
+CONV_PRUNER = GroupedConvPruner()
+
+
+def new_graph():
+    """A ``DependencyGraph`` whose convolutions (not depthwise) are pruned by :data:`CONV_PRUNER`."""
+    graph = DependencyGraph()
+    registered = getattr(graph, "REGISTERED_PRUNERS", None)
+    if not isinstance(registered, dict) or OPTYPE.CONV not in registered:  # pragma: no cover
+        raise _missing("DependencyGraph.REGISTERED_PRUNERS (per-graph pruner table)")
+    registered[OPTYPE.CONV] = CONV_PRUNER
+    for attr, side in (("_in_channel_pruning_fn", "prune_in_channels"), ("_out_channel_pruning_fn", "prune_out_channels")):
+        fns = getattr(graph, attr, None)
+        if not isinstance(fns, set):  # pragma: no cover
+            raise _missing(f"DependencyGraph.{attr}")
+        fns.add(getattr(CONV_PRUNER, side))
+    return graph
+
+
+def finish_grouped_convs(model) -> None:
+    """Raise if a grouped convolution of ``model`` was left between two valid states by a removal."""
+    for name, mod in model.named_modules():
+        st = getattr(mod, _STATE, None)
+        if st is not None:
+            delattr(mod, _STATE)
+            rows = {g: st["rows"].count(g) for g in sorted(set(st["rows"]))}
+            ins = {g: st["ins"].count(g) for g in sorted(set(st["ins"]))}
+            raise ValueError(
+                f"grouped convolution {name or type(mod).__name__}: the removal left unequal groups "
+                f"(rows per original group {rows}, inputs per original group {ins})"
+            )

@@ -18,6 +18,10 @@ Removal rule: structure i of a layer is removed when its mask is 0 and every Lin
 output coupled to it (residual additions, concatenations) is masked too; a coupled channel
 that some layer keeps stays (zeroed where masked, by the fold), so outputs are unchanged.
 Channels coupled to a LayerNorm/GroupNorm (which normalises across them) are never removed.
+Through a grouped convolution (not depthwise) the removal is rounded to what leaves one: the
+groups whose inputs and rows are all removable go (``groups`` drops), and of the other groups
+the same number of inputs and of rows from each (:func:`_equal_groups`); the masked channels
+that stay are zeroed, as above.
 
 Every function here uses the example input given to ``add_noise`` (kept by the noise layers)
 unless it is passed another one.
@@ -257,7 +261,7 @@ def _out_pruner(module):
     if isinstance(module, nn.Linear):
         return _tp.prune_linear_out_channels
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return _tp.prune_conv_out_channels
+        return _tp.CONV_PRUNER.prune_out_channels
     raise TypeError(f"cannot remove output structures of {type(module).__name__}")
 
 
@@ -408,7 +412,7 @@ def _build_graph(model, example_inputs):
             # forward_fn: Torch-Pruning's own call retries after a bare `except`, hiding the real error;
             # only the output's tensors (a Hugging Face Cache object in it breaks Torch-Pruning's tracing)
             custom = {type(m): _tp.TRANSPOSED_LINEAR_PRUNER for m in model.modules() if is_transposed_linear(m)}
-            graph = _tp.DependencyGraph().build_dependency(
+            graph = _tp.new_graph().build_dependency(
                 model, example_inputs=example_inputs, forward_fn=_output_tensors, verbose=False,
                 customized_pruners=custom or None,
             )
@@ -527,6 +531,99 @@ def _fold(graph, model, entry) -> None:
 # removal
 
 
+def _vetoes(graph, layer, removed, masks, name_of) -> tuple:
+    """The pruning group of ``removed`` (output structures of ``layer``) and the roots among them
+    that must stay: Torch-Pruning lost their root index or mapped them out of range, they reach a
+    LayerNorm/GroupNorm or an operand it cannot prune, or a coupled layer keeps them."""
+    fn = _out_pruner(layer)
+    group = graph.get_pruning_group(layer, fn, idxs=removed)
+    veto = set()
+    for dep, pairs in _items(group):
+        mod, out = dep.target.module, graph.is_out_channel_pruning_fn(dep.handler)
+        if any(r is None for _, r in pairs):  # Torch-Pruning lost the root indices: keep them all
+            veto.update(removed)
+            continue
+        size = _dim_size(mod, out)
+        if size is not None:  # an index mapping Torch-Pruning got wrong (e.g. a Linear viewed as tokens)
+            veto.update(r for i, r in pairs if not 0 <= i < size)
+        if isinstance(mod, _CROSS_CHANNEL_NORMS) or _tied_to_untraced(dep.target):
+            veto.update(r for _, r in pairs)
+        elif mod is not layer and is_prunable(mod) and out:
+            other = masks.get(name_of.get(id(mod)))
+            other = None if other is None else other.tolist()  # per-element tensor reads are slow
+            veto.update(r for i, r in pairs if other is None or not 0 <= i < len(other) or other[i] != 0)
+    return group, veto
+
+
+def _equal_groups(conv, rows: set, ins: set) -> tuple[set, set]:
+    """Of the rows (output channels) and inputs of a grouped convolution that could be removed,
+    those whose removal leaves a grouped convolution: every group whose rows and inputs all go
+    (one group stays), and of the other groups the same number of rows from each (the lowest
+    indices first) and the same number of inputs from each, at most b - 2 of the b rows (b - 1
+    when one group is left: Torch-Pruning takes a convolution with as many groups as outputs for
+    depthwise) and a - 1 of the a inputs."""
+    G = conv.groups
+    b, a = conv.out_channels // G, conv.in_channels // G
+    row_of = [sorted(r for r in rows if r // b == g) for g in range(G)]
+    in_of = [sorted(c for c in ins if c // a == g) for g in range(G)]
+    whole = [g for g in range(G) if len(row_of[g]) == b and len(in_of[g]) == a]
+    if len(whole) == G:
+        whole = whole[:-1]  # Torch-Pruning cannot empty a layer: one group stays
+    rest = [g for g in range(G) if g not in whole]
+    k_out = min(min(len(row_of[g]) for g in rest), b - (2 if len(rest) > 1 else 1))
+    k_in = min(min(len(in_of[g]) for g in rest), a - 1)
+    ok_rows = {r for g in whole for r in row_of[g]} | {r for g in rest for r in row_of[g][:max(k_out, 0)]}
+    ok_ins = {c for g in whole for c in in_of[g]} | {c for g in rest for c in in_of[g][:max(k_in, 0)]}
+    return ok_rows, ok_ins
+
+
+def _grouped_conv_blocks(graph, model, entries, masks, name_of, allowed) -> dict[str, set]:
+    """Per noise layer, the masked structures that stay because removing them would leave some
+    grouped convolution's groups unequal (:func:`_equal_groups`, applied to the rows and inputs
+    that all the layers' removals reach together, until nothing changes)."""
+    convs = {id(m): m for m in model.modules() if _tp.is_grouped_conv(m)}
+    if not convs:
+        return {}
+    drags: dict[str, dict[int, list]] = {}
+    for e in entries:
+        name = e["layer"]
+        removed = torch.nonzero(masks[name] == 0).flatten().tolist()
+        if name not in allowed or not removed:
+            continue
+        layer = model.get_submodule(name)
+        group, veto = _vetoes(graph, layer, removed, masks, name_of)
+        roots = [r for r in removed if r not in veto]
+        if len(roots) >= _dim_size(layer, True):
+            roots = roots[1:]  # as _remove_structures: one zeroed unit stays
+        reach = {r: [] for r in roots}
+        for dep, pairs in _items(group):
+            if id(dep.target.module) in convs:
+                out = graph.is_out_channel_pruning_fn(dep.handler)
+                for i, r in pairs:
+                    if r in reach:
+                        reach[r].append((id(dep.target.module), out, i))
+        if any(reach.values()):
+            drags[name] = reach
+    free = {name: set(reach) for name, reach in drags.items()}
+    while True:
+        hit = {(c, out): set() for c in convs for out in (True, False)}
+        for name, reach in drags.items():
+            for r in free[name]:
+                for c, out, i in reach[r]:
+                    hit[c, out].add(i)
+        ok = {}
+        for c, conv in convs.items():
+            ok[c, True], ok[c, False] = _equal_groups(conv, hit[c, True], hit[c, False])
+        changed = False
+        for name, reach in drags.items():
+            bad = {r for r in free[name] if any(i not in ok[c, out] for c, out, i in reach[r])}
+            if bad:
+                free[name] -= bad
+                changed = True
+        if not changed:
+            return {name: set(reach) - free[name] for name, reach in drags.items()}
+
+
 def _remove_structures(model, example_inputs, entries, allowed) -> tuple[list, dict]:
     """Remove masked structures of the layers named in ``allowed`` (in place).
 
@@ -536,6 +633,7 @@ def _remove_structures(model, example_inputs, entries, allowed) -> tuple[list, d
     name_of = {id(model.get_submodule(e["layer"])): e["layer"] for e in entries}
     masks = {e["layer"]: e["mask"].clone() for e in entries}
     kept = {e["layer"]: torch.arange(len(e["mask"])) for e in entries}
+    blocked = _grouped_conv_blocks(graph, model, entries, masks, name_of, allowed)
     steps = []
     for e in entries:
         name = e["layer"]
@@ -543,21 +641,10 @@ def _remove_structures(model, example_inputs, entries, allowed) -> tuple[list, d
         if name not in allowed or not removed:
             continue
         layer, fn = model.get_submodule(name), _out_pruner(model.get_submodule(name))
-        veto = set()
-        for dep, pairs in _items(graph.get_pruning_group(layer, fn, idxs=removed)):
-            mod, out = dep.target.module, graph.is_out_channel_pruning_fn(dep.handler)
-            if any(r is None for _, r in pairs):  # Torch-Pruning lost the root indices: keep them all
-                veto.update(removed)
-                continue
-            size = _dim_size(mod, out)
-            if size is not None:  # an index mapping Torch-Pruning got wrong (e.g. a Linear viewed as tokens)
-                veto.update(r for i, r in pairs if not 0 <= i < size)
-            if isinstance(mod, _CROSS_CHANNEL_NORMS) or _tied_to_untraced(dep.target):
-                veto.update(r for _, r in pairs)
-            elif mod is not layer and is_prunable(mod) and out:
-                other = masks.get(name_of.get(id(mod)))
-                other = None if other is None else other.tolist()  # per-element tensor reads are slow
-                veto.update(r for i, r in pairs if other is None or not 0 <= i < len(other) or other[i] != 0)
+        _, veto = _vetoes(graph, layer, removed, masks, name_of)
+        if blocked.get(name):  # original indices that stay for a grouped convolution's sake
+            origin = kept[name].tolist()
+            veto.update(i for i in removed if origin[i] in blocked[name])
         removing = [i for i in removed if i not in veto]
         if len(removing) >= _dim_size(layer, True):
             removing = removing[1:]  # Torch-Pruning cannot empty a layer; one zeroed unit stays
@@ -572,6 +659,7 @@ def _remove_structures(model, example_inputs, entries, allowed) -> tuple[list, d
                 masks[other], kept[other] = masks[other][keep], kept[other][keep]
         group.prune(record_history=False)
         steps.append([name, True, [int(i) for i in removing]])
+    _tp.finish_grouped_convs(model)
     return steps, kept
 
 
@@ -579,6 +667,7 @@ def replay_pruning(model: nn.Module, example_inputs, steps) -> nn.Module:
     """Apply recorded removal ``steps`` to a fresh copy of the original architecture (in place)."""
     graph = _build_graph(model, example_inputs)
     graph.load_pruning_history([list(s) for s in steps])
+    _tp.finish_grouped_convs(model)
     return model
 
 
@@ -599,6 +688,105 @@ def example_from_spec(spec: dict):
     return xs[0] if len(xs) == 1 else tuple(xs)
 
 
+def _entry(noise) -> dict:
+    """What removal needs of a noise module: its layer, chain, mask and E[theta] * mask."""
+    return {
+        "layer": noise.layer_name,
+        "chain": list(noise.chain or [noise.layer_name]),
+        "mask": noise.mask.detach().clone().cpu(),
+        "scale": (noise.expected_theta().double() * noise.mask.double()).detach(),
+        "noise": noise,
+    }
+
+
+def _fold_all(m, entries, example_inputs) -> None:
+    """Fold every entry's E[theta] * mask into ``m`` (its noise modules removed)."""
+    graph = None
+    for e in entries:
+        if graph is None and _fold_site(m, e) is None:
+            graph = _build_graph(m, example_inputs)  # only consumer folding needs the graph
+        _fold(graph, m, e)
+
+
+def _unweighted_use(model, name, example_inputs) -> str:
+    """', but ...' when the output of module ``name`` reaches an addition or subtraction before
+    any Linear/Conv layer (a residual sum: no weight can take a scale of one of its terms)."""
+    try:
+        graph = _build_graph(model, example_inputs)
+    except Exception:  # only a hint
+        return ""
+    node = graph.module2node.get(model.get_submodule(name))
+    stack, seen = list(node.outputs) if node is not None else [], set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen or is_prunable(n.module):
+            continue
+        seen.add(id(n))
+        op = _grad_name(n)
+        if op.startswith(("AddBackward", "SubBackward")):
+            return f", but it also reaches an element-wise {op} (e.g. a residual sum) before any layer"
+        stack.extend(n.outputs)
+    return ""
+
+
+def _fold_where(model, entry, example_inputs) -> str:
+    """Where an entry's E[theta] * mask is folded, in words."""
+    site = _fold_site(model, entry)
+    after = entry["chain"][-1]
+    what = f"its noise after {after} ({type(model.get_submodule(after)).__name__})"
+    if site is None:
+        return f"{what}, folded into the input weights of the layers that read it{_unweighted_use(model, after, example_inputs)}"
+    name = next(n for n in entry["chain"] if model.get_submodule(n) is site)
+    return f"{what}, folded into {name} ({type(site).__name__})"
+
+
+@torch.no_grad()
+def _inexact_folds(model, example_inputs) -> dict[str, str]:
+    """The noise layers of ``model`` whose fold alone is inexact, with where it was folded and the
+    difference: found by halving over the layers, each check folding only some layers' E[theta] *
+    mask into a copy whose other noise modules multiply by 1."""
+    names = [n.layer_name for n in noise_layers(model)]
+    probes = _ProbeList(_probes(example_inputs))
+    found: dict[str, str] = {}
+
+    def check(group):
+        m = copy.deepcopy(model)
+        _freeze_noise(m)
+        for noise in noise_layers(m):
+            if noise.layer_name not in group:
+                noise.forward = lambda h: h  # left out of this check
+        reference = _eval_outputs(m, probes)
+        entries = [_entry(n) for n in noise_layers(m) if n.layer_name in group]
+        _freeze_noise(m, frozen=False)
+        remove_noise(m)
+        try:
+            _fold_all(m, entries, example_inputs)
+        except ImportError:
+            raise
+        except Exception as e:
+            return f"the fold failed: {type(e).__name__}: {e}"
+        return _mismatch(reference, m, probes)
+
+    def search(group):
+        if not group:
+            return
+        why = check(set(group))
+        if why is None:
+            return
+        if len(group) == 1:
+            m = copy.deepcopy(model)
+            noise = next(n for n in noise_layers(m) if n.layer_name == group[0])
+            entry = _entry(noise)
+            remove_noise(m)
+            found[group[0]] = f"{_fold_where(m, entry, example_inputs)}: {why}"
+            return
+        search(group[:len(group) // 2])
+        search(group[len(group) // 2:])
+
+    search(names)
+    return found
+
+
 def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, assume_safe=frozenset()):
     example_inputs = _example(model, example_inputs)
     if _heads.head_noise_layers(model):  # attention heads are removed first (heads.py), the rest below
@@ -611,13 +799,7 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
     entries = []
     for noise in layers:
         noise.check_finite()
-        entries.append({
-            "layer": noise.layer_name,
-            "chain": list(noise.chain or [noise.layer_name]),
-            "mask": noise.mask.detach().clone().cpu(),
-            "scale": (noise.expected_theta().double() * noise.mask.double()).detach(),
-            "noise": noise,
-        })
+        entries.append(_entry(noise))
     values = fold or keep_noise
     probes = _ProbeList(_probes(example_inputs) if values else [_probe(example_inputs)])
     # the same removal on a twin with random BatchNorm statistics must be exact too
@@ -632,11 +814,7 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
     _freeze_noise(m, frozen=False)  # its noise modules are carried on by shrink_for_training
     remove_noise(m)
     if fold:
-        graph = None
-        for e in entries:
-            if graph is None and _fold_site(m, e) is None:
-                graph = _build_graph(m, example_inputs)  # only consumer folding needs the graph
-            _fold(graph, m, e)
+        _fold_all(m, entries, example_inputs)
     if twin is not None:  # folding touches no running statistics: the same random ones again
         twin = _randomised_bn(m)
     names = [e["layer"] for e in entries]
@@ -663,6 +841,16 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
 
     refused = {}
     out, steps, why = attempt(set(names))
+    if why is not None and fold and verify:  # is the fold alone inexact? then no removal can be exact
+        first = _mismatch(reference, m, probes)
+        if first is not None:
+            bad = _inexact_folds(model, example_inputs)
+            lines = "".join(f"\n  {n}: {w}" for n, w in bad.items())
+            raise RuntimeError(
+                "shrink could not reproduce the masked model's eval output: folding E[theta] * mask into the "
+                f"weights is inexact before any removal ({first}) for the noise of "
+                f"{', '.join(bad) or 'no layer alone (only several together)'}:{lines}"
+            )
     if why is not None:  # find the layers whose removal breaks the network and keep theirs
         masked = [e["layer"] for e in entries if bool((e["mask"] == 0).any())]
 
