@@ -297,7 +297,8 @@ def test_fold_refusal_names_the_layer_and_why():
     with pytest.raises(RuntimeError) as err:
         bp.shrink(model)
     first, *lines = str(err.value).splitlines()
-    assert first.endswith("for the noise of 0:")  # only the stem's noise; the block's folds are exact
+    assert first.startswith("shrink refuses the network: folding E[theta] * mask of 0 into the weights")
+    # only the stem's noise; the block's folds are exact
     assert len(lines) == 1
     assert lines[0].startswith("  0: its noise after 1 (BatchNormAct2d), folded into the input weights")
     assert "AddBackward0" in lines[0] and "max abs difference" in lines[0]

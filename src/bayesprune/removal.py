@@ -847,9 +847,8 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
             bad = _inexact_folds(model, example_inputs)
             lines = "".join(f"\n  {n}: {w}" for n, w in bad.items())
             raise RuntimeError(
-                "shrink could not reproduce the masked model's eval output: folding E[theta] * mask into the "
-                f"weights is inexact before any removal ({first}) for the noise of "
-                f"{', '.join(bad) or 'no layer alone (only several together)'}:{lines}"
+                f"shrink refuses the network: folding E[theta] * mask of {', '.join(bad) or 'no layer alone (only several together)'} "
+                f"into the weights is inexact before any removal ({first}):{lines}"
             )
     if why is not None:  # find the layers whose removal breaks the network and keep theirs
         masked = [e["layer"] for e in entries if bool((e["mask"] == 0).any())]
