@@ -75,3 +75,34 @@ def test_plain_import_of_the_core_loads_no_harness_module():
     allowed = {"tqdm"} if torch_loads_tqdm else set()
     assert not [m for m in names if m.startswith("bayesprune.experiments")
                 or (m.split(".")[0] in ("torch_pruning", "timm") + HIDDEN and m.split(".")[0] not in allowed)], names
+
+
+def test_timm_imported_after_the_core_leaves_the_lazy_torch_pruning_working():
+    """timm's import walks ``sys.modules``; with an ``importlib.util.LazyLoader`` module there this
+    started Torch-Pruning's import half-way and left ``bayesprune._torch_pruning`` without its
+    attributes (shrink then failed with "has no attribute 'new_graph'"). The lazy module now
+    stays out of ``sys.modules`` until first used."""
+    code = textwrap.dedent("""
+        import sys, torch
+        import bayesprune as bp
+        import timm
+        assert "bayesprune._torch_pruning" not in sys.modules
+        torch.manual_seed(0)
+        model = timm.create_model("resnet18", num_classes=4).eval()
+        for m in model.modules():  # BatchNorm statistics away from the identity
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1); m.running_var.uniform_(0.5, 2)
+        x = torch.randn(2, 3, 32, 32)
+        bp.add_noise(model, x)
+        bp.prune(model, "snr", compression=0.3)
+        model.eval()
+        small = bp.shrink(model, x)
+        with torch.no_grad():
+            err = ((small(x) - model(x)).abs().max() / model(x).abs().max()).item()
+        print(bp.count_parameters(small) < bp.count_parameters(model), err)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    smaller, err = out.stdout.split()
+    assert smaller == "True" and float(err) < 1e-5, out.stdout
