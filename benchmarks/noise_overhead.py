@@ -98,6 +98,7 @@ def batches(net: str, batch: int, count: int, data: str | None):
 
 
 MODES = ("eager", "channels_last", "compile")
+COMPILE_RECOMPILE_LIMIT = 64
 
 
 def make(net: str, variant: str, example, mode: str = "eager"):
@@ -110,7 +111,15 @@ def make(net: str, variant: str, example, mode: str = "eager"):
     if mode == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    run = torch.compile(model) if mode == "compile" else model
+    run = model
+    if mode == "compile":
+        # every variant of a network shares its forward code: room for one graph set per variant,
+        # not dynamo's default 8 recompiles per code object (beyond which it runs eagerly)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
+        # by default dynamo does not guard on module hooks: a noisy copy of a network compiled
+        # before in this process would silently run the plain network's graph, without its noise
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        run = torch.compile(model)
     return run, opt, model
 
 
@@ -202,8 +211,13 @@ def report(net: str, result: dict, steps: int, block: int, warmup: int) -> None:
         vs_eager = f"{w / base[0]:.3f}" if base else "-"
         print(f"{mode:<14}{_label(v):<30} {1e3 * w:>10.1f} {w / w0:>7.3f} {spread:>13} {1e3 * c:>10.1f} {c / c0:>7.3f} {vs_eager:>8}")
     if "compile" in modes:
+        from torch._dynamo.utils import counters
+
         print("compile: first step (builds the graphs) "
-              + ", ".join(f"{_label(v)} {s:.1f} s" for (m, v), s in result["first"].items() if m == "compile"))
+              + ", ".join(f"{_label(v)} {s:.1f} s" for (m, v), s in result["first"].items() if m == "compile")
+              + f"; dynamo: {counters['stats']['unique_graphs']} graphs, "
+              + f"{sum(counters['graph_break'].values())} graph breaks, recompile limit hit "
+              + f"{counters['frames'].get('recompile_limit_hit', 0) + counters['stats'].get('cache_size_limit_hit', 0)} times")
     print(f"({steps} steps per variant in interleaved blocks of {block}, {warmup} warm-up, order rotated each round; "
           f"spread: lowest-highest ratio of the {len(next(iter(rounds.values())))} rounds' block means; "
           f"target ratio <= {target}; {load()})", flush=True)
@@ -233,24 +247,34 @@ def float64_ops(runs: dict, xs, variant: str) -> list[tuple[str, int, int]]:
 
 
 def profile(net: str, runs: dict, xs, variant: str, steps: int, rows: int = 14) -> None:
-    """Per-op self CPU ms per step, plain against ``variant``, the largest differences first."""
+    """Per-op self CPU ms per step, plain against ``variant`` (steps interleaved): first the ops
+    the noise adds (more calls in the noisy step), largest extra time first; then the summed
+    difference of the ops called as often in both (the same work: the machine's noise)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    per = {}
-    for v in ("plain", variant):
-        model, opt, module = runs[("eager", v)]
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            for i in range(steps):
+    per = {"plain": {}, variant: {}}
+    for i in range(steps):
+        for v in ("plain", variant):
+            model, opt, module = runs[("eager", v)]
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
                 step(model, opt, *xs[i % len(xs)], v, module)
-        per[v] = {e.key: (e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()}
-    keys = sorted(set(per["plain"]) | set(per[variant]),
-                  key=lambda k: -abs(per[variant].get(k, (0, 0))[0] - per["plain"].get(k, (0, 0))[0]))
+            for e in prof.key_averages():
+                t, n = per[v].get(e.key, (0.0, 0))
+                per[v][e.key] = (t + e.self_cpu_time_total / 1e3 / steps, n + e.count / steps)
+    zero = (0.0, 0)
+    names = set(per["plain"]) | set(per[variant])
+    added = sorted((k for k in names if per[variant].get(k, zero)[1] > per["plain"].get(k, zero)[1]),
+                   key=lambda k: -(per[variant].get(k, zero)[0] - per["plain"].get(k, zero)[0]))
+    same = [k for k in names if per[variant].get(k, zero)[1] == per["plain"].get(k, zero)[1]]
     total = {v: sum(t for t, _ in per[v].values()) for v in per}
-    print(f"profile {net}, {steps} steps, self CPU ms per step (calls): plain {total['plain']:.1f}, "
-          f"{variant} {total[variant]:.1f}")
-    for k in keys[:rows]:
-        (tp, np_), (tv, nv) = per["plain"].get(k, (0, 0)), per[variant].get(k, (0, 0))
+    print(f"profile {net}, {steps} steps each, self CPU ms per step (calls): plain {total['plain']:.1f}, "
+          f"{variant} {total[variant]:.1f} ({total[variant] - total['plain']:+.1f}); ops the noise adds calls to:")
+    for k in added[:rows]:
+        (tp, np_), (tv, nv) = per["plain"].get(k, zero), per[variant].get(k, zero)
         print(f"  {k[:48]:<48} {tp:>9.2f} ({np_:>4.0f}) {tv:>9.2f} ({nv:>4.0f}) {tv - tp:>+9.2f}")
+    rest = sum(per[variant].get(k, zero)[0] - per["plain"].get(k, zero)[0] for k in added[rows:])
+    print(f"  the other {max(len(added) - rows, 0)} such ops together {rest:+.2f}; the {len(same)} ops called as often "
+          f"in both: {sum(per[variant][k][0] - per['plain'][k][0] for k in same):+.2f} in all")
 
 
 def main(argv=None) -> None:
@@ -300,7 +324,7 @@ def main(argv=None) -> None:
             ops = float64_ops(runs, xs, default[1])
             print(f"float64 ops in one {default[1]} step: " + (", ".join(f"{k} x{n} (<= {e} elements)" for k, n, e in ops) or "none"))
         if args.profile and default in runs:
-            profile(net, runs, xs, default[1], steps=10 if small else 1)
+            profile(net, runs, xs, default[1], steps=10 if small else 2)
         del runs
 
 
