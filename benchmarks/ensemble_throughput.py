@@ -9,6 +9,9 @@ ensemble is faster), the device and ``uptime``'s load average.
 
     python benchmarks/ensemble_throughput.py --model lenet5 --dataset mnist --members 4 \
         --data-dir ../shared/datasets [--train 4096] [--repeats 3] [--device cuda]
+
+``--probe``: instead, the probe that ``reproduce --ensemble auto`` runs (``ensemble.probe``: a few
+steps of each side on the full training set's loader) for ``--members`` runs with seeds 0..K-1.
 """
 
 from __future__ import annotations
@@ -40,9 +43,20 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--probe", action="store_true", help="run reproduce --ensemble auto's probe instead")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
+    if a.probe:
+        cfgs = [training.resolve_config(model=a.model, dataset=a.dataset, seed=s, device=a.device, data_dir=a.data_dir,
+                                        out_dir=f"probe{s}") for s in range(a.members)]
+        t0 = time.perf_counter()
+        r = ensemble.probe(cfgs)
+        ratio = "n/a" if r.ratio is None else f"{r.ratio:.2f}x"
+        print(f"{a.model}/{a.dataset}, device {device}, {a.threads} thread(s): {r}; ratio {ratio} "
+              f"({'batched' if r.batched else 'single runs'}), probe {time.perf_counter() - t0:.1f} s")
+        print("load average (1, 5, 15 min):", " ".join(f"{v:.2f}" for v in os.getloadavg()))
+        return
     splits = load_dataset(a.dataset, a.data_dir, seed=0)
     data = ImageTensorDataset(splits.train.images[:a.train], splits.train.labels[:a.train])
     members = []
