@@ -347,3 +347,35 @@ def test_forward_errors_surface_and_remembered_example_follows_the_model():
     net.fail = True
     with pytest.raises(RuntimeError, match="ValueError: forward refused this input"):
         bp.shrink(net)
+
+
+@pytest.mark.parametrize("rows_first", [True, False])
+def test_grouped_conv_pruner_keeps_each_group_reading_its_own_inputs(rows_first):
+    """bayesprune's conv pruner on a grouped convolution (3 groups of 4 inputs and 3 rows): group 1
+    goes whole and groups 0 and 2 lose one input each at different positions and one row each, in
+    either order; the pruned conv on the kept inputs equals the original's kept rows on inputs whose
+    removed channels are zero (Torch-Pruning's own pruner keeps the first columns of every row)."""
+    from bayesprune import _torch_pruning as tpc
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 9, 3, groups=3, padding=1)
+    ref = copy.deepcopy(conv)
+    drop_in, drop_rows = [4, 5, 6, 7, 1, 10], [3, 4, 5, 0, 8]
+    steps = [(tpc.CONV_PRUNER.prune_out_channels, drop_rows), (tpc.CONV_PRUNER.prune_in_channels, drop_in)]
+    if not rows_first:
+        steps.reverse()
+    with torch.no_grad():
+        steps[0][0](conv, steps[0][1])
+        assert conv.groups == 1  # between two valid states
+        with pytest.raises(ValueError, match="left unequal groups"):
+            tpc.finish_grouped_convs(copy.deepcopy(conv))
+        steps[1][0](conv, steps[1][1])
+    tpc.finish_grouped_convs(conv)  # a valid grouped convolution again: nothing raised
+    assert (conv.groups, conv.in_channels, conv.out_channels, tuple(conv.weight.shape[:2])) == (2, 6, 4, (4, 3))
+    x = torch.randn(2, 12, 5, 5)
+    zeroed = x.clone()
+    zeroed[:, drop_in] = 0
+    keep_in = [c for c in range(12) if c not in drop_in]
+    keep_rows = [r for r in range(9) if r not in drop_rows]
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x[:, keep_in]), ref(zeroed)[:, keep_rows], rtol=1e-6, atol=1e-6)
