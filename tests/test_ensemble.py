@@ -229,7 +229,7 @@ def _same_table(got, root, by_dir):
 
 
 def test_reproduce_with_ensembles_gives_the_single_runs_tables(single_table, tmp_path):
-    from bayesprune.experiments.reproduce import ensemble_groups, reproduce
+    from bayesprune.experiments.reproduce import ensemble_groups, ensemble_sizes, reproduce
 
     four = reproduce("bmrs-table1", tmp_path / "ensemble", ensemble=4, **TABLE)
     assert not four["failures"]
@@ -239,6 +239,11 @@ def test_reproduce_with_ensembles_gives_the_single_runs_tables(single_table, tmp
     assert ensemble_groups(cfgs, 2) == [(0, 1), (2, 3), (4,)]
     cfgs[1] = resolve_config(**OPTS, seed=1, shrink=True, out_dir=str(tmp_path / "1"))
     assert ensemble_groups(cfgs, 4) == [(0, 2, 3, 4), (1,)]
+    # auto's sizes: at most 16 members, enough ensembles for the engine's parallel tasks
+    assert ensemble_sizes([21, 21], 2) == [11, 11]  # 16 at most: 11 + 10 each
+    assert ensemble_sizes([21], 2) == [11] and ensemble_sizes([14], 2) == [7] and ensemble_sizes([14], 1) == [14]
+    assert ensemble_sizes([40], 1) == [14] and ensemble_sizes([3, 5], 4) == [2, 3] and ensemble_sizes([2], 8) == [1]
+    assert ensemble_sizes([10], 1, most=4) == [4]
     for bad in (0, -1, True, "4", 2.0):
         with pytest.raises(ValueError, match="ensemble must be 'auto' or an integer >= 1"):
             reproduce("bmrs-table1", tmp_path / "x", **dict(TABLE, ensemble=bad))

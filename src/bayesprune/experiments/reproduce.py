@@ -27,7 +27,7 @@ from .engines import LocalEngine, RunOutcome, run_all, usable_cores  # noqa: F40
 from .training import RunConfig, resolve_config, run_continuous, run_dir_name, run_sweep
 
 __all__ = ["TARGETS", "ENSEMBLE_AUTO", "bmrs_table1_configs", "bmrs_table2_configs", "table2", "reproduce", "check_ensemble",
-           "ensemble_groups"]
+           "ensemble_groups", "ensemble_sizes"]
 
 TARGETS = ("bmrs-table1", "bmrs-table2", "bmrs-posttrain", "bf-table1")
 BMRS_MODELS = ("mlp", "lenet5")
@@ -217,20 +217,29 @@ def ensemble_groups(cfgs, size: int) -> list[tuple]:
     return [tuple(idx[j:j + size]) for idx in keyed.values() for j in range(0, len(idx), size)]
 
 
-def _auto_groups(engine, cfgs, todo: list, progress: bool, timer) -> list[_Group]:
-    """``--ensemble auto``: per group of the runs ``todo`` that could share an ensemble, a probe
-    (ensemble.probe, on the engine) of min(runs, ensemble.MAX_MEMBERS) members, fewer where the
-    runs fill fewer tasks than the engine's parallel slots or the memory does not hold them;
-    batched in ensembles of that size if the probe found the ensemble faster, else single runs."""
+def ensemble_sizes(counts, slots: int, most: int | None = None) -> list[int]:
+    """Members per ensemble for groups of ``counts`` runs on an engine of ``slots`` parallel
+    tasks: each group in ceil(n / size) ensembles, at least ceil(n / ``most``) of them
+    (default ensemble.MAX_MEMBERS) and at least its share ceil(slots / groups) of the slots
+    (never more than n), as equal as they come: size = ceil(n / ensembles)."""
     from .ensemble import MAX_MEMBERS
 
+    most = MAX_MEMBERS if most is None else most
+    share = -(-slots // max(1, len(counts)))
+    return [-(-n // max(-(-n // most), min(n, share))) for n in counts]
+
+
+def _auto_groups(engine, cfgs, todo: list, progress: bool, timer) -> list[_Group]:
+    """``--ensemble auto``: per group of the runs ``todo`` that could share an ensemble, a probe
+    (ensemble.probe, on the engine) of :func:`ensemble_sizes` members (fewer where the memory
+    does not hold them); batched in ensembles of that size if the probe found the ensemble
+    faster, else single runs."""
     keyed: dict = {}
     for i in todo:
         keyed.setdefault(_key(cfgs[i], i), []).append(i)
     shared = [idx for idx in keyed.values() if len(idx) > 1]
     slots = max(1, int(getattr(engine, "jobs", 1)))
-    per_key = -(-slots // max(1, len(shared)))  # ensembles per group that keep every slot busy
-    sizes = {id(idx): -(-len(idx) // max(-(-len(idx) // MAX_MEMBERS), min(len(idx), per_key))) for idx in shared}
+    sizes = dict(zip(map(id, shared), ensemble_sizes([len(idx) for idx in shared], slots)))
     probed = [idx for idx in shared if sizes[id(idx)] > 1]
     tasks = [_ProbeTask((tuple(cfgs[i] for i in idx[:sizes[id(idx)]]), timer, min(slots, len(probed)))) for idx in probed]
     probes = run_all(engine, _probe_task, tasks, progress=False, failures=[]) if tasks else []
