@@ -341,3 +341,22 @@ def test_cli_ensemble_values(tmp_path, monkeypatch, capsys):
         assert main(base + ["--ensemble", bad]) == 2
         err = capsys.readouterr().err
         assert f"argument --ensemble: expected 'auto' or an integer >= 1 (1: single runs), got {bad!r}" in err
+
+
+def test_the_choice_is_recorded_unless_the_run_directory_is_held(tmp_path, capsys):
+    from bayesprune.experiments.reproduce import _record
+
+    cfg = resolve_config(**OPTS, seed=0, out_dir=str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({"test_acc": 0.5}))
+    lock = RunLock(tmp_path / "run").acquire()
+    summary = {"test_acc": 0.5}
+    try:
+        _record(cfg, summary, {"size": 3, "probe_ratio": 1.5})
+    finally:
+        lock.release()
+    assert "the ensemble choice was not recorded (RunLockedError" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary == {"test_acc": 0.5}
+    _record(cfg, summary, {"size": 3, "probe_ratio": 1.5})
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary == \
+        {"test_acc": 0.5, "ensemble": {"size": 3, "probe_ratio": 1.5}}

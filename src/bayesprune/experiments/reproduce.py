@@ -159,14 +159,18 @@ def _group_task(group: _Group) -> list:
 
 def _record(cfg: RunConfig, summary: dict, record: dict) -> None:
     """``record`` as ``"ensemble"`` of the run's summary (and of its summary.json)."""
-    from .rundir import read_json, write_json
+    from .rundir import RunLockedError, read_json, write_json
     from .training import RunDir
 
     rd = RunDir(cfg.out_dir)
-    with rd.locked():
-        on_disk = read_json(rd.summary)
-        on_disk["ensemble"] = dict(record)
-        write_json(rd.summary, on_disk)
+    try:
+        with rd.locked():
+            on_disk = read_json(rd.summary)
+            on_disk["ensemble"] = dict(record)
+            write_json(rd.summary, on_disk)
+    except (RunLockedError, OSError, ValueError) as e:  # the run itself finished: say so, go on
+        print(f"warning: {rd.summary}: the ensemble choice was not recorded ({type(e).__name__}: {e})", file=sys.stderr)
+        return
     if not cfg.dense_finetune_epochs:  # else ``summary`` is the dense fine-tune's, in a folder of its own
         summary["ensemble"] = dict(record)
 
