@@ -139,10 +139,6 @@ def run_one(name: str) -> dict:
     """All stages for one model; returns the row (raises nothing: errors go into the row)."""
     import torch
 
-    try:  # before bayesprune: importing timm after it breaks bayesprune's lazily loaded Torch-Pruning
-        import torchvision  # noqa: F401
-    except ImportError:
-        pass
     import bayesprune as bp
 
     torch.set_num_threads(1)

@@ -282,7 +282,6 @@ def test_grouped_conv_masks_not_covering_whole_groups_remove_what_is_exact():
 def test_fold_refusal_names_the_layer_and_why():
     """timm's MobileNetV3 stem: the noise after a fused BatchNorm + Hardswish whose output also
     feeds the first block's residual addition directly: no weight can take E[theta] * mask."""
-    pytest.importorskip("torchvision")  # before timm: see docs/shrink.md, the zoo, "timm after bayesprune"
     timm_blocks = pytest.importorskip("timm.models._efficientnet_blocks")
     from timm.layers import BatchNormAct2d
 
