@@ -327,8 +327,8 @@ def test_noise_after_batch_norm_fused_equals_batch_norm_then_noise(monkeypatch, 
 
 
 def test_fused_batch_norm_leaves_other_cases_to_the_product():
-    """Eval mode, no gradient, channels-last and BatchNorm in eval mode inside a training noise
-    layer take the usual path (no _NoisyBatchNormBackward), with BatchNorm's own node."""
+    """Eval mode, no gradient and a BatchNorm in eval mode inside a training noise layer take the
+    usual path (no _NoisyBatchNormBackward), with BatchNorm's own node."""
     model, x = _bn_net("channel")
     with torch.no_grad():
         assert model(x).grad_fn is None
@@ -338,7 +338,31 @@ def test_fused_batch_norm_leaves_other_cases_to_the_product():
     model[3].eval()  # running statistics, not the batch's
     names = _graph_names(model(x))
     assert names.count("_NoisyBatchNormBackward") == 1 and names.count("NativeBatchNormBackward0") == 1
-    model.train()
-    cl = model.to(memory_format=torch.channels_last)
-    names = _graph_names(cl(x.contiguous(memory_format=torch.channels_last)))
-    assert "_NoisyBatchNormBackward" not in names and names.count("_NoisyProductBackward") == 2
+
+
+@pytest.mark.parametrize("sharing", ["channel", "structure"])
+def test_fused_batch_norm_in_channels_last_equals_batch_norm_then_noise(monkeypatch, sharing):
+    """The fused node on channels-last tensors (its per-example sums) against BatchNorm then the
+    product, float64, same draws; its input gradient keeps the channels-last layout."""
+    cl = torch.channels_last
+    model, x = _bn_net(sharing)
+    ref, _ = _bn_net(sharing)
+    model, ref = model.to(memory_format=cl), ref.to(memory_format=cl)
+    x = x.contiguous(memory_format=cl).requires_grad_()
+    xr = x.detach().clone(memory_format=cl).requires_grad_()
+    w = torch.randn(x.shape[0], 3, generator=torch.Generator().manual_seed(2), dtype=F64)
+    torch.manual_seed(5)
+    out = model(x)
+    assert _graph_names(out).count("_NoisyBatchNormBackward") == 2
+    ((out * w).sum() + kl(model)).backward()
+    import bayesprune.noise as noise_module
+
+    monkeypatch.setattr(noise_module, "_noisy_batch_norm", lambda *args: None)
+    torch.manual_seed(5)
+    rout = ref(xr)
+    ((rout * w).sum() + kl(ref)).backward()
+    torch.testing.assert_close(out, rout, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-12)
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        scale = float(q.grad.abs().max())
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12 * max(scale, 1.0), msg=name)

@@ -452,13 +452,24 @@ class _NoisyBatchNorm(torch.autograd.Function):
         need_x, need_w, need_b, need_mu, need_ls = ctx.needs_input_grad[1:6]
         n, c = x.shape[0], x.shape[1]
         rows = theta.shape[0]
-        view = (1, n * c, x[0, 0].numel()) if rows > 1 else (n, c, x[0, 0].numel())
-        k = view[1]
-        grad = grad.contiguous()
-        ones = torch.ones(k, dtype=x.dtype, device=x.device)
-        _, s2, s1 = torch.ops.aten.native_batch_norm_backward(
-            grad.view(view), x.view(view), ones, mean.repeat(rows) if rows > 1 else mean, ones,
-            None, None, False, 0.0, [False, True, True])
+        nhwc = not x.is_contiguous()  # channels-last (the only other layout let in)
+        grad = grad.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+        sums = [False, True, True]
+        if nhwc and rows > 1:  # per (example, channel): each example's [H*W, C] block, C its channels
+            ones = torch.ones(c, dtype=x.dtype, device=x.device)
+            xs, gs = x.permute(0, 2, 3, 1).reshape(n, -1, c), grad.permute(0, 2, 3, 1).reshape(n, -1, c)
+            parts = [torch.ops.aten.native_batch_norm_backward(gs[i], xs[i], ones, mean, ones, None, None, False, 0.0, sums)
+                     for i in range(n)]
+            s2, s1 = torch.stack([p[1] for p in parts]), torch.stack([p[2] for p in parts])
+        elif nhwc:  # per channel: BatchNorm's own layout
+            ones = torch.ones(c, dtype=x.dtype, device=x.device)
+            _, s2, s1 = torch.ops.aten.native_batch_norm_backward(grad, x, ones, mean, ones, None, None, False, 0.0, sums)
+        else:
+            view = (1, n * c, x[0, 0].numel()) if rows > 1 else (n, c, x[0, 0].numel())
+            ones = torch.ones(view[1], dtype=x.dtype, device=x.device)
+            _, s2, s1 = torch.ops.aten.native_batch_norm_backward(
+                grad.view(view), x.view(view), ones, mean.repeat(rows) if rows > 1 else mean, ones,
+                None, None, False, 0.0, sums)
         bshape = (1, c) + (1,) * (x.ndim - 2)
         s1, s2 = s1.view(theta.shape), s2.view(theta.shape) * invstd.view(bshape)  # per draw
         gamma = weight.view(bshape) if weight is not None else torch.ones((), dtype=x.dtype, device=x.device)
@@ -482,16 +493,24 @@ class _NoisyBatchNorm(torch.autograd.Function):
             p = (-gi * invstd.view(bshape) * dgamma / m).reshape(c)
             q = (gi * (invstd.view(bshape) * mean.view(bshape) * dgamma - dbeta) / m).reshape(c)
             zeros = torch.zeros(c, dtype=x.dtype, device=x.device)
-            grad_x = torch.ops.aten.native_batch_norm(
-                x.view(n, c, -1), p, q, zeros, torch.ones(c, dtype=x.dtype, device=x.device), False, 0.0, 0.0)[0]
+            ones = torch.ones(c, dtype=x.dtype, device=x.device)
+            grad_x = torch.ops.aten.native_batch_norm(x if nhwc else x.view(n, c, -1), p, q, zeros, ones, False, 0.0, 0.0)[0]
             grad_x = grad_x.view(x.shape).addcmul_(grad, gi * theta)  # + gamma invstd theta grad
         return None, grad_x, grad_w, grad_b, grad_mu, grad_ls, None, None, None, None, None, None, None
+
+
+def _same_dense_layout(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Both contiguous, or both 4-d channels-last."""
+    if x.is_contiguous() and y.is_contiguous():
+        return True
+    cl = torch.channels_last
+    return x.ndim == 4 and x.is_contiguous(memory_format=cl) and y.is_contiguous(memory_format=cl)
 
 
 def _noisy_batch_norm(layer: "MultiplicativeNoise", bn: nn.Module, args, y: torch.Tensor):
     """``bn``'s output ``y`` times the layer's theta through :class:`_NoisyBatchNorm`, or None
     where it does not apply (then the layer runs as usual): a training-mode CPU BatchNorm whose
-    output still carries its own autograd node, float32/64, contiguous, one draw per
+    output still carries its own autograd node, float32/64, contiguous or channels-last, one draw per
     (example, channel) or per channel, with a gradient wanted; never under torch.compile."""
     if torch.compiler.is_compiling() or not torch.is_grad_enabled() or len(args) != 1:
         return None
@@ -499,7 +518,7 @@ def _noisy_batch_norm(layer: "MultiplicativeNoise", bn: nn.Module, args, y: torc
     if (node is None or type(node).__name__ != "NativeBatchNormBackward0" or not node._saved_training
             or not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.ndim < 2 or layer.dim % x.ndim != 1
             or x.dtype not in (torch.float32, torch.float64) or y.dtype != x.dtype or layer.mu.dtype != x.dtype
-            or not x.is_contiguous() or not y.is_contiguous() or x.shape != y.shape
+            or not _same_dense_layout(x, y) or x.shape != y.shape
             or x.shape[1] != layer.num_structures or not (layer.mu.requires_grad or layer.log_sigma.requires_grad)):
         return None
     shape = [1] * y.ndim
