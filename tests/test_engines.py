@@ -212,3 +212,28 @@ def test_missing_ray_names_the_extra(tmp_path, monkeypatch, capsys):
     assert cli.main(["reproduce", "bf-table1", "--engine", "ray", "--out-dir", str(tmp_path)]) == 2
     assert "the Ray engine needs Ray, which is not installed" in capsys.readouterr().err
     assert isinstance(engines.make_engine("local", jobs=2), LocalEngine)  # the local engine needs no Ray
+
+
+def _threads_seen(_config) -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def test_local_engine_in_process_keeps_the_callers_thread_count():
+    """jobs=1 runs in this process: never with more threads than the caller set (a test suite at
+    1 thread stays at 1), and the caller's setting is back after the runs."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        outcomes = list(LocalEngine(1).map(_threads_seen, [None, None]))
+        assert [o.result for o in outcomes] == [1, 1]
+        assert torch.get_num_threads() == 1
+        cores = engines.usable_cores()
+        torch.set_num_threads(cores + 1)  # more than the machine has: capped at its cores, then restored
+        assert [o.result for o in LocalEngine(1).map(_threads_seen, [None])] == [cores]
+        assert torch.get_num_threads() == cores + 1
+    finally:
+        torch.set_num_threads(before)

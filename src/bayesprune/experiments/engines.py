@@ -6,7 +6,8 @@ the same whichever engine wrote them: a finished run is skipped, an interrupted 
 its checkpoint, and a run that raises is reported with its error while the others go on.
 
 * :class:`LocalEngine` (``--engine local``, the default): ``jobs`` processes on this machine,
-  each with ``usable_cores() // jobs`` threads; ``jobs=1`` runs in this process.
+  each with ``usable_cores() // jobs`` threads; ``jobs=1`` runs in this process, with no more
+  threads than the caller set (restored after).
 * :class:`RayEngine` (``--engine ray``): one Ray task per run with ``num_cpus_per_run`` CPUs and
   ``num_gpus_per_run`` GPUs (a fraction shares a GPU), on a local Ray started for the command or
   on the cluster at ``address``.  Ray is optional (``pip install 'bayesprune[ray]'``) and imported
@@ -108,10 +109,14 @@ class LocalEngine(_Engine):
         configs = list(configs)
         jobs = max(1, min(self.jobs, len(configs)))
         threads = max(1, usable_cores() // jobs)
-        if jobs == 1:
-            torch.set_num_threads(threads)
-            for i, c in enumerate(configs):
-                yield _outcome(i, c, _guarded(fn, c))
+        if jobs == 1:  # in this process: never more threads than the caller set, and theirs restored after
+            before = torch.get_num_threads()
+            torch.set_num_threads(min(before, threads))
+            try:
+                for i, c in enumerate(configs):
+                    yield _outcome(i, c, _guarded(fn, c))
+            finally:
+                torch.set_num_threads(before)
             return
         with ProcessPoolExecutor(jobs, mp_context=get_context("fork"), initializer=torch.set_num_threads,
                                  initargs=(threads,)) as ex:
