@@ -24,11 +24,13 @@ network, all measured in the same interleaved loop (the order rotated every roun
 ``channels_last`` (model and input in channels-last memory format) and ``compile``
 (``torch.compile`` of the model, default inductor backend; the first step, which compiles, is
 timed apart and printed as the build time).  Each row: median ms per step, the ratio to the plain
-network of the same mode, the spread of that ratio over the rounds (lowest-highest of the
-per-round ratios of block means), the CPU clock and its ratio, and the ratio to the eager plain
-network.  ``--profile`` adds, per network, the torch.profiler per-op self CPU time of the default
-noisy step beside the plain step (the ops whose time differs most); ``--dtypes`` lists the ops of
-one noisy step that compute in float64, with their element counts.  Targets (issue "speed"):
+network of the same mode and its spread over the rounds (lowest-highest of the per-round ratios
+of block means), the same on the CPU clock, and the ratio to the eager plain network.
+``--variants`` also takes the ablations ``channel-nobn`` (the default noise without the fused
+BatchNorm-and-noise node) and ``channel-products`` (without it nor the one-pass noise backward).
+``--profile`` adds, per network, the torch.profiler per-op self CPU time of the default noisy
+step beside the plain step (the ops the noise adds calls to); ``--dtypes`` lists the ops of one
+noisy step that compute in float64, with their largest output.  Targets (issue "speed"):
 ratio <= 1.15 on LeNet5, <= 1.05 on ResNet-18 and ResNet-50.
 """
 
@@ -203,13 +205,17 @@ def report(net: str, result: dict, steps: int, block: int, warmup: int) -> None:
     med, rounds = result["median"], result["rounds"]
     modes = list(dict.fromkeys(m for m, _ in med))
     base = med.get(("eager", "plain"))
-    print(f"{'mode':<14}{'variant':<30} {'wall ms':>10} {'ratio':>7} {'spread':>13} {'cpu ms':>10} {'ratio':>7} {'vs eager':>8}")
+    print(f"{'mode':<14}{'variant':<30} {'wall ms':>10} {'ratio':>7} {'spread':>13} {'cpu ms':>10} {'ratio':>7} "
+          f"{'spread':>13} {'vs eager':>8}")
     for (mode, v), (w, c) in med.items():
         w0, c0 = med[(mode, "plain")]
-        per_round = sorted(a[0] / b[0] for a, b in zip(rounds[(mode, v)], rounds[(mode, "plain")]))
-        spread = f"{per_round[0]:.3f}-{per_round[-1]:.3f}"
+        spreads = []
+        for i in (0, 1):  # wall, cpu
+            per_round = sorted(a[i] / b[i] for a, b in zip(rounds[(mode, v)], rounds[(mode, "plain")]))
+            spreads.append(f"{per_round[0]:.3f}-{per_round[-1]:.3f}")
         vs_eager = f"{w / base[0]:.3f}" if base else "-"
-        print(f"{mode:<14}{_label(v):<30} {1e3 * w:>10.1f} {w / w0:>7.3f} {spread:>13} {1e3 * c:>10.1f} {c / c0:>7.3f} {vs_eager:>8}")
+        print(f"{mode:<14}{_label(v):<30} {1e3 * w:>10.1f} {w / w0:>7.3f} {spreads[0]:>13} {1e3 * c:>10.1f} {c / c0:>7.3f} "
+              f"{spreads[1]:>13} {vs_eager:>8}")
     if "compile" in modes:
         from torch._dynamo.utils import counters
 
@@ -219,7 +225,7 @@ def report(net: str, result: dict, steps: int, block: int, warmup: int) -> None:
               + f"{sum(counters['graph_break'].values())} graph breaks, recompile limit hit "
               + f"{counters['frames'].get('recompile_limit_hit', 0) + counters['stats'].get('cache_size_limit_hit', 0)} times")
     print(f"({steps} steps per variant in interleaved blocks of {block}, {warmup} warm-up, order rotated each round; "
-          f"spread: lowest-highest ratio of the {len(next(iter(rounds.values())))} rounds' block means; "
+          f"spread: lowest-highest ratio of the {len(next(iter(rounds.values())))} rounds' block means, per clock; "
           f"target ratio <= {target}; {load()})", flush=True)
 
 

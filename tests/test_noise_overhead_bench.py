@@ -69,7 +69,8 @@ def test_resnet18_noisy_step_reaches_every_batchnorm(bench):
 
 
 def _rows(out: str) -> dict:
-    """(mode, label) -> [wall, ratio, spread low, spread high, cpu, cpu ratio, vs eager]."""
+    """(mode, label) -> [wall, ratio, spread low, spread high, cpu, cpu ratio, vs eager, cpu spread
+    low, cpu spread high]."""
     rows = {}
     for line in out.splitlines():
         mode = line[:14].strip()
@@ -78,9 +79,10 @@ def _rows(out: str) -> dict:
         for label in ("plain", "noise+KL channel (default)", "noise+KL structure", "noise+KL element"):
             rest = line[14:]
             if rest.startswith(label + " "):
-                wall, ratio, spread, cpu, cpu_ratio, vs = rest[len(label):].split()
+                wall, ratio, spread, cpu, cpu_ratio, cpu_spread, vs = rest[len(label):].split()
                 lo, hi = spread.split("-")
-                rows[(mode, label)] = [float(v) for v in (wall, ratio, lo, hi, cpu, cpu_ratio, vs)]
+                clo, chi = cpu_spread.split("-")
+                rows[(mode, label)] = [float(v) for v in (wall, ratio, lo, hi, cpu, cpu_ratio, vs, clo, chi)]
     return rows
 
 
@@ -93,14 +95,14 @@ def test_main_prints_a_ratio_per_variant(bench, capsys):
     assert len(rows) == 4
     assert rows[("eager", "plain")][1] == 1.0 and rows[("eager", "plain")][5] == 1.0
     plain = rows[("eager", "plain")][0]
-    for wall, ratio, lo, hi, cpu, cpu_ratio, vs in rows.values():
+    for wall, ratio, lo, hi, cpu, cpu_ratio, vs, clo, chi in rows.values():
         assert wall > 0 and cpu > 0 and math.isfinite(ratio) and math.isfinite(cpu_ratio)
         # the times are printed to 0.1 ms and the ratio to 0.001: the ratio of the printed times
         # can differ from the printed ratio by the two roundings
         rounding = (wall / plain) * (0.05 / wall + 0.05 / plain) + 5e-4
         assert ratio == pytest.approx(wall / plain, abs=rounding + 1e-9)
         assert vs == ratio  # eager: its own plain network is the eager one
-        assert 0 < lo <= hi  # per-round ratios; the median of all steps need not lie between them
+        assert 0 < lo <= hi and 0 < clo <= chi  # per-round ratios; the median of all steps need not lie between them
 
 
 def test_modes_run_side_by_side_each_against_its_own_plain_network(bench, capsys):
