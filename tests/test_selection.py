@@ -60,6 +60,30 @@ def test_classifier_head_and_residual_trunk():
     assert names == convs  # every conv (as the old "all but the last layer run"), not fc
 
 
+def test_torchvision_detector_and_segmentation_heads_get_no_noise():
+    """Faster R-CNN's RPN objectness / box deltas and its box predictor, and FCN's / DeepLabV3's
+    final 1x1 conv, are the layers a model output is computed from (random weights, no download)."""
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    det = tv.models.detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None,
+                                                                min_size=128, max_size=128).eval()
+    heads = ["rpn.head.cls_logits", "rpn.head.bbox_pred", "roi_heads.box_predictor.cls_score",
+             "roi_heads.box_predictor.bbox_pred"]
+    traced = selection.trace(det, ([torch.rand(3, 128, 128)],))
+    assert traced.heads == heads
+    chosen = selection.select_noise_layers(det, traced)
+    assert not set(heads) & set(chosen)
+    # the layers before them are hidden layers and get noise: RPN's 3x3 conv, the box head's MLP
+    assert {"rpn.head.conv.0.0", "roi_heads.box_head.fc6", "roi_heads.box_head.fc7"} <= set(chosen)
+    ran = [n for n, m in det.named_modules() if selection.is_prunable(m) and any(c.name == n for c in traced.calls)]
+    assert sorted(chosen) == sorted(n for n in ran if n not in heads)
+    for build in (tv.models.segmentation.fcn_resnet50, tv.models.segmentation.deeplabv3_mobilenet_v3_large):
+        seg = build(weights=None, weights_backbone=None, num_classes=3).eval()
+        traced = selection.trace(seg, torch.randn(1, 3, 32, 32))
+        assert traced.heads == ["classifier.4"]
+        assert "classifier.4" not in selection.select_noise_layers(seg, traced)
+
+
 class RecurrentNet(nn.Module):
     def __init__(self, rnn):
         super().__init__()

@@ -139,12 +139,35 @@ def test_timm_batchnormact_block_folds_and_removes(act):
     )
     x = torch.randn(2, 3, 8, 8)
     bp.add_noise(model, x)
-    # the noise goes after the fused BatchNorm + activation, not between the conv and its BatchNorm
-    assert [n.target_name for n in bp.noise_layers(model)] == ["1", "3", "5"]
+    # never between the conv and its BatchNorm: after the fused BatchNorm + ReLU (homogeneous), or
+    # between its affine and a Hardswish (its `drop` child), where the fold into the BatchNorm is exact
+    targets = ["1", "3", "5"] if act == "relu" else ["1.drop", "3.drop", "5.drop"]
+    assert [n.target_name for n in bp.noise_layers(model)] == targets
     bp.remove_noise(model)
     rep, small = _check_block(model, x)
     assert small[0].out_channels < 16 and small[4].out_channels < 8  # removed, not only zeroed
     assert small[1].num_features == small[0].out_channels
+
+
+def test_timm_batchnormact_hardswish_into_a_residual_addition_shrinks_exactly():
+    """timm's MobileNetV3 stem: a fused BatchNorm + Hardswish whose output also feeds the first
+    block's residual addition directly.  Noise after the Hardswish could fold into no weight (the
+    addition reads it unweighted); between the BatchNorm's affine and the Hardswish it folds into
+    the BatchNorm, and the masked channels are removed from the stem, the block and the addition."""
+    timm_blocks = pytest.importorskip("timm.models._efficientnet_blocks")
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), BatchNormAct2d(8, act_layer=nn.Hardswish),
+                          timm_blocks.DepthwiseSeparableConv(8, 8, act_layer=nn.ReLU),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    assert model[2].has_skip
+    x = torch.randn(2, 3, 8, 8)
+    bp.add_noise(model, x)
+    assert bp.noise_layers(model)[0].target_name == "1.drop"
+    bp.remove_noise(model)
+    rep, small = _check_block(model, x)
+    assert small[0].out_channels < 8 and small[1].num_features == small[0].out_channels
 
 
 def test_squeeze_excitation_gate_noise_folds_only_into_what_reads_the_gated_tensor():
@@ -280,18 +303,18 @@ def test_grouped_conv_masks_not_covering_whole_groups_remove_what_is_exact():
 
 
 def test_fold_refusal_names_the_layer_and_why():
-    """timm's MobileNetV3 stem: the noise after a fused BatchNorm + Hardswish whose output also
-    feeds the first block's residual addition directly: no weight can take E[theta] * mask."""
-    timm_blocks = pytest.importorskip("timm.models._efficientnet_blocks")
-    from timm.layers import BatchNormAct2d
+    """A conv -> BatchNorm -> Hardswish (separate modules) whose output also feeds a residual
+    addition directly: the noise after the Hardswish can take no weight's E[theta] * mask."""
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), BatchNormAct2d(8, act_layer=nn.Hardswish),
-                          timm_blocks.DepthwiseSeparableConv(8, 8, act_layer=nn.ReLU),
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Hardswish(),
+                          DepthwiseSeparableConv(8, 8, act_layer=nn.ReLU),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-    assert model[2].has_skip
+    assert model[3].has_skip
     x = torch.randn(2, 3, 8, 8)
     bp.add_noise(model, x)
+    assert bp.noise_layers(model)[0].target_name == "2"
     _mask_and_randomise(model, x)
     with pytest.raises(RuntimeError) as err:
         bp.shrink(model)
@@ -299,5 +322,5 @@ def test_fold_refusal_names_the_layer_and_why():
     assert first.startswith("shrink refuses the network: folding E[theta] * mask of 0 into the weights")
     # only the stem's noise; the block's folds are exact
     assert len(lines) == 1
-    assert lines[0].startswith("  0: its noise after 1 (BatchNormAct2d), folded into the input weights")
+    assert lines[0].startswith("  0: its noise after 2 (Hardswish), folded into the input weights")
     assert "AddBackward0" in lines[0] and "max abs difference" in lines[0]

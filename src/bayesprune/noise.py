@@ -617,6 +617,24 @@ def _chain_from_sequential(model: nn.Module, layer_name: str, placement: str, sh
     return chain
 
 
+#: f(s x) = s f(x) for a per-channel s >= 0 (a scale after them folds into the module before them)
+_HOMOGENEOUS_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity)
+
+
+def _before_fused_activation(named: dict, chain: list[str]) -> list[str]:
+    """A chain ending at a BatchNorm that applies its own activation, ``act(drop(BN(x)))`` (timm's
+    ``BatchNormAct2d``), with a non-homogeneous ``act`` (hardswish, SiLU, ...) ends at its ``drop``
+    child instead: the noise then sits between the affine and the activation, where
+    ``E[theta] * mask`` folds exactly into the BatchNorm's weight and bias (docs/shrink.md, "Fused
+    BatchNorm and activation")."""
+    last = named[chain[-1]]
+    drop, act = getattr(last, "drop", None), getattr(last, "act", None)
+    if (len(chain) > 1 and isinstance(last, _BN_TYPES) and isinstance(drop, nn.Module) and isinstance(act, nn.Module)
+            and not isinstance(act, _HOMOGENEOUS_ACTIVATIONS)):
+        return chain + [f"{chain[-1]}.drop"]
+    return chain
+
+
 def add_noise(
     model: nn.Module,
     example_inputs,
@@ -665,6 +683,7 @@ def add_noise(
             chain = _chain_from_trace(calls, layer_call, placement, sharing, traced.functional_uses)
         else:
             chain = _chain_from_sequential(model, name, placement, sharing)
+        chain = _before_fused_activation(named, chain)
         target_name = chain[-1]
         noise = MultiplicativeNoise(n, dim=dim, sharing=sharing, **noise_kwargs)
         noise.layer_name, noise.target_name, noise.order = name, target_name, order

@@ -61,6 +61,7 @@ _tp = lazy_import("bayesprune._torch_pruning")  # Torch-Pruning is imported when
 
 from .noise import (
     _BN_TYPES,
+    _HOMOGENEOUS_ACTIVATIONS,
     _POOL_TYPES,
     MultiplicativeNoise,
     _install_joint_draw,
@@ -73,7 +74,7 @@ from .noise import (
 __all__ = ["shrink", "shrink_for_training", "parameter_origins", "carry_optimizer_state", "count_parameters", "remaining_parameters", "replay_pruning"]
 
 #: f(s x) = s f(x) for a per-channel s >= 0: a scale after them folds into the module before them
-_HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity) + _POOL_TYPES
+_HOMOGENEOUS = _HOMOGENEOUS_ACTIVATIONS + _POOL_TYPES
 _CROSS_CHANNEL_NORMS = (nn.LayerNorm, nn.GroupNorm)
 VERIFY_RTOL = 1e-5  # of the output scale; the fold itself is exact up to float rounding
 
@@ -511,6 +512,8 @@ def _fold_site(model, entry) -> nn.Module | None:
     """Where E[theta] * mask folds: the layer or its BatchNorm when only positively homogeneous
     modules (ReLU, pooling, ...) follow it in the chain; None: into the consumers."""
     chain = [model.get_submodule(n) for n in entry["chain"]]
+    if len(chain) > 2 and isinstance(chain[-2], _BN_TYPES) and chain[-1] is getattr(chain[-2], "drop", None):
+        return chain[-2]  # between a fused BatchNorm's affine and its activation: act(drop(BN(x)) * s)
     while len(chain) > 1 and isinstance(chain[-1], _HOMOGENEOUS):
         chain.pop()
     site = chain[-1]
@@ -708,14 +711,16 @@ def _fold_all(m, entries, example_inputs) -> None:
         _fold(graph, m, e)
 
 
-def _unweighted_use(model, name, example_inputs) -> str:
-    """', but ...' when the output of module ``name`` reaches an addition or subtraction before
-    any Linear/Conv layer (a residual sum: no weight can take a scale of one of its terms)."""
+def _unweighted_use(model, chain, example_inputs) -> str:
+    """', but ...' when the output of the ``chain`` (module names, layer first) reaches an addition
+    or subtraction before any Linear/Conv layer (a residual sum: no weight can take a scale of one
+    of its terms).  Followed from the chain's last module in Torch-Pruning's graph (an activation
+    module is no node there: the BatchNorm before it is)."""
     try:
         graph = _build_graph(model, example_inputs)
     except Exception:  # only a hint
         return ""
-    node = graph.module2node.get(model.get_submodule(name))
+    node = next((graph.module2node[m] for m in map(model.get_submodule, reversed(chain)) if m in graph.module2node), None)
     stack, seen = list(node.outputs) if node is not None else [], set()
     while stack:
         n = stack.pop()
@@ -735,7 +740,7 @@ def _fold_where(model, entry, example_inputs) -> str:
     after = entry["chain"][-1]
     what = f"its noise after {after} ({type(model.get_submodule(after)).__name__})"
     if site is None:
-        return f"{what}, folded into the input weights of the layers that read it{_unweighted_use(model, after, example_inputs)}"
+        return f"{what}, folded into the input weights of the layers that read it{_unweighted_use(model, entry['chain'], example_inputs)}"
     name = next(n for n in entry["chain"] if model.get_submodule(n) is site)
     return f"{what}, folded into {name} ({type(site).__name__})"
 
