@@ -516,7 +516,8 @@ def _noisy_batch_norm(layer: "MultiplicativeNoise", bn: nn.Module, args, y: torc
     if torch.compiler.is_compiling() or not torch.is_grad_enabled() or len(args) != 1:
         return None
     x, node = args[0], y.grad_fn
-    if (node is None or type(node).__name__ != "NativeBatchNormBackward0" or not node._saved_training
+    if (node is None or type(node).__name__ != "NativeBatchNormBackward0" or not getattr(node, "_saved_training", False)
+            or getattr(node, "_saved_result1", None) is None or getattr(node, "_saved_result2", None) is None
             or not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.ndim < 2 or layer.dim % x.ndim != 1
             or x.dtype not in (torch.float32, torch.float64) or y.dtype != x.dtype or layer.mu.dtype != x.dtype
             or not _same_dense_layout(x, y) or x.shape != y.shape
