@@ -424,8 +424,8 @@ def _one_pass_backward(grad, h, theta, need_h: bool, need_theta: bool):
 
 class _NoisyBatchNorm(torch.autograd.Function):
     """``BN(x) * theta`` of a noise layer after a training-mode BatchNorm, in one node that
-    replaces the BatchNorm's own (docs/maths.md section 1, "Noise after a training-mode
-    BatchNorm"; what it saves: docs/speed.md, "Training overhead").
+    replaces the BatchNorm's own (docs/maths.md section 1.1; what it saves: docs/speed.md,
+    "Training overhead").
 
     Forward: the BatchNorm's output ``y`` (computed by the module, running statistics updated
     there) is multiplied by theta in place, so no new activation-sized tensor is made and
