@@ -833,3 +833,19 @@ def test_one_default_noise_draw_for_add_noise_and_bayesprune_run():
     assert noise_layers(model)[0].sharing == "element"
     with pytest.raises(ValueError, match="unknown sharing 'channels'"):
         add_noise(bayesprune.remove_noise(model), torch.randn(2, 4), sharing="channels")
+
+
+def test_noise_added_to_a_model_in_eval_mode_is_in_eval_mode():
+    """add_noise on a model already in eval mode: its noise layers use E[θ] (deterministic
+    outputs) until model.train(), as every other module of the model would."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.randn(5, 4)
+    add_noise(model, x[:2])
+    assert all(not n.training for n in noise_layers(model))
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    model.train()
+    assert all(n.training for n in noise_layers(model))
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))

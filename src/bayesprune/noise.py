@@ -693,6 +693,7 @@ def add_noise(
         noise.example_inputs = example_inputs
         p = next(layer.parameters())
         noise.to(device=p.device, dtype=p.dtype if p.is_floating_point() else None)
+        noise.train(layer.training)  # a model already in eval mode gets its noise in eval mode (E[θ])
         layer.add_module("bayes_noise", noise)
         noise._handle = named[target_name].register_forward_hook(noise._hook)
     _install_joint_draw(model)
