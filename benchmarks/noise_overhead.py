@@ -17,7 +17,7 @@ before and after each network.
 
     python benchmarks/noise_overhead.py [--nets lenet5,resnet18,resnet50] [--variants ...]
         [--modes eager,channels_last,compile] [--steps 30] [--big-steps 3] [--threads 2]
-        [--profile] [--dtypes] [--data DIR]
+        [--profile] [--dtypes] [--adam default|foreach|fused] [--data DIR]
 
 ``--modes``: how both the plain and the noisy networks run, each mode with its own plain
 network, all measured in the same interleaved loop (the order rotated every round): ``eager``,
@@ -28,6 +28,8 @@ network of the same mode and its spread over the rounds (lowest-highest of the p
 of block means), the same on the CPU clock, and the ratio to the eager plain network.
 ``--variants`` also takes the ablations ``channel-nobn`` (the default noise without the fused
 BatchNorm-and-noise node) and ``channel-products`` (without it nor the one-pass noise backward).
+``--adam``: the Adam implementation of every variant (plain and noisy alike): torch's default
+(on CPU a loop over the parameters, ~10 ops each), ``foreach`` or ``fused``.
 ``--profile`` adds, per network, the torch.profiler per-op self CPU time of the default noisy
 step beside the plain step (the ops the noise adds calls to); ``--dtypes`` lists the ops of one
 noisy step that compute in float64, with their largest output.  Targets (issue "speed"):
@@ -103,16 +105,21 @@ MODES = ("eager", "channels_last", "compile")
 COMPILE_RECOMPILE_LIMIT = 64
 
 
-def make(net: str, variant: str, example, mode: str = "eager"):
+#: Adam implementations (--adam): torch's default (a loop over the parameters on CPU), foreach, fused
+ADAM = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
+
+def make(net: str, variant: str, example, mode: str = "eager", adam: str = "default"):
     """``(callable model, optimiser, module)`` of one variant in one mode; ``module`` is the
-    uncompiled network (its noise layers give the KL)."""
+    uncompiled network (its noise layers give the KL).  ``adam``: a key of :data:`ADAM`, the same
+    for the plain and the noisy networks."""
     model = build(net)
     if variant != "plain":
         bayesprune.add_noise(model, example, sharing=variant.split("-")[0])
     model.train()
     if mode == "channels_last":
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, **ADAM[adam])
     run = model
     if mode == "compile":
         # every variant of a network shares its forward code: room for one graph set per variant,
@@ -162,13 +169,13 @@ def load() -> str:
     return "load average %.2f %.2f %.2f" % os.getloadavg()
 
 
-def measure(net: str, variants, steps: int, block: int, warmup: int, data, modes=("eager",)):
+def measure(net: str, variants, steps: int, block: int, warmup: int, data, modes=("eager",), adam: str = "default"):
     """Per (mode, variant): median (wall, cpu) seconds per step, the per-round block means and
     the first step's wall time, measured interleaved (the order rotated each round)."""
     shape, batch, _, _ = NETS[net]
     xs, source = batches(net, batch, 8 if net == "lenet5" else 2, data)
     keys = [(m, v) for m in modes for v in variants]
-    runs = {k: make(net, k[1], xs[0][0][:2], k[0]) for k in keys}
+    runs = {k: make(net, k[1], xs[0][0][:2], k[0], adam) for k in keys}
     print(f"{net}: batch {batch}, input {'x'.join(map(str, shape))}, {source}; {load()}", flush=True)
     first = {}
     for k in keys:
@@ -296,6 +303,8 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", default="eager", help="comma-separated: " + ", ".join(MODES))
     ap.add_argument("--profile", action="store_true", help="per-op profile of the default variant against plain")
     ap.add_argument("--dtypes", action="store_true", help="list the float64 ops of one default noisy step")
+    ap.add_argument("--adam", default="default", choices=list(ADAM),
+                    help="Adam implementation, the same for every variant (default: torch's CPU default)")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="MNIST directory for LeNet5 ('' for random data)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -313,7 +322,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"--modes: unknown mode {m!r}; valid: {', '.join(MODES)}")
     print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, {os.cpu_count()} CPUs ({platform.machine()}), python {platform.python_version()}; "
-          f"default sharing {bayesprune.DEFAULT_SHARING!r}")
+          f"default sharing {bayesprune.DEFAULT_SHARING!r}; Adam {args.adam}")
     for net in nets:
         small = net == "lenet5"
         steps, block, warmup = (args.steps, args.block, args.warmup) if small else (args.big_steps, 1, 1)
@@ -323,7 +332,7 @@ def main(argv=None) -> None:
             print("resnet50: 'element' not run by default (one draw per activation element keeps ~10 GB of "
                   "draws and takes minutes per step on 2 cores); --variants element runs it")
         want = list(dict.fromkeys(modes + (["eager"] if args.profile or args.dtypes else [])))
-        result, runs, xs = measure(net, chosen, steps, block, warmup, args.data if small else None, want)
+        result, runs, xs = measure(net, chosen, steps, block, warmup, args.data if small else None, want, args.adam)
         report(net, result, steps, block, warmup)
         default = ("eager", bayesprune.DEFAULT_SHARING)
         if args.dtypes and default in runs:

@@ -366,3 +366,64 @@ def test_fused_batch_norm_in_channels_last_equals_batch_norm_then_noise(monkeypa
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         scale = float(q.grad.abs().max())
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12 * max(scale, 1.0), msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_fast_inverse_normal_cdf_equals_ndtri_in_both_branches(dtype):
+    """sqrt(2) erfinv(2p - 1) above p = 0.01, ndtri below (a few tails by index, mostly tails
+    wholly), and the autograd version: values within a few ulp of float64 ndtri on both sides of
+    the switch, near 0 and 1; gradients equal ndtri's (float64)."""
+    from torch.special import ndtri
+
+    from bayesprune.distributions import _NDTRI_TAIL, _fast_ndtri
+
+    eps = torch.finfo(dtype).eps
+    edge = torch.tensor([_NDTRI_TAIL], dtype=dtype)
+    near = torch.cat([edge * (1 - k * eps) for k in (4, 1)] + [edge, edge * (1 + eps), edge * (1 + 4 * eps)])
+    g = torch.Generator().manual_seed(5)
+    few_tails = torch.cat([torch.rand(2000, generator=g, dtype=dtype) * 0.98 + 0.01, near,
+                           torch.tensor([1e-30, 1e-6, 0.5, 1 - 1e-6 if dtype == F64 else 1 - 4 * eps], dtype=dtype)])
+    mostly_tails = torch.cat([torch.rand(300, generator=g, dtype=dtype) * _NDTRI_TAIL, few_tails[:50]])
+    for p in (few_tails, mostly_tails):
+        want = ndtri(p.double())
+        got = _fast_ndtri(p.clone())
+        assert got.dtype == dtype
+        # p itself is exact; erfinv's argument 2p - 1 rounds by at most eps/4 (p < 1/4), which moves z
+        # by eps / (4 phi(z)), 1.0e-14 relative at p = 0.01 in float64
+        tol = 8 * eps * (1 + want.abs())
+        assert ((got.double() - want).abs() <= tol).all()
+    p = few_tails.double().requires_grad_()
+    z = _fast_ndtri(p)
+    (gz,) = torch.autograd.grad(z.sum(), p)
+    q = few_tails.double().requires_grad_()
+    (gq,) = torch.autograd.grad(ndtri(q).sum(), q)
+    torch.testing.assert_close(z.detach(), ndtri(few_tails.double()), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(gz, gq, rtol=1e-9, atol=0)
+
+
+def test_draw_coefficients_equal_autograd_without_mirroring_and_zero_where_clipped():
+    """draw_theta_parts' coefficients in the branches the training regime takes: no structure
+    mirrored (F = u), no draw clipped (the aminmax test) or one clipped draw at b (x = b: zero
+    coefficients there), against autograd through the explicit sampler (float64)."""
+    from bayesprune.distributions import _sample_standardised, sample_log_theta
+
+    mu0 = torch.tensor([0.0, -0.01, 0.02, -5.0], dtype=F64)
+    s0 = torch.tensor([0.0067, 0.007, 0.006, 1.0], dtype=F64)
+    g = torch.Generator().manual_seed(8)
+    u = torch.rand(256, 4, generator=g, dtype=F64)
+    w = torch.randn(256, 4, generator=g, dtype=F64)
+    for clipped in (False, True):
+        uu, ww = u.clone(), w.clone()
+        if clipped:
+            uu[0, 0] = 1.0  # the u = 1 quantile of column 0: z = h = beta = 0, x = b
+            ww[0, 0] = 0.0  # autograd's clamp passes a gradient at the bound; compare the rest
+        x, _ = _sample_standardised(mu0, s0, uu, -20.0, 0.0)
+        assert bool((x == 0.0).any()) == clipped
+        theta, dmu, dsigma = draw_theta_parts(mu0, s0, torch.ones(4, dtype=F64), uu, -20.0, 0.0)
+        m, s = mu0.clone().requires_grad_(), s0.clone().requires_grad_()
+        want_mu, want_s = torch.autograd.grad((ww * sample_log_theta(m, s, uu, -20.0, 0.0)).sum(), [m, s])
+        torch.testing.assert_close((ww * dmu).sum(0), want_mu, rtol=1e-7, atol=1e-10)
+        torch.testing.assert_close((ww * dsigma).sum(0), want_s, rtol=1e-7, atol=1e-10)
+        if clipped:
+            assert dmu[0, 0] == 0 and dsigma[0, 0] == 0
+        torch.testing.assert_close(theta, torch.exp(x))

@@ -375,33 +375,58 @@ def sample_log_theta(mu, sigma, u, a: float = DEFAULT_A, b: float = DEFAULT_B) -
     return _sample_standardised(mu, sigma, u, a, b)[0]
 
 
+#: below this p (and only there) ``2p - 1`` loses digits of p: ndtri; above, sqrt(2) erfinv(2p - 1)
+_NDTRI_TAIL = 0.01
+_SQRT2 = math.sqrt(2.0)
+
+
+def _fast_ndtri(p: torch.Tensor) -> torch.Tensor:
+    """Phi^-1(p) = sqrt(2) erfinv(2p - 1) for p >= 0.01 (exact argument for p >= 1/4 by Sterbenz'
+    lemma, rounding of at most half an ulp of 1 below, which moves z by < 3 ulp at p = 0.01), and
+    ``ndtri`` on the draws below (about 1 %): on CPU erfinv is ~9x faster than ndtri."""
+    tail = p < _NDTRI_TAIL
+    if p.requires_grad:  # autograd through both branches: each evaluated where its gradient is finite
+        return torch.where(tail, ndtri(torch.where(tail, p, 0.5)), torch.erfinv(torch.where(tail, 0.5, p) * 2.0 - 1.0) * _SQRT2)
+    z = torch.erfinv(p * 2.0 - 1.0).mul_(_SQRT2)
+    count = int(tail.sum())
+    if 4 * count > p.numel():  # mostly tails (an interval far in a tail): ndtri alone is cheaper
+        return ndtri(p)
+    if count:
+        idx = tail.nonzero(as_tuple=True)
+        z.index_put_(idx, ndtri(p[idx]))
+    return z
+
+
 def _sample_standardised(mu, sigma, u, a: float, b: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, z)``: a reparameterised draw of x = log theta ~ N(mu, sigma^2) on [a, b] from uniforms ``u``.
 
     Inverse CDF in log space: the interval is mirrored to the side of the mean where its CDF
-    values are representable, ``log P = logaddexp(log Phi(l), log u + log Z)``, and
-    ``z = Phi^-1(P)``; where ``P`` underflows (< e^-80) Newton steps on ``log_ndtr`` replace
-    ``ndtri``.  Differentiable in ``mu`` and ``sigma``; ``x`` is clipped to [a, b] and
-    ``z = (x - mu)/sigma`` is its standardised value (before the clip).
+    values are representable, ``log P = logaddexp(log Phi(l), log u + log Z)`` (computed as
+    ``m + log(e^(log Phi(l) - m) + u e^(log Z - m))``, ``m`` the larger of the two per structure),
+    and ``z = Phi^-1(P)`` (:func:`_fast_ndtri`); where ``P`` underflows (< e^-80) Newton steps on
+    ``log_ndtr`` replace it.  Differentiable in ``mu`` and ``sigma``; ``x`` is clipped to [a, b]
+    and ``z = (x - mu)/sigma`` is its standardised value (before the clip).
     """
     alpha = (a - mu) / sigma
     beta = (b - mu) / sigma
     flip = alpha > 0
-    l = torch.where(flip, -beta, alpha)
-    h = torch.where(flip, -alpha, beta)
+    any_flip = bool(flip.any())
+    l = torch.where(flip, -beta, alpha) if any_flip else alpha
+    h = torch.where(flip, -alpha, beta) if any_flip else beta
     log_pl = log_ndtr(l)
     log_ph = log_ndtr(h)
     log_z = log_ph + _log1mexp((log_pl - log_ph).clamp_max(0))
     one_minus = 1.0 - torch.finfo(u.dtype).eps
+    tiny = torch.finfo(u.dtype).tiny
     if bool((log_z > -80.0).all()):
         # fast path, every interval has representable mass: P = Phi(l) + u Z
         p = torch.addcmul(torch.exp(log_pl), u, torch.exp(log_z))
-        z = ndtri(p.clamp(torch.finfo(u.dtype).tiny, one_minus))
+        z = _fast_ndtri(p.clamp(tiny, one_minus))
     else:
-        tiny = torch.finfo(u.dtype).tiny
-        logp = torch.logaddexp(log_pl, torch.log(u.clamp_min(tiny)) + log_z)
+        m = torch.maximum(log_pl, log_z)  # per structure: logaddexp without its per-draw exp and log1p
+        logp = torch.log(torch.addcmul(torch.exp(log_pl - m), u.clamp_min(tiny), torch.exp(log_z - m))) + m
         logp = torch.minimum(logp, log_ph)
-        z = ndtri(torch.exp(logp.clamp_min(-80.0)).clamp_max(one_minus))
+        z = _fast_ndtri(torch.exp(logp.clamp_min(-80.0)).clamp_max(one_minus))
         deep = logp < -80.0
         lp = logp[deep]  # Newton only on the draws that need it (log_ndtr and erfcx are costly)
         t = -2 * lp
@@ -410,8 +435,9 @@ def _sample_standardised(mu, sigma, u, a: float, b: float) -> tuple[torch.Tensor
             # Newton on log Phi(z) = lp; Phi(z)/phi(z) = R(-z), the Mills ratio
             zn = zn - (log_ndtr(zn) - lp) * torch.exp(_log_mills(-zn))
         z = z.masked_scatter(deep, zn)
-    z = torch.minimum(torch.maximum(z, l), h)
-    z = torch.where(flip, -z, z)
+    z = torch.clamp(z, l, h)
+    if any_flip:
+        z = torch.where(flip, -z, z)
     return torch.addcmul(mu, sigma, z).clamp(a, b), z
 
 
@@ -421,6 +447,9 @@ def _structure_extremes(z: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tens
     dims = [i for i in range(z.ndim) if i < lead or (like.shape[i - lead] == 1 and z.shape[i] != 1)]
     if not dims:
         return z, z
+    if len(dims) == 1:
+        lo, hi = torch.aminmax(z, dim=dims[0], keepdim=True)
+        return lo.reshape(like.shape), hi.reshape(like.shape)
     return z.amin(dims, keepdim=True).reshape(like.shape), z.amax(dims, keepdim=True).reshape(like.shape)
 
 
@@ -436,13 +465,20 @@ def _implicit_coefficients(mu, sigma, x, z, u, a: float, b: float, z2max):
     if not (need_a or need_b):  # every draw lies > sqrt(160) sd inside both bounds (none clipped)
         return None, z
     flip = alpha > 0  # the draw was mirrored: F = 1 - u
+    if bool(flip.any()):
+        one_minus_f, f = (lambda: torch.where(flip, u, 1.0 - u)), (lambda: torch.where(flip, 1.0 - u, u))
+    else:  # no structure mirrored (the usual case): F = u
+        one_minus_f, f = (lambda: 1.0 - u), (lambda: u)
     half_z = z * 0.5
     dmu = dsigma = None
-    for need, t, factor in ((need_a, alpha, lambda: torch.where(flip, u, 1.0 - u)), (need_b, beta, lambda: torch.where(flip, 1.0 - u, u))):
+    for need, t, factor in ((need_a, alpha, one_minus_f), (need_b, beta, f)):
         if need:  # w = phi(t)/phi(z) * factor (1 - F for a, F for b); exponent (z - t)(z + t)/2
             w = (z - t).mul_(half_z + t * 0.5).clamp_(-80.0, 80.0).exp_().mul_(factor())
             dmu = (1.0 - w) if dmu is None else dmu.sub_(w)
             dsigma = torch.addcmul(z if dsigma is None else dsigma, t, w, value=-1.0)
+    lo, hi = torch.aminmax(x)
+    if bool(lo > a) and bool(hi < b):  # no draw clipped (one reduction instead of the masks below)
+        return dmu, dsigma
     inside = (x > a) & (x < b)  # zero where the draw was clipped
     zero = torch.zeros((), dtype=dmu.dtype, device=dmu.device)
     return torch.where(inside, dmu, zero), torch.where(inside, dsigma, zero)
