@@ -427,3 +427,43 @@ def test_draw_coefficients_equal_autograd_without_mirroring_and_zero_where_clipp
         if clipped:
             assert dmu[0, 0] == 0 and dsigma[0, 0] == 0
         torch.testing.assert_close(theta, torch.exp(x))
+
+
+@pytest.mark.parametrize("weighting", ["mean", "elbo", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_one_node_kl_equals_the_per_structure_kl_with_autograd(weighting, dtype):
+    """kl(model) as one node (noise._LayersKL, analytic backward) against autograd through
+    kl_divergence of each layer's posterior and prior (inside, near b, above b: the entropy's tail
+    path, tiny sigma, log_sigma below and above its clamp), values and gradients of mu and log_sigma."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)).to(dtype)
+    add_noise(net, torch.randn(2, 3, dtype=dtype))
+    layers = noise_layers(net)
+    values = [([-1.0, -0.05, 0.6, -19.8, -3.0], [-1.0, -0.5, -1.2, -1.5, -21.0]), ([1.0, -8.0, -2.0, -0.3], [-4.0, 6.0, -9.0, -2.0])]
+    with torch.no_grad():
+        for m, (mu, ls) in zip(layers, values):
+            m.mu.copy_(torch.tensor(mu))
+            m.log_sigma.copy_(torch.tensor(ls))
+    layers[1].initial_structures = 6  # "mean" divides by the structures when the noise was added
+    got = kl(net, weighting, num_train=7)
+    g_got = torch.autograd.grad(got, [p for m in layers for p in (m.mu, m.log_sigma)])
+    assert type(got.grad_fn).__name__ == "_LayersKLBackward"
+    per_layer = [kl_divergence_of(m) for m in layers]
+    if weighting == "mean":
+        want = sum(k.sum() / m.initial_structures for k, m in zip(per_layer, layers)) / len(layers)
+    else:
+        want = sum(k.sum() for k in per_layer) / (7 if weighting == "elbo" else 1)
+    g_want = torch.autograd.grad(want, [p for m in layers for p in (m.mu, m.log_sigma)])
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == F64 else dict(rtol=1e-5, atol=1e-6)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want.to(dtype), **tol)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, **tol)
+    assert g_got[1][4] == 0 and g_got[3][1] == 0  # log_sigma outside its clamp: no gradient
+
+
+def kl_divergence_of(m):
+    """KL(q || p) per structure through torch.distributions (autograd through sigma's clamp)."""
+    from torch.distributions import kl_divergence
+
+    return kl_divergence(TruncatedLogNormal(m.mu.double(), m.sigma.double(), m.a, m.b), LogUniform(m.a, m.b))
