@@ -323,10 +323,10 @@ class _Draws:
         layers, first = self.layers, self.layers[0]
         grad = torch.is_grad_enabled()
         with torch.no_grad():
-            mu = torch.cat([m.mu for m in layers])
-            log_sigma = torch.cat([m.log_sigma for m in layers])
+            both = torch.cat([m.mu for m in layers] + [m.log_sigma for m in layers])  # one cat, one check
+            mu, log_sigma = both.split(both.numel() // 2)
             if not (first.training and device.type == "cuda"):  # as MultiplicativeNoise.forward
-                if not bool(torch.isfinite(mu.sum() + log_sigma.sum())):
+                if not math.isfinite(float(both.sum())):
                     for m in layers:
                         m.check_finite()  # names the layer
             dtype = _draw_dtype(mu.dtype)
@@ -345,8 +345,9 @@ def _sigma_and_slope(log_sigma: torch.Tensor, bounds: tuple, dtype) -> tuple[tor
     """``sigma = exp(clamp(log_sigma, *bounds))`` and ``dsigma/dlog_sigma`` (sigma inside the
     clamp's closed interval, 0 outside, as autograd's clamp), in ``dtype``; no autograd."""
     ls = log_sigma.detach().to(dtype)
-    sigma = ls.clamp(*bounds).exp()
-    return sigma, sigma * ((ls >= bounds[0]) & (ls <= bounds[1])).to(dtype)
+    clamped = ls.clamp(*bounds)
+    sigma = clamped.exp()
+    return sigma, torch.where(clamped == ls, sigma, 0.0)  # clamped == ls: inside (NaN: outside)
 
 
 class _NoisyProduct(torch.autograd.Function):
