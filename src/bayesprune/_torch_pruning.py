@@ -21,6 +21,7 @@ graph's own ``REGISTERED_PRUNERS`` table and its ``_in_channel_pruning_fn`` /
 from __future__ import annotations
 
 import re
+import threading
 from importlib import metadata
 
 __all__ = [
@@ -242,9 +243,52 @@ class GroupedConvPruner(_ConvPruner):
 CONV_PRUNER = GroupedConvPruner()
 
 
+class GroupDoesNotSettle(RuntimeError):
+    """Torch-Pruning's dependency propagation from a layer kept adding coupled items past
+    :data:`GROUP_ITEMS_PER_NODE` per graph node (index mappings that never repeat, e.g. rotary
+    embeddings' half rotations fed back into a concatenation)."""
+
+
+#: coupled items a pruning group may hold per graph node before the propagation is stopped
+GROUP_ITEMS_PER_NODE = 8
+_GROUP_LIMIT = threading.local()
+try:
+    _Group = _tp.dependency.group.Group
+except AttributeError:  # pragma: no cover - 1.5.x keeps it in dependency
+    _Group = _tp.dependency.Group
+_add_dep = _Group.add_dep
+
+
+def _bounded_add_dep(self, dep, idxs):
+    limit = getattr(_GROUP_LIMIT, "items", None)
+    if limit is not None and len(self._group) >= limit:
+        raise GroupDoesNotSettle(f"Torch-Pruning's dependency propagation from {_GROUP_LIMIT.root} did not settle "
+                                 f"after {limit} coupled items ({GROUP_ITEMS_PER_NODE} per graph node)")
+    return _add_dep(self, dep, idxs)
+
+
+_Group.add_dep = _bounded_add_dep  # bounded only inside a graph made by new_graph (else limit None)
+
+
+def _bounded_groups(graph) -> None:
+    get = graph.get_pruning_group
+
+    def get_pruning_group(module, pruning_fn, idxs):
+        _GROUP_LIMIT.items, _GROUP_LIMIT.root = (GROUP_ITEMS_PER_NODE * max(1, len(graph.module2node)),
+                                                     getattr(graph, '_module2name', {}).get(module, type(module).__name__))
+        try:
+            return get(module, pruning_fn, idxs)
+        finally:
+            _GROUP_LIMIT.items = None
+
+    graph.get_pruning_group = get_pruning_group
+
+
 def new_graph():
-    """A ``DependencyGraph`` whose convolutions (not depthwise) are pruned by :data:`CONV_PRUNER`."""
+    """A ``DependencyGraph`` whose convolutions (not depthwise) are pruned by :data:`CONV_PRUNER`,
+    and whose pruning groups raise :class:`GroupDoesNotSettle` past a size bound."""
     graph = DependencyGraph()
+    _bounded_groups(graph)
     registered = getattr(graph, "REGISTERED_PRUNERS", None)
     if not isinstance(registered, dict) or OPTYPE.CONV not in registered:  # pragma: no cover
         raise _missing("DependencyGraph.REGISTERED_PRUNERS (per-graph pruner table)")

@@ -792,6 +792,40 @@ def _inexact_folds(model, example_inputs) -> dict[str, str]:
     return found
 
 
+def _reach_batchnorm(model, entries, example_inputs) -> dict[str, str]:
+    """The masked layers whose output reaches a BatchNorm other than their own (in their noise
+    chain) before any Linear/Conv layer, with the reason: a removed (zero) channel is the constant
+    ``bias - mean * weight / sqrt(var + eps)`` after that BatchNorm, not zero, and what the
+    layers after it take of that constant goes with the channel (a DenseNet's concatenated
+    features, a transition's pooled output).  Their removal is inexact with the random BatchNorm
+    statistics shrink checks with, so shrink keeps them without trying them one by one."""
+    try:
+        graph = _build_graph(model, example_inputs)
+    except Exception:  # only a shortcut: the search then finds them (and reports the error)
+        return {}
+    found = {}
+    for e in entries:
+        if not bool((e["mask"] == 0).any()):
+            continue
+        chain = {id(model.get_submodule(n)) for n in e["chain"]}
+        start = graph.module2node.get(model.get_submodule(e["layer"]))
+        stack, seen = list(start.outputs) if start is not None else [], set()
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            mod = node.module
+            if isinstance(mod, _BN_TYPES) and id(mod) not in chain:
+                bn = next((n for n, x in model.named_modules() if x is mod), type(mod).__name__)
+                found[e["layer"]] = (f"its masked structures reach BatchNorm {bn} before any Linear/Conv layer: a removed "
+                                     "channel is that BatchNorm's constant there, not zero")
+                break
+            if not is_prunable(mod) or id(mod) in chain:
+                stack.extend(node.outputs)
+    return found
+
+
 def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, assume_safe=frozenset()):
     example_inputs = _example(model, example_inputs)
     if _heads.head_noise_layers(model):  # attention heads are removed first (heads.py), the rest below
@@ -855,8 +889,14 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
                 f"shrink refuses the network: folding E[theta] * mask of {', '.join(bad) or 'no layer alone (only several together)'} "
                 f"into the weights is inexact before any removal ({first}):{lines}"
             )
+    predicted = {}
+    if why is not None and values and verify:  # layers known inexact, kept without searching for them
+        predicted = _reach_batchnorm(m, entries, example_inputs)
+        if predicted:
+            out, steps, why = attempt(set(names) - set(predicted))
+            refused.update(predicted)
     if why is not None:  # find the layers whose removal breaks the network and keep theirs
-        masked = [e["layer"] for e in entries if bool((e["mask"] == 0).any())]
+        masked = [e["layer"] for e in entries if bool((e["mask"] == 0).any()) and e["layer"] not in predicted]
 
         def single(n):
             w = attempt({n})[2]
@@ -889,10 +929,11 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
         else:  # the first attempt tried the one masked layer alone
             bad = set(suspects)
             refused.update({n: why for n in suspects})
-        safe = {n for n in names if n not in bad}
+        safe = {n for n in names if n not in bad and n not in predicted}
         out, steps, why = attempt(safe)
         if why is not None:  # layers inexact only together: one at a time, as before
             refused.clear()
+            masked = [e["layer"] for e in entries if bool((e["mask"] == 0).any())]
             safe = {n for n in names if n not in masked or n in assume_safe or single(n)}
             out, steps, why = attempt(safe)
         if why is not None and assume_safe:  # the analysis was wrong: check every layer
