@@ -546,27 +546,6 @@ def draw_theta_parts(mu, sigma, mask, u, a: float = DEFAULT_A, b: float = DEFAUL
     return theta, dmu, dsigma
 
 
-class _GradientSlot:
-    """Stands in for an autograd context so that :class:`_LogSpaceEntropy`'s forward hands back
-    its gradient (the tensors it would save) to a caller with its own backward."""
-
-    def __init__(self, need: bool):
-        self.needs_input_grad = (need, need, False, False)
-        self.saved_tensors = ()
-
-    def save_for_backward(self, *tensors):
-        self.saved_tensors = tensors
-
-
-def entropy_and_gradient(mu, sigma, a: float, b: float, grad: bool = True):
-    """``(H, dH/dmu, dH/dsigma)`` of :class:`_LogSpaceEntropy` without autograd (the gradients
-    None with ``grad=False``): for callers that fold the entropy into a larger analytic node."""
-    slot = _GradientSlot(grad)
-    h = _LogSpaceEntropy.forward(slot, mu, sigma, float(a), float(b))
-    d_mu, d_sigma = slot.saved_tensors if grad else (None, None)
-    return h, d_mu, d_sigma
-
-
 def kl_log_uniform(mu: torch.Tensor, sigma: torch.Tensor, a: float, b: float) -> torch.Tensor:
     """KL(q || p) = log(b - a) - H[q(x)] of TruncatedLogNormal(mu, sigma, a, b) against
     LogUniform(a, b), in float64 with the analytic gradient (docs/maths.md section 1), without

@@ -41,8 +41,7 @@ from torch.distributions import kl_divergence
 
 from .selection import PRUNABLE_TYPES, num_structures as _num_structures, select_noise_layers
 from .selection import trace as _trace_model
-from .distributions import (DEFAULT_A, DEFAULT_B, LogUniform, TruncatedLogNormal, draw_theta_parts, entropy_and_gradient,
-                            kl_log_uniform)
+from .distributions import DEFAULT_A, DEFAULT_B, LogUniform, TruncatedLogNormal, draw_theta_parts, kl_log_uniform
 
 __all__ = [
     "MultiplicativeNoise",
@@ -768,66 +767,11 @@ def kl(model: nn.Module, weighting: str = "mean", num_train: int | None = None) 
         raise ValueError(f"unknown KL weighting {weighting!r}; valid: {', '.join(KL_WEIGHTINGS)}")
     if weighting == "elbo" and (not num_train or num_train < 1):
         raise ValueError("weighting='elbo' needs num_train, the number of training examples")
-    fused = _fused_kl(layers, weighting, num_train)
-    if fused is not None:
-        return fused
     kl_all = _kl_per_structure(layers)
     if weighting == "mean":  # sum over layers of each layer's mean, / number of layers
         return torch.dot(kl_all, _mean_weights(tuple((m.num_structures, m.initial_structures) for m in layers), kl_all.device, kl_all.dtype))
     total = kl_all.sum()
     return total / num_train if weighting == "elbo" else total
-
-
-def _fused_kl(layers: list[MultiplicativeNoise], weighting: str, num_train) -> torch.Tensor | None:
-    """:func:`kl` as one autograd node (:class:`_LayersKL`) where every layer shares its bounds,
-    clamp and dtype, or None (then the per-structure path runs)."""
-    first = layers[0]
-    if any((m.a, m.b, m.log_sigma_bounds, m.mu.dtype, m.log_sigma.dtype, m.mu.device) !=
-           (first.a, first.b, first.log_sigma_bounds, first.mu.dtype, first.mu.dtype, first.mu.device) for m in layers):
-        return None
-    weights = None
-    if weighting == "mean":
-        weights = _mean_weights(tuple((m.num_structures, m.initial_structures) for m in layers), first.mu.device, torch.float64)
-    scale = 1.0 / num_train if weighting == "elbo" else 1.0
-    sizes = tuple(m.num_structures for m in layers)
-    return _LayersKL.apply(weights, scale, (first.a, first.b, first.log_sigma_bounds), sizes,
-                           *[m.mu for m in layers], *[m.log_sigma for m in layers])
-
-
-class _LayersKL(torch.autograd.Function):
-    """``scale * sum_i w_i KL_i`` over the structures of all layers (``w`` = 1 where None), KL_i =
-    log(b - a) - H(mu_i, sigma_i), sigma = exp(clamp(log_sigma)), in float64 (docs/maths.md
-    section 1), in one node.  Backward: ``dL/dmu_i = -g scale w_i dH/dmu_i``, ``dL/dlog_sigma_i =
-    -g scale w_i dH/dsigma_i sigma_i`` inside the clamp's closed interval (0 outside, as autograd's
-    clamp), with the analytic entropy gradient of ``_LogSpaceEntropy``; split back per layer."""
-
-    @staticmethod
-    def forward(ctx, weights, scale, bounds, sizes, *params):
-        a, b, (lo, hi) = bounds
-        half = len(params) // 2
-        mu = torch.cat(params[:half]).double()
-        ls = torch.cat(params[half:]).double()
-        sigma = ls.clamp(lo, hi).exp()
-        need = any(ctx.needs_input_grad[4:])
-        h, d_mu, d_sigma = entropy_and_gradient(mu, sigma, a, b, need)
-        kl_all = math.log(b - a) - h
-        total = (kl_all.sum() if weights is None else torch.dot(kl_all, weights)) * scale
-        if need:
-            factor = -scale if weights is None else weights * -scale  # dKL/dH = -1
-            ctx.save_for_backward(d_mu.mul_(factor), d_sigma.mul_(sigma).mul_(factor) * ((ls >= lo) & (ls <= hi)))
-            ctx.sizes, ctx.dtype = sizes, params[0].dtype
-        return total.to(params[0].dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        g_mu, g_ls = ctx.saved_tensors
-        g = grad.double()
-        need = ctx.needs_input_grad[4:]
-        half = len(need) // 2
-        mus = (g_mu * g).to(ctx.dtype).split(ctx.sizes) if any(need[:half]) else (None,) * half
-        lss = (g_ls * g).to(ctx.dtype).split(ctx.sizes) if any(need[half:]) else (None,) * half
-        return (None, None, None, None, *[m if n else None for m, n in zip(mus, need[:half])],
-                *[s if n else None for s, n in zip(lss, need[half:])])
 
 
 def _kl_per_structure(layers: list[MultiplicativeNoise]) -> torch.Tensor:
