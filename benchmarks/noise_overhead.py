@@ -17,7 +17,7 @@ before and after each network.
 
     python benchmarks/noise_overhead.py [--nets lenet5,resnet18,resnet50] [--variants ...]
         [--modes eager,channels_last,compile] [--steps 30] [--big-steps 3] [--threads 2]
-        [--profile] [--dtypes] [--adam default|foreach|fused] [--data DIR]
+        [--profile] [--dtypes] [--count-ops] [--adam default|foreach|fused] [--data DIR]
 
 ``--modes``: how both the plain and the noisy networks run, each mode with its own plain
 network, all measured in the same interleaved loop (the order rotated every round): ``eager``,
@@ -32,7 +32,9 @@ BatchNorm-and-noise node) and ``channel-products`` (without it nor the one-pass 
 (on CPU a loop over the parameters, ~10 ops each), ``foreach`` or ``fused``.
 ``--profile`` adds, per network, the torch.profiler per-op self CPU time of the default noisy
 step beside the plain step (the ops the noise adds calls to); ``--dtypes`` lists the ops of one
-noisy step that compute in float64, with their largest output.  Targets (issue "speed"):
+noisy step that compute in float64, with their largest output; ``--count-ops`` the number of
+ATen operations one eager step of each variant dispatches (the noise's cost on LeNet5 is mostly
+their count, not their size).  Targets (issue "speed"):
 ratio <= 1.15 on LeNet5, <= 1.05 on ResNet-18 and ResNet-50.
 """
 
@@ -259,6 +261,26 @@ def float64_ops(runs: dict, xs, variant: str) -> list[tuple[str, int, int]]:
     return sorted(((k, n, e) for k, (n, e) in found.items()), key=lambda r: -r[2])
 
 
+def count_ops(runs: dict, xs, variants) -> dict[str, int]:
+    """ATen operations dispatched in one eager step of each variant (views and detaches included)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    out = {}
+    for v in variants:
+        model, opt, module = runs[("eager", v)]
+        with Count() as c:
+            step(model, opt, *xs[0], v, module)
+        out[v] = c.n
+    return out
+
+
 def profile(net: str, runs: dict, xs, variant: str, steps: int, rows: int = 14) -> None:
     """Per-op self CPU ms per step, plain against ``variant`` (steps interleaved): first the ops
     the noise adds (more calls in the noisy step), largest extra time first; then the summed
@@ -303,6 +325,7 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", default="eager", help="comma-separated: " + ", ".join(MODES))
     ap.add_argument("--profile", action="store_true", help="per-op profile of the default variant against plain")
     ap.add_argument("--dtypes", action="store_true", help="list the float64 ops of one default noisy step")
+    ap.add_argument("--count-ops", action="store_true", help="ATen operations per step of each eager variant")
     ap.add_argument("--adam", default="default", choices=list(ADAM),
                     help="Adam implementation, the same for every variant (default: torch's CPU default)")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="MNIST directory for LeNet5 ('' for random data)")
@@ -331,13 +354,16 @@ def main(argv=None) -> None:
             chosen = [v for v in variants if v != "element"]
             print("resnet50: 'element' not run by default (one draw per activation element keeps ~10 GB of "
                   "draws and takes minutes per step on 2 cores); --variants element runs it")
-        want = list(dict.fromkeys(modes + (["eager"] if args.profile or args.dtypes else [])))
+        want = list(dict.fromkeys(modes + (["eager"] if args.profile or args.dtypes or args.count_ops else [])))
         result, runs, xs = measure(net, chosen, steps, block, warmup, args.data if small else None, want, args.adam)
         report(net, result, steps, block, warmup)
         default = ("eager", bayesprune.DEFAULT_SHARING)
         if args.dtypes and default in runs:
             ops = float64_ops(runs, xs, default[1])
             print(f"float64 ops in one {default[1]} step: " + (", ".join(f"{k} x{n} (<= {e} elements)" for k, n, e in ops) or "none"))
+        if args.count_ops:
+            counts = count_ops(runs, xs, chosen)
+            print("ATen ops per step: " + ", ".join(f"{_label(v)} {n} ({n - counts['plain']:+d})" for v, n in counts.items()))
         if args.profile and default in runs:
             profile(net, runs, xs, default[1], steps=10 if small else 2)
         del runs

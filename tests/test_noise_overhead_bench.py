@@ -171,3 +171,11 @@ def test_ablation_variants_compute_the_default_s_gradients(bench):
     for variant in ("channel-nobn", "channel-products"):
         for k, g in grads["channel"].items():
             torch.testing.assert_close(grads[variant][k], g, rtol=2e-3, atol=2e-5, msg=f"{variant} {k}")
+
+
+def test_count_ops_counts_more_operations_for_the_noisy_step(bench):
+    """--count-ops: the noisy step dispatches the plain step's operations and the noise's on top."""
+    x, y = torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,))
+    runs = {("eager", v): bench.make("lenet5", v, x[:2]) for v in ("plain", "channel")}
+    counts = bench.count_ops(runs, [(x, y)], ["plain", "channel"])
+    assert counts["plain"] > 50 and counts["channel"] > counts["plain"] + 50
