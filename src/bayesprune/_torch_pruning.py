@@ -24,6 +24,8 @@ import re
 import threading
 from importlib import metadata
 
+import torch
+
 __all__ = [
     "MIN_VERSION",
     "VERSION",
@@ -268,6 +270,36 @@ def _bounded_add_dep(self, dep, idxs):
 
 
 _Group.add_dep = _bounded_add_dep  # bounded only inside a graph made by new_graph (else limit None)
+
+
+def _shape_key(graph) -> tuple:
+    """The shapes of every graph module's own parameters and buffers (what a removal changes)."""
+    key = []
+    for m in graph.module2node:
+        if isinstance(m, torch.Tensor):
+            key.append(tuple(m.shape))
+        else:
+            key.append(tuple(tuple(t.shape) for t in list(m._parameters.values()) + list(m._buffers.values())
+                             if t is not None))
+    return tuple(key)
+
+
+_index_mapping = getattr(getattr(_tp, "dependency", None), "index_mapping", None)
+if _index_mapping is not None and callable(getattr(_index_mapping, "update_index_mapping", None)):
+    _update_index_mapping = _index_mapping.update_index_mapping
+
+    def _update_index_mapping_once(graph):
+        """Torch-Pruning recomputes every concat/split/reshape/slice index mapping (recursive shape
+        inference) at each ``get_pruning_group``; inside one, that is skipped when no module's
+        shape changed since the last such update (a Swin-T spent most of its shrink there)."""
+        if not getattr(_GROUP_LIMIT, "items", None):  # building the graph: always
+            return _update_index_mapping(graph)
+        key = _shape_key(graph)
+        if getattr(graph, "_bayesprune_mapping_key", None) != key:
+            _update_index_mapping(graph)
+            graph._bayesprune_mapping_key = key
+
+    _index_mapping.update_index_mapping = _update_index_mapping_once
 
 
 def _bounded_groups(graph) -> None:
