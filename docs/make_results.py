@@ -171,7 +171,7 @@ def _dense_finetune_section() -> list[str]:
         macs = mean_std(r["size_speed"]["macs"]["ratio"] for r in rs)
         before = mean_std(100 * r["pruned"]["test_acc"] for r in rs)
         after = mean_std(100 * r["test_acc"] for r in rs)
-        lines.append(f"| {m} / {d} | {label} | {e} + {f} + {ft} | {after[2]} | {comp[0]:.2f} ± {comp[1]:.2f} | "
+        lines.append(f"| {m} / {_jpeg(d)} | {label} | {e} + {f} + {ft} | {after[2]} | {comp[0]:.2f} ± {comp[1]:.2f} | "
                      f"{macs[0]:.2f}x ± {macs[1]:.2f} | {before[0]:.2f} ± {before[1]:.2f} | {after[0]:.2f} ± {after[1]:.2f} | "
                      f"{sum(r['wall_time_s'] for r in rs) / 60:.1f} | {sum(r['total_wall_time_s'] for r in rs) / 60:.1f} |")
     per_seed = ["| model / data | rule + dense fine-tune | seed | parameters kept | layers kept | test acc % pruned -> fine-tuned | best fine-tune epoch |",
@@ -179,7 +179,7 @@ def _dense_finetune_section() -> list[str]:
     for r in sorted(runs, key=lambda r: (r["config"]["model"], r["config"]["dataset"], method_label(r["config"]), r["config"]["seed"])):
         c = r["config"]
         kept = ", ".join(f"{layer['kept']}/{layer['total']}" for layer in r.get("layers") or [])
-        per_seed.append(f"| {c['model']} / {c['dataset']} | {method_label(c)} | {c['seed']} | {r['params_kept']:,} of "
+        per_seed.append(f"| {c['model']} / {_jpeg(c['dataset'])} | {method_label(c)} | {c['seed']} | {r['params_kept']:,} of "
                         f"{r['params_dense']:,} | {kept} | {100 * r['pruned']['test_acc']:.2f} -> {100 * r['test_acc']:.2f} | "
                         f"{r['best_epoch']} of {c['dense_finetune_epochs']} |")
     goal = []
@@ -217,6 +217,11 @@ def _dense_finetune_section() -> list[str]:
             f"and None {paper['None']}; {SBP_LENET5}.\n",
             "Per seed:\n", "\n".join(per_seed), "",
             *_frontier_lines()]
+
+
+def _jpeg(dataset: str) -> str:
+    """The data set's name, with CIFAR-10 marked as the lossy JPEG copy the runs used."""
+    return "cifar10 (JPEG copy)" if dataset == "cifar10" else dataset
 
 
 def _missing_cells(groups) -> list[str]:
