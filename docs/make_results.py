@@ -114,7 +114,7 @@ NOTES = "RESULTS-notes.md"
 DENSE_FT = ("paper/dense-finetune",
             "nice -n 10 bayesprune run --model {model} --dataset {dataset} --data-dir ../shared/datasets --seeds {seeds} --out-dir runs/dft"
             "{options}",
-            "2026-12-02 on the 2-core CPU shared with other work (load average 8-16 for the LeNet5 runs, 3-6 for the MLP runs)")
+            "2026-12-02 on the 2-core CPU shared with other work (load average 8-16 for the LeNet5/MNIST seed-0 runs, 2-6 for the others)")
 # plain LeNet5-shaped networks of the goal's size trained from scratch (scripts/lenet5_frontier.py)
 FRONTIER = ("paper/dense-finetune/frontier.jsonl",
             "OMP_NUM_THREADS=1 nice -n 5 python scripts/lenet5_frontier.py --shapes {shapes} --epochs {epochs} "
