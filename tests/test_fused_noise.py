@@ -170,14 +170,7 @@ def test_one_backward_node_per_noise_layer_and_nothing_else_from_the_draw():
     the draw's multiply, split, cat, clamp or exp."""
     model, x = _net("channel")
     out = model(x)
-    seen, stack, names = set(), [out.grad_fn], []
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.append(fn.name())
-        stack.extend(f for f, _ in fn.next_functions)
+    names = _graph_names(out)
     assert names.count("_NoisyProductBackward") == len(noise_layers(model)) == 2
     assert not any(k in name for name in names for k in ("Split", "Cat", "Clamp", "Exp", "ThetaDraw"))
     assert math.isfinite(float(out.detach().sum()))
