@@ -382,6 +382,19 @@ def test_missing_label_file(tmp_path):
     assert "--data-dir" in str(e.value)
 
 
+def test_mnist_image_size_28_is_the_images_as_they_are(tmp_path):
+    """image_size=28 gives the IDX pixels themselves ((p - 127) / 255), not 28 -> 32 -> 28."""
+    write_fake_idx(tmp_path, n_train=10, n_test=3)
+    native = load_dataset("mnist", tmp_path, image_size=28, val_fraction=0.2)
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz") as f:
+        raw = np.frombuffer(f.read()[16:], dtype=np.uint8).reshape(3, 28, 28)
+    expected = (torch.from_numpy(raw.copy()).float() - 127) / 255
+    assert native.image_size == 28 and native.test.images.shape == (3, 1, 28, 28)
+    assert torch.equal(native.test.images[:, 0], expected)
+    resized = load_dataset("mnist", tmp_path, image_size=30)  # any other size: resized from the 32x32
+    assert resized.test.images.shape == (3, 1, 30, 30)
+
+
 def test_truncated_gzip(tmp_path):
     write_fake_idx(tmp_path)
     p = tmp_path / "train-images-idx3-ubyte.gz"

@@ -162,3 +162,17 @@ def test_cli_run_reports_the_dense_finetune(tmp_path, capsys):
     assert f"{100 * summary['test_acc']:.2f}" in out
     assert "dense fine-tune 1 epochs (cross-entropy only, no noise)" in out
     assert f"MACs {summary['size_speed']['macs']['ratio']:.2f}x fewer" in out
+
+
+def test_cli_run_with_an_image_size_fine_tunes_on_the_same_images(tmp_path, capsys):
+    """``--image-size`` reaches the pruning run and its dense fine-tune alike (the fine-tune once
+    reloaded the data at the data set's own size and could not load the run's checkpoint)."""
+    args = ["run", "--model", "mlp", "--width", "12", "--extra-layers", "0", "--epochs", "1", "--finetune-epochs", "0",
+            "--batch-size", "64", "--method", "snr", "--compression", "0.5", "--dense-finetune-epochs", "1",
+            "--image-size", "6", "--out-dir", str(tmp_path), "--quiet"]
+    assert cli.main(args) == 0
+    config = json.loads(next(tmp_path.rglob("seed0/config.json")).read_text())
+    assert config["image_size"] == 6
+    summary = json.loads(next(tmp_path.rglob("dense-ft1/summary.json")).read_text())
+    assert summary["params_dense"] == 6 * 6 * 12 + 12 + 12 * 10 + 10  # the MLP on 6x6 images, not 8x8
+    assert summary["params_kept"] < summary["params_dense"]

@@ -8,6 +8,7 @@ from bayesprune.experiments.models import (
     MLP,
     MODELS,
     LeNet5,
+    LeNet5Caffe,
     build_model,
     cifar_resnet18,
     torchvision_model,
@@ -48,6 +49,20 @@ def test_lenet5_scales_with_channels_and_small_images():
     m8 = LeNet5(in_channels=1, num_classes=10, image_size=8)
     assert m8.padding == 2 and m8.feature_size == 2
     assert [l.in_features for l in m8 if isinstance(l, nn.Linear)][0] == 16 * 2 * 2
+
+
+def test_lenet5_caffe_is_sbps_20_50_800_500_network():
+    # SBP's "LeNet5 20-50-800-500" on 28x28 MNIST: conv1 1*20*25 + 20; conv2 20*50*25 + 50;
+    # fc1 800*500 + 500; fc2 500*10 + 10
+    expected = (500 + 20) + (25000 + 50) + (800 * 500 + 500) + (500 * 10 + 10)
+    assert expected == 431080
+    model = build_model("lenet5-caffe", in_channels=1, image_size=28, num_classes=10)
+    assert isinstance(model, LeNet5Caffe) and n_params(model) == expected
+    assert [l.in_features for l in model if isinstance(l, nn.Linear)] == [800, 500]
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert LeNet5Caffe(image_size=32).feature_size == 5  # the BMRS protocol's 32x32 images
+    with pytest.raises(ValueError, match="image_size=12 is too small for LeNet5Caffe"):
+        LeNet5Caffe(image_size=12)
 
 
 def test_mlp_depth_width_and_activation_instances():

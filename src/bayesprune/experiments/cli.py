@@ -108,6 +108,7 @@ def _config_overrides(args: argparse.Namespace) -> dict:
         shrink=True if getattr(args, "shrink", False) else None,
         device=args.device,
         val_fraction=args.val_fraction,
+        image_size=getattr(args, "image_size", None),
         dense_finetune_epochs=getattr(args, "dense_finetune_epochs", None),
         dense_finetune_lr=getattr(args, "dense_finetune_lr", None),
         dense_finetune_schedule=getattr(args, "dense_finetune_schedule", None),
@@ -124,7 +125,7 @@ def _add_common(p: argparse.ArgumentParser, methods: bool = True) -> None:
 
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", choices=DATASETS, default=None, help="data set (default: digits, offline)")
-    g.add_argument("--model", default=None, help="mlp, lenet5, resnet18-cifar, fcn, cnn or tv:<torchvision name> (default: mlp, or lenet5 with a data set other than digits)")
+    g.add_argument("--model", default=None, help="mlp, lenet5, lenet5-caffe, resnet18-cifar, fcn, cnn, resnet50, vit-b16, vit-small or tv:<torchvision name> (default: mlp, or lenet5 with a data set other than digits)")
     g.add_argument("--data-dir", default=None, help="folder holding the data files (default: $BAYESPRUNE_DATA_DIR or ~/.cache/bayesprune/data)")
     g.add_argument("--download", action="store_true", help="download the data set first if its files are missing")
     g.add_argument("--out-dir", default="runs", help="root of the run directories (default: runs)")
@@ -146,6 +147,9 @@ def _add_common(p: argparse.ArgumentParser, methods: bool = True) -> None:
                    help=f"noise draws: per (example, channel), per element (the reference code's) or per channel (default: {DEFAULT_SHARING})")
     g.add_argument("--precision", type=_finite, default=None, help="BMRS_U precision p (default 8)")
     g.add_argument("--val-fraction", type=_finite, default=None, help="validation share of the training set (default 0.2)")
+    g.add_argument("--image-size", type=_positive_int, default=None,
+                   help="resize the images to this side; 28 keeps MNIST's and Fashion-MNIST's own images "
+                        "(lenet5-caffe's setting); unset, the data set's side (32, TinyImageNet 64)")
     if methods:
         default = BMRSNormal()
         g.add_argument("--threshold", type=_threshold, default=None,
@@ -601,10 +605,7 @@ def load_run_model(run_dir: str | Path, data_dir: str | None = None):
 
     import torch
 
-    from .data import load_dataset
-    from .training import RunConfig, RunDir, _build, _rebuild_shrunk
-
-    from .training import CheckpointError
+    from .training import CheckpointError, RunConfig, RunDir, _build, _rebuild_shrunk, load_splits
 
     rd = Path(run_dir)
     ckpts = ("checkpoint.pt", "checkpoint.prev.pt")
@@ -625,7 +626,7 @@ def load_run_model(run_dir: str | Path, data_dir: str | None = None):
     cfg.device = "cpu"
     if data_dir is not None:
         cfg.data_dir = data_dir
-    splits = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    splits = load_splits(cfg)
     torch.manual_seed(cfg.seed)
     model, example = _build(cfg, splits, torch.device("cpu"))
     state = run.load()

@@ -276,7 +276,8 @@ def load_dataset(
     others it defaults to :func:`default_data_dir`.  ``resize`` chooses how 28x28
     (Fashion-)MNIST becomes 32x32: ``"bilinear"`` (default, as the BMRS reference) or ``"pad"``
     (2 zero pixels each side, as the LeNet-5 papers).  ``image_size``: resize every image to
-    this side (bilinear, antialiased when shrinking; default: the data set's own, 32 or 64).
+    this side (bilinear, antialiased when shrinking; default: the data set's own, 32 or 64);
+    28 gives (Fashion-)MNIST's images as they are.
     ``train_subset`` / ``test_subset``: keep that many images of the official training / test
     set, a random choice fixed for all seeds (before the validation split).
     """
@@ -301,7 +302,8 @@ def load_dataset(
         folder = _find_idx_folder(key, root, download)
         xtr, ytr = _subset(*_read_idx_pair(key, folder, "train"), train_subset, "train_subset", key)
         xte, yte = _subset(*_read_idx_pair(key, folder, "test"), test_subset, "test_subset", key)
-        xtr, xte = _preprocess_mnist(xtr, resize), _preprocess_mnist(xte, resize)
+        native = image_size == 28  # the images as they are, not resized to 32 and back
+        xtr, xte = _preprocess_mnist(xtr, resize, native), _preprocess_mnist(xte, resize, native)
     else:
         if key == "cifar10":
             (xtr, ytr), (xte, yte) = _load_cifar10_uint8(root, download)
@@ -354,10 +356,12 @@ def _resized(splits: DatasetSplits, size: int | None) -> DatasetSplits:
 # preprocessing
 
 
-def _preprocess_mnist(x: torch.Tensor, resize: str) -> torch.Tensor:
-    """uint8 [N,28,28] -> float [N,1,32,32], values (pixel - 127) / 255."""
+def _preprocess_mnist(x: torch.Tensor, resize: str, native: bool = False) -> torch.Tensor:
+    """uint8 [N,28,28] -> float [N,1,32,32] (``native``: [N,1,28,28]), values (pixel - 127) / 255."""
     x = x.unsqueeze(1)
-    if resize == "pad":
+    if native:
+        out = x.float()
+    elif resize == "pad":
         out = F.pad(x.float(), (2, 2, 2, 2), value=0.0)
     else:
         out = torch.empty(x.shape[0], 1, 32, 32)

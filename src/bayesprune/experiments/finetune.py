@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 from ..noise import noise_layers
 from ..removal import count_parameters, shrink
 from . import rundir as files
-from .data import load_dataset, make_loader
+from .data import make_loader
 from .training import (CheckpointError, RunConfig, RunDir, TrainingDiverged, _build, _device, _rebuild_shrunk, _rng_state,
-                       _seed_all, _set_rng_state, _train_epoch, evaluate, run_continuous)
+                       _seed_all, _set_rng_state, _train_epoch, evaluate, load_splits, run_continuous)
 
 __all__ = ["DENSE_FIELDS", "SCHEDULES", "dense_dir_name", "dense_start", "pruning_config", "pruned_network", "run_dense_finetune",
            "schedule_factor"]
@@ -76,7 +76,7 @@ def pruned_network(cfg: RunConfig, device=None):
     """(noisy masked model of the finished pruning run's reported checkpoint, example input, splits,
     device), rebuilt from its run directory (``cfg``: the pruning run's configuration)."""
     device = _device(cfg.device) if device is None else device
-    splits = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    splits = load_splits(cfg)
     _seed_all(cfg.seed)
     model, example = _build(cfg, splits, device)
     rd = RunDir(cfg.out_dir)

@@ -9,6 +9,8 @@ Networks
 --------
 * :class:`MLP` -- ``Flatten, [Linear -> act] x (extra_layers + 1), Linear`` (BMRS paper, docs/maths.md section 4).
 * :class:`LeNet5` -- ``Conv(c,6c,5) ReLU Pool, Conv(6c,16c,5) ReLU Pool, FC 120c, FC 84c, FC k``.
+* :class:`LeNet5Caffe` -- ``Conv(c,20,5) ReLU Pool, Conv(20,50,5) ReLU Pool, FC 500, FC k``, the
+  "LeNet5 20-50-800-500" of Structured Bayesian Pruning (431 k parameters on 28x28 MNIST).
 * :func:`cifar_resnet18` -- torchvision ResNet-18 with a 3x3 stride-1 stem and no max-pool.
 * :func:`resnet50`, :func:`vit_b16`, :func:`vit_small` -- the BMRS paper's Table 2 networks
   (torchvision ResNet-50 and ViT-B/16) and a ViT of 2.7 M parameters for CPU budgets; their
@@ -30,6 +32,7 @@ from torch import nn
 __all__ = [
     "MLP",
     "LeNet5",
+    "LeNet5Caffe",
     "FCN",
     "CNN",
     "cifar_resnet18",
@@ -46,7 +49,7 @@ __all__ = [
 ]
 
 #: Names accepted by :func:`build_model` (besides ``"tv:<name>"`` for torchvision models).
-MODELS: tuple[str, ...] = ("mlp", "lenet5", "resnet18-cifar", "fcn", "cnn", "resnet50", "vit-b16", "vit-small")
+MODELS: tuple[str, ...] = ("mlp", "lenet5", "lenet5-caffe", "resnet18-cifar", "fcn", "cnn", "resnet50", "vit-b16", "vit-small")
 #: models that accept pretrained weights from a file (``weights=PATH``)
 WEIGHTS_MODELS: tuple[str, ...] = ("resnet18-cifar", "resnet50", "vit-b16", "vit-small")
 #: Prefix selecting a torchvision model in :func:`build_model`, e.g. ``"tv:mobilenet_v3_small"``.
@@ -143,6 +146,37 @@ class LeNet5(nn.Sequential):
         self.num_classes = num_classes
         self.image_size = image_size
         self.padding = pad
+        self.feature_size = s
+
+
+class LeNet5Caffe(nn.Sequential):
+    """The Caffe LeNet-5 that Structured Bayesian Pruning (Neklyudov et al. 2017) prunes, "LeNet5
+    20-50-800-500" (docs/maths.md section 4.3).
+
+    ``Conv(c,20,5) ReLU MaxPool2, Conv(20,50,5) ReLU MaxPool2, Flatten, Linear(50*s*s,500) ReLU,
+    Linear(500,num_classes)``; ``s = 4`` on the native 28x28 MNIST (``image_size=28``, 431,080
+    parameters), ``s = 5`` on the 32x32 images the BMRS protocol resizes to (646,080).
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> None:
+        c = _check_positive_int("in_channels", in_channels)
+        _check_positive_int("num_classes", num_classes)
+        _check_positive_int("image_size", image_size)
+        s = ((image_size - 4) // 2 - 4) // 2
+        if s < 1:
+            raise ValueError(f"image_size={image_size} is too small for LeNet5Caffe (need >= 16)")
+        super().__init__(
+            nn.Conv2d(c, 20, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(20, 50, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(50 * s * s, 500),
+            nn.ReLU(),
+            nn.Linear(500, num_classes),
+        )
         self.feature_size = s
 
 
@@ -464,7 +498,7 @@ def build_model(
 ) -> nn.Module:
     """Build a network by name.
 
-    ``name`` is one of :data:`MODELS` (``mlp``, ``lenet5``, ``resnet18-cifar``, ``fcn``, ``cnn``) or
+    ``name`` is one of :data:`MODELS` (``mlp``, ``lenet5``, ``lenet5-caffe``, ``resnet18-cifar``, ``fcn``, ``cnn``, ...) or
     ``"tv:<torchvision name>"``.  Fully connected networks get
     ``in_features = in_channels * image_size ** 2``.  ``kwargs`` go to the constructor (e.g.
     ``width``/``extra_layers`` for ``mlp``, ``hidden`` for ``fcn``, ``weights`` for ``tv:``).
@@ -479,6 +513,8 @@ def build_model(
         return MLP(in_features, num_classes, **kwargs)
     if key == "lenet5":
         return LeNet5(in_channels, num_classes, image_size=image_size, **kwargs)
+    if key == "lenet5-caffe":
+        return LeNet5Caffe(in_channels, num_classes, image_size=image_size, **kwargs)
     weights = kwargs.pop("weights", None) if key in WEIGHTS_MODELS else None
     if key in WEIGHTS_MODELS:
         if key == "resnet18-cifar":
