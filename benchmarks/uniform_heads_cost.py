@@ -17,8 +17,11 @@ import bayesprune as bp
 from bayesprune import heads
 
 
-def collapse(model, dead):
-    g = torch.Generator().manual_seed(0)
+def collapse(model, dead: dict, seed: int = 0) -> None:
+    """Posteriors of the heads ``dead[layer]`` collapsed to the prior's lower end (BMRS_N removes
+    them), the others spread around mu in (-0.5, 0) with small sigma (kept); tests/test_heads.py
+    sets its masks with it too."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n in heads.head_noise_layers(model):
             n.mu.copy_(-0.5 * torch.rand(n.mu.shape, generator=g))

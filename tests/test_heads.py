@@ -11,6 +11,8 @@ from torch import nn
 import bayesprune as bp
 from bayesprune import heads
 
+from benchmark_module import load_benchmark
+
 TOL = 1e-5  # max abs difference relative to the output scale
 
 
@@ -18,16 +20,9 @@ def _rel_err(a, b):
     return float((a - b).detach().abs().max() / a.detach().abs().max())
 
 
-def _collapse(model, dead: dict, seed=0):
-    """Posteriors of the heads ``dead[layer]`` collapsed to the prior's lower end (BMRS_N removes
-    them), the others spread around mu in (-0.5, 0) with small sigma (kept)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n in heads.head_noise_layers(model):
-            n.mu.copy_(-0.5 * torch.rand(n.mu.shape, generator=g))
-            n.log_sigma.fill_(-4.0)
-            for i in dead.get(n.layer_name, ()):
-                n.mu[i], n.log_sigma[i] = -19.0, 0.0
+#: the benchmark's collapse (benchmarks/uniform_heads_cost.py): posteriors of the heads ``dead[layer]``
+#: at the prior's lower end (BMRS_N removes them), the others kept
+_collapse = load_benchmark("uniform_heads_cost").collapse
 
 
 def _train_step(model, x, out=lambda y: y):
