@@ -40,6 +40,9 @@ def test_method_labels():
     assert results.method_label({"method": "bmrs_u", "precision": 8}) == "BMRS_U-8"
     assert results.method_label({"method": "etheta"}) == "E[θ]"
     assert results.method_label({"method": "none"}) == "None"
+    # runs that differ in their KL weighting get rows of their own
+    assert results.method_label({"method": "bmrs_n", "kl_weighting": "mean"}) == "BMRS_N"
+    assert results.method_label({"method": "bmrs_n", "kl_weighting": "elbo"}) == "BMRS_N (elbo KL)"
 
 
 def test_table1_aggregation_and_layout():

@@ -86,6 +86,8 @@ def _is_stage(module: nn.Module, kinds) -> bool:
 
 
 KL_WEIGHTINGS = ("mean", "elbo", "sum")
+#: the reference implementation's weighting, the default of kl() and of the experiments
+DEFAULT_KL_WEIGHTING = KL_WEIGHTINGS[0]
 
 
 class MultiplicativeNoise(nn.Module):
@@ -749,7 +751,7 @@ def remove_noise(model: nn.Module) -> nn.Module:
     return model
 
 
-def kl(model: nn.Module, weighting: str = "mean", num_train: int | None = None) -> torch.Tensor:
+def kl(model: nn.Module, weighting: str = DEFAULT_KL_WEIGHTING, num_train: int | None = None) -> torch.Tensor:
     """KL term of the loss.
 
     ``"mean"``: the reference's weighting, mean KL of each layer summed and divided by the

@@ -27,6 +27,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ..noise import DEFAULT_KL_WEIGHTING
+
 __all__ = [
     "METHOD_ROWS",
     "BF_COLUMNS",
@@ -63,7 +65,8 @@ _LABELS = {"none": "None", "dense": "None (no noise)", "l2": "L2", "etheta": "E[
 
 
 def method_label(config: dict) -> str:
-    """Row label of a continuous run's config: ``bmrs_u`` becomes ``BMRS_U-<precision>``."""
+    """Row label of a continuous run's config: ``bmrs_u`` becomes ``BMRS_U-<precision>``; a rule,
+    a KL weighting other than the default and a dense fine-tune are named after it."""
     method = config.get("method", "?")
     label = f"BMRS_U-{float(config.get('precision', 8)):g}" if method == "bmrs_u" else _LABELS.get(method, method)
     thr = config.get("threshold")
@@ -72,6 +75,8 @@ def method_label(config: dict) -> str:
     odds = config.get("prior_odds")
     if method in ("bmrs_n", "bmrs_u") and odds is not None and odds != 1:
         label += f" (prior odds {odds:.3g})"
+    if config.get("kl_weighting", DEFAULT_KL_WEIGHTING) != DEFAULT_KL_WEIGHTING:
+        label += f" ({config['kl_weighting']} KL)"
     if config.get("dense_finetune_epochs"):  # experiments/finetune.py: shrunk, then cross-entropy only
         label += f" + dense FT {config['dense_finetune_epochs']}"
         extra = [f"lr {config['dense_finetune_lr']:g}"] if config.get("dense_finetune_lr") is not None else []

@@ -42,7 +42,7 @@ from .. import pruning as crit
 from ..criteria import Criterion, finite, get_criterion
 from .data import load_dataset, make_loader
 from .models import build_model, noise_layer_names
-from ..noise import DEFAULT_SHARING, add_noise, kl, noise_layers
+from ..noise import DEFAULT_KL_WEIGHTING, DEFAULT_SHARING, add_noise, kl, noise_layers
 from ..reduction import REFERENCE_THRESHOLD
 from ..removal import count_parameters
 from . import distributed
@@ -107,7 +107,7 @@ class RunConfig:
     seed: int = 0
     width: int | None = None
     extra_layers: int | None = None
-    kl_weighting: str = "mean"
+    kl_weighting: str = DEFAULT_KL_WEIGHTING
     sharing: str = DEFAULT_SHARING
     precision: float = 8.0
     # the rule of bmrs_n/bmrs_u: threshold in dF, or prior odds of removal (threshold = -log odds);

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..criteria import Criterion, finite, get_criterion
-from ..noise import KL_WEIGHTINGS, MultiplicativeNoise, add_noise, kl, noise_layers
+from ..noise import DEFAULT_KL_WEIGHTING, KL_WEIGHTINGS, MultiplicativeNoise, add_noise, kl, noise_layers
 from ..pruning import PruneReport, prune
 from ..removal import count_parameters, shrink
 
@@ -50,7 +50,7 @@ class BMRSSchedule:
     ``add_noise_options``: keyword options of :func:`bayesprune.add_noise`.
     """
 
-    def __init__(self, criterion, *, example_inputs=None, kl_weighting: str = "mean", num_train: int | None = None,
+    def __init__(self, criterion, *, example_inputs=None, kl_weighting: str = DEFAULT_KL_WEIGHTING, num_train: int | None = None,
                  compression: float | None = None, **add_noise_options):
         self.criterion: Criterion = get_criterion(criterion)
         if compression is not None:

@@ -27,6 +27,7 @@ except ImportError:  # the standalone package of the same library
             "(or pip install lightning)"
         ) from e
 
+from ..noise import DEFAULT_KL_WEIGHTING
 from ..removal import carry_optimizer_state, shrink_for_training
 from .common import BMRSSchedule, example_from_batch
 
@@ -58,7 +59,7 @@ class BMRSPruning(BMRSSchedule, pl.Callback):
     """
 
     def __init__(self, criterion="bmrs_n", *, example_inputs=None, network: str | None = None,
-                 kl_weighting: str = "mean", num_train: int | None = None, compression: float | None = None,
+                 kl_weighting: str = DEFAULT_KL_WEIGHTING, num_train: int | None = None, compression: float | None = None,
                  shrink_during_training: bool = False, prune_every_n_epochs: int = 1, add_kl: bool = True,
                  **add_noise_options):
         super().__init__(criterion, example_inputs=example_inputs, kl_weighting=kl_weighting, num_train=num_train,

@@ -28,7 +28,7 @@ except ImportError as e:
 import torch
 
 from ..criteria import finite
-from ..noise import noise_layers
+from ..noise import DEFAULT_KL_WEIGHTING, noise_layers
 from .common import BMRSSchedule, example_from_batch
 
 __all__ = ["BMRSPruningCallback", "BMRSTrainer"]
@@ -56,7 +56,7 @@ class BMRSPruningCallback(BMRSSchedule, hf.TrainerCallback):
     masked model).
     """
 
-    def __init__(self, criterion="bmrs_n", *, example_inputs=None, kl_weighting: str = "mean",
+    def __init__(self, criterion="bmrs_n", *, example_inputs=None, kl_weighting: str = DEFAULT_KL_WEIGHTING,
                  num_train: int | None = None, compression: float | None = None, prune_every_n_epochs: int | None = 1,
                  prune_every_n_steps: int | None = None, **add_noise_options):
         super().__init__(criterion, example_inputs=example_inputs, kl_weighting=kl_weighting, num_train=num_train,
