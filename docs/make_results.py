@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
+from bayesprune.noise import DEFAULT_KL_WEIGHTING
 from bayesprune.experiments.knee import knee_markdown, plot_knees, stop_distances
 from bayesprune.experiments.results import (BF_COLUMNS, bf_table, find_summaries, load_sweeps, mean_std, method_label, plot_sweep,
                                 plot_table1, sweep_markdown, sweep_title, table1, table_markdown)
@@ -112,7 +114,7 @@ BF_REDUCED = [("repro/bf-table1", "at a reduced budget",
 NOTES = "RESULTS-notes.md"
 # the dense fine-tune after pruning (experiments/finetune.py): (directory under results/, command; {seeds} filled in)
 DENSE_FT = ("paper/dense-finetune",
-            "nice -n 10 bayesprune run --model {model} --dataset {dataset} --data-dir ../shared/datasets --seeds {seeds} --out-dir runs/dft"
+            "nice -n 10 bayesprune run --model {model} --dataset {dataset} --data-dir ../shared/datasets --seeds {seeds} --out-dir {out}"
             "{options}",
             "2026-12-02 on the 2-core CPU shared with other work (load average 8-16 for the LeNet5/MNIST seed-0 runs, 2-6 for the others)")
 # plain LeNet5-shaped networks of the goal's size trained from scratch (scripts/lenet5_frontier.py)
@@ -184,23 +186,23 @@ def _dense_finetune_section() -> list[str]:
                         f"{r['best_epoch']} of {c['dense_finetune_epochs']} |")
     goal = []
     for (m, d, label, e, f, ft), rs in sorted(groups.items()):
-        if (m, d) == ("lenet5", "mnist"):
+        if d == "mnist" and m in ("lenet5", "lenet5-caffe"):
             comp, acc = mean_std(100 * r["param_compression"] for r in rs), mean_std(100 * r["test_acc"] for r in rs)
             met = acc[0] >= 99.0 and comp[0] >= 95.0 and acc[2] >= 3
-            goal.append(f"* {label}, {e} + {f} + {ft} epochs, n={acc[2]}: {acc[0]:.2f} % at {comp[0]:.2f} % of the parameters "
+            goal.append(f"* {m}, {label}, {e} + {f} + {ft} epochs, n={acc[2]}: {acc[0]:.2f} % at {comp[0]:.2f} % of the parameters "
                         f"removed: the goal (>= 99.0 % with >= 95 % removed, mean of >= 3 seeds) is "
                         + ("**met**" if met else "**not met**") + ("" if acc[2] >= 3 else f" (only {acc[2]} seed(s) ran)") + ".")
     commands = []
-    for c in sorted({json.dumps({k: r["config"].get(k) for k in ("model", "dataset", "dense_finetune_epochs",
-                                                                  "dense_finetune_lr", "dense_finetune_schedule")}, sort_keys=True) for r in runs}):
+    keys = ("model", "dataset", "kl_weighting", "dense_finetune_epochs", "dense_finetune_lr", "dense_finetune_schedule")
+    for c in sorted({json.dumps({k: r["config"].get(k) for k in keys}, sort_keys=True) for r in runs}):
         c = json.loads(c)
-        options = f" --dense-finetune-epochs {c['dense_finetune_epochs']}"
+        options = f" --kl-weighting {c['kl_weighting']}" if c["kl_weighting"] not in (None, DEFAULT_KL_WEIGHTING) else ""
+        options += f" --dense-finetune-epochs {c['dense_finetune_epochs']}"
         options += f" --dense-finetune-lr {c['dense_finetune_lr']:g}" if c["dense_finetune_lr"] is not None else ""
         options += f" --dense-finetune-schedule {c['dense_finetune_schedule']}" if c["dense_finetune_schedule"] != "cosine" else ""
-        seeds = _seeds([r for r in runs if r["config"]["dataset"] == c["dataset"] and r["config"]["model"] == c["model"]
-                        and r["config"]["dense_finetune_epochs"] == c["dense_finetune_epochs"]
-                        and r["config"]["dense_finetune_lr"] == c["dense_finetune_lr"]])
-        commands.append(f"`{command.format(model=c['model'], dataset=c['dataset'], seeds=seeds, options=options)}`")
+        seeds = _seeds([r for r in runs if all(r["config"].get(k) == c[k] for k in keys)])
+        out = "runs/dft" + (f"-{c['kl_weighting']}" if c["kl_weighting"] not in (None, DEFAULT_KL_WEIGHTING) else "")
+        commands.append(f"`{command.format(model=c['model'], dataset=c['dataset'], seeds=seeds, options=options, out=out)}`")
     paper = PAPER_BMRS[("lenet5", "mnist")]
     return ["## Dense fine-tune after BMRS pruning (results/paper/dense-finetune)\n",
             "The practitioners' last step (docs/maths.md section 4.5, `--dense-finetune-epochs F`): the pruned run's "
@@ -431,7 +433,11 @@ def _variants_section(directory: Path) -> list[str]:
         if not summaries:
             continue
         t = table1(summaries)
-        cells = [t.cells[(r, ("lenet5", "mnist"))].text if (r, ("lenet5", "mnist")) in t.cells else "-" for r in VARIANT_ROWS]
+        col = ("lenet5", "mnist")
+        # a setting's rows may carry its KL weighting in the label ("BMRS_N (elbo KL)")
+        row_of = {r: next((row for row, c in t.cells if c == col and (row == r or re.fullmatch(re.escape(r) + r" \(\w+ KL\)", row))), r)
+                  for r in VARIANT_ROWS}
+        cells = [t.cells[(row_of[r], col)].text if (row_of[r], col) in t.cells else "-" for r in VARIANT_ROWS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     paper = PAPER_BMRS[("lenet5", "mnist")]
     lines.append("| paper (10 runs, 50 + 10 epochs) | " + " | ".join(paper[r.split(" ")[0]] for r in VARIANT_ROWS) + " |")
