@@ -250,3 +250,14 @@ def test_committed_results_and_docs_hold_no_machine_paths():
 def test_machine_path_pattern_finds_what_it_should():
     assert MACHINE_PATH.search('"out_dir": "/work/runs/paper"') and MACHINE_PATH.search("(/tmp/gpu2/bf-table1)")
     assert not MACHINE_PATH.search('"out_dir": "results/paper/bmrs-table1"') and not MACHINE_PATH.search("../shared/datasets")
+
+
+def test_generated_pages_are_what_the_committed_results_give():
+    """README.md's results block, docs/RESULTS.md and its notes are generated from results/
+    (`python docs/make_results.py`); a typed edit or a summary added without regenerating fails."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, str(ROOT / "docs" / "make_results.py"), "--check"], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
