@@ -63,6 +63,10 @@ def test_run_dir_name():
     # a threshold is part of the name (as in `reproduce`), so exact and thresholded runs differ
     assert run_dir_name("lenet5", "mnist", "bmrs_n", threshold=-0.9189385332046727) == "lenet5-mnist-bmrs_n-t-0.919"
     assert run_dir_name("mlp", "mnist", "bmrs_u", 4, 0.5) == "mlp-mnist-bmrs_u-p4-t0.500"
+    # another KL weighting is another experiment: its own directory (dense has no KL)
+    assert run_dir_name("lenet5", "mnist", "bmrs_n", kl_weighting="elbo") == "lenet5-mnist-bmrs_n-klelbo"
+    assert run_dir_name("lenet5", "mnist", "bmrs_n", kl_weighting="mean") == "lenet5-mnist-bmrs_n"
+    assert run_dir_name("lenet5", "mnist", "dense", kl_weighting="elbo") == "lenet5-mnist-dense"
 
 
 def test_table_markdown_and_csv(runs, tmp_path, capsys):

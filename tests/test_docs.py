@@ -58,7 +58,7 @@ def _actual(option: str, args, cfg: RunConfig, crit):
         assert crit is not None, f"the default method {cfg.method!r} has no rule, but the docs state {option}"
         return getattr(crit, dest)
     if dest == "out_dir":
-        group = Path(args.out_dir) / run_dir_name(cfg.model, cfg.dataset, cfg.method, cfg.precision, cfg.threshold, cfg.prior_odds)
+        group = Path(args.out_dir) / run_dir_name(cfg.model, cfg.dataset, cfg.method, cfg.precision, cfg.threshold, cfg.prior_odds, cfg.kl_weighting)
         return group.parts[0]
     return getattr(cfg, dest)
 

@@ -439,7 +439,8 @@ def _cmd_run(args) -> int:
     from .training import criterion_of, run_continuous, run_dir_name
 
     base = _resolved(args, seed=args.seeds[0])
-    group = Path(args.out_dir) / run_dir_name(base.model, base.dataset, base.method, base.precision, base.threshold, base.prior_odds)
+    group = Path(args.out_dir) / run_dir_name(base.model, base.dataset, base.method, base.precision, base.threshold, base.prior_odds,
+                                             base.kl_weighting)
     print(f"{base.method} on {base.model}/{base.dataset}: epochs {base.epochs} + fine-tune {base.finetune_epochs}, "
           f"batch {base.batch_size}, lr {base.lr:g}, seeds {' '.join(map(str, args.seeds))} -> {group}", flush=True)
     _maybe_download(args, base.dataset)
@@ -523,7 +524,7 @@ def cmd_sweep(args) -> int:
     base = _resolved(args, seed=args.seeds[0], **extra)
     from .training import run_dir_name
 
-    group = Path(args.out_dir) / run_dir_name(base.model, base.dataset, "sweep")
+    group = Path(args.out_dir) / run_dir_name(base.model, base.dataset, "sweep", kl_weighting=base.kl_weighting)
     print(f"sweep on {base.model}/{base.dataset}: train {base.epochs} epochs, criteria {' '.join(base.sweep_criteria)}, "
           f"{len(base.sweep_points)} points, seeds {' '.join(map(str, args.seeds))} -> {group}", flush=True)
     _maybe_download(args, base.dataset)

@@ -47,7 +47,7 @@ def bmrs_table1_configs(out, seeds, epochs=None, finetune_epochs=None, data_dir=
             for method, precision in methods:
                 thr = threshold if precision == "thr" else None
                 precision = None if precision == "thr" else precision
-                name = run_dir_name(model, dataset, method, precision, thr)
+                name = run_dir_name(model, dataset, method, precision, thr, kl_weighting=extra.get("kl_weighting"))
                 for seed in seeds:
                     cfgs.append(
                         resolve_config(
@@ -372,7 +372,7 @@ def _reproduce(name, out, seeds, epochs, finetune_epochs, data_dir, models, data
             key = (cfg.model, cfg.dataset, cfg.seed)
             if s is not None and cfg.method == "bmrs_n" and ((cfg.threshold is not None) == (key in thresholded)):
                 d = asdict(cfg)
-                d.update(method="l2", threshold=None, prior_odds=None, compression=float(s["param_compression"]), out_dir=str(out / run_dir_name(cfg.model, cfg.dataset, "l2") / f"seed{cfg.seed}"))
+                d.update(method="l2", threshold=None, prior_odds=None, compression=float(s["param_compression"]), out_dir=str(out / run_dir_name(cfg.model, cfg.dataset, "l2", kl_weighting=cfg.kl_weighting) / f"seed{cfg.seed}"))
                 l2.append(RunConfig(**d))
         summaries = [s for s in summaries + _run_continuous_all(engine, l2, progress, failures, ensemble, probe_timer) if s is not None]
     elif name == "bmrs-posttrain":
@@ -381,7 +381,7 @@ def _reproduce(name, out, seeds, epochs, finetune_epochs, data_dir, models, data
             for dataset in datasets or BMRS_DATASETS:
                 for seed in seeds:
                     extra.pop("threshold", None)
-                    cfgs.append(resolve_config(model=model, dataset=dataset, method="none", seed=seed, epochs=epochs, finetune_epochs=0, data_dir=data_dir, out_dir=str(out / run_dir_name(model, dataset, "sweep") / f"seed{seed}"), **extra))
+                    cfgs.append(resolve_config(model=model, dataset=dataset, method="none", seed=seed, epochs=epochs, finetune_epochs=0, data_dir=data_dir, out_dir=str(out / run_dir_name(model, dataset, "sweep", kl_weighting=extra.get("kl_weighting")) / f"seed{seed}"), **extra))
         summaries = [s for s in run_all(engine, _sweep_one, cfgs, progress=progress, failures=failures) if s is not None]
     else:
         groups = [

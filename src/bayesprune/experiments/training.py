@@ -363,10 +363,12 @@ def _safe(name: str) -> str:
 
 
 def run_dir_name(model: str, dataset: str, method: str, precision: float | None = None,
-                 threshold: float | None = None, prior_odds: float | None = None) -> str:
+                 threshold: float | None = None, prior_odds: float | None = None,
+                 kl_weighting: str | None = None) -> str:
     """``<model>-<dataset>-<method>[-p<precision> for bmrs_u][-t<threshold> when one is set]
-    [-odds<prior odds> when they are set and not 1]`` (":" and "/" of ``tv:`` names become "_");
-    ``bayesprune run`` and ``reproduce`` both use it.  Odds 1, the exact rule, is the plain name."""
+    [-odds<prior odds> when they are set and not 1][-kl<weighting> when not the default]`` (":" and
+    "/" of ``tv:`` names become "_"); ``bayesprune run`` and ``reproduce`` both use it.  Odds 1,
+    the exact rule, and the default KL weighting are the plain name; ``dense`` has no KL."""
     name = f"{_safe(model)}-{dataset}-{method}"
     if method == "bmrs_u":
         name += f"-p{float(precision if precision is not None else 8.0):g}"
@@ -374,6 +376,8 @@ def run_dir_name(model: str, dataset: str, method: str, precision: float | None 
         name += f"-t{float(threshold):.3f}"
     if prior_odds is not None and float(prior_odds) != 1.0:
         name += f"-odds{float(prior_odds):.4g}"
+    if kl_weighting not in (None, DEFAULT_KL_WEIGHTING) and method != "dense":
+        name += f"-kl{kl_weighting}"
     return name
 
 
