@@ -114,7 +114,7 @@ BF_REDUCED = [("repro/bf-table1", "at a reduced budget",
 NOTES = "RESULTS-notes.md"
 # the dense fine-tune after pruning (experiments/finetune.py): (directory under results/, command; {seeds} filled in)
 DENSE_FT = ("paper/dense-finetune",
-            "nice -n 10 bayesprune run --model {model} --dataset {dataset} --data-dir ../shared/datasets --seeds {seeds} --out-dir {out}"
+            "nice -n 10 bayesprune run --model {model} --dataset {dataset} --data-dir ../shared/datasets --seeds {seeds} --out-dir runs/dft"
             "{options}",
             "2026-12-02 on the 2-core CPU shared with other work (load average 8-16 for the LeNet5/MNIST seed-0 runs, 2-6 for the others)")
 # plain LeNet5-shaped networks of the goal's size trained from scratch (scripts/lenet5_frontier.py)
@@ -253,8 +253,7 @@ def _dense_finetune_section() -> list[str]:
         options += f" --dense-finetune-lr {c['dense_finetune_lr']:g}" if c["dense_finetune_lr"] is not None else ""
         options += f" --dense-finetune-schedule {c['dense_finetune_schedule']}" if c["dense_finetune_schedule"] != "cosine" else ""
         seeds = _seeds([r for r in runs if all(r["config"].get(k) == c[k] for k in keys)])
-        out = "runs/dft" + (f"-{c['kl_weighting']}" if c["kl_weighting"] not in (None, DEFAULT_KL_WEIGHTING) else "")
-        commands.append(f"`{command.format(model=c['model'], dataset=c['dataset'], seeds=seeds, options=options, out=out)}`")
+        commands.append(f"`{command.format(model=c['model'], dataset=c['dataset'], seeds=seeds, options=options)}`")
     paper = PAPER_BMRS[("lenet5", "mnist")]
     return ["## Dense fine-tune after BMRS pruning (results/paper/dense-finetune)\n",
             "The practitioners' last step (docs/maths.md section 4.5, `--dense-finetune-epochs F`): the pruned run's "
