@@ -541,9 +541,10 @@ def test_shrink_for_training_grouped_llama():
 
 
 def test_update_hf_config_refuses_widths_outside_the_heads():
-    """MLP neurons removed as well: the config's intermediate_size no longer builds the model, and
-    update_hf_config (so shrink(uniform_heads=True)) says so instead of writing a config that
-    from_pretrained cannot load; prune(uniform_heads=True) + shrink still gives the model."""
+    """MLP neurons removed in one block only: no intermediate_size describes the model, and
+    update_hf_config (so shrink(uniform_heads=True)) says so, naming uniform_widths, instead of
+    writing a config that from_pretrained cannot load; prune(uniform_heads=True) + shrink still
+    gives the model."""
     pytest.importorskip("transformers")
     torch.manual_seed(16)
     model = _hf_vit().eval()
@@ -556,7 +557,8 @@ def test_update_hf_config_refuses_widths_outside_the_heads():
         (fc1,) = [n for n in bp.noise_layers(model) if not isinstance(n, heads.HeadNoise)]
         fc1.mu[:5], fc1.log_sigma[:5] = -19.0, 0.0
     bp.prune(model, "bmrs_n", uniform_heads=True)
-    with pytest.raises(ValueError, match=r"vit.layers.0.mlp.fc1.weight of shape \(32, 24\), the model \(27, 24\).*MLP"):
+    with pytest.raises(ValueError, match=r"MLPs keep different widths \(vit.layers.0.mlp.fc1.weight: 27, .*"
+                                         r"vit.layers.1.mlp.fc1.weight: 32.*uniform_widths=True"):
         bp.shrink(model, uniform_heads=True)
     small = bp.shrink(model)
     assert [small.vit.layers[i].attention.q_proj.out_features for i in (0, 1)] == [18, 18]
@@ -589,3 +591,62 @@ def test_prune_uniform_heads_monotone_revives_only_heads_alive_before():
     assert best == 2
     bp.prune(model, "bmrs_n", uniform_heads=True, monotone=False)
     assert n1.mask.tolist() == [1.0 if h in (0, 3, best) else 0.0 for h in range(4)]
+
+
+def test_block_role_names_the_place_in_the_repeated_block():
+    from bayesprune.pruning import block_role
+
+    assert block_role("model.layers.3.mlp.act_fn") == block_role("model.layers.0.mlp.act_fn") == "model.layers.*.mlp.act_fn"
+    assert block_role("layer1.0.bn1") == "layer1.*.bn1"
+    assert block_role("features.3") == "features.3" != block_role("features.7")  # one Sequential's layers differ
+    assert block_role("0") == "0" and block_role("3.conv.1") == "*.conv.1"
+
+
+def test_llama_uniform_mlp_widths_reload_with_from_pretrained(tmp_path):
+    """MLP neurons pruned to different widths per block: update_hf_config refuses, naming
+    uniform_widths; with prune(uniform_widths=True) every block keeps the widest block's count
+    (revived by keep score), intermediate_size is set and from_pretrained rebuilds the model."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(9)
+    model = _llama(head_dim=8).eval()
+    x = _ids(0)
+    # noise on the MLP neurons only: gate_proj and up_proj of each block, coupled (their product
+    # feeds down_proj); attention heads are add_head_noise's
+    bp.add_noise(model, x, layers=[f"layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj")])
+    mlp = [n for n in bp.noise_layers(model) if ".mlp." in n.layer_name]
+    assert [n.layer_name.split(".", 2)[2] for n in mlp] == ["mlp.gate_proj", "mlp.up_proj"] * 2
+    assert all(n.num_structures == 48 for n in mlp)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n in bp.noise_layers(model):
+            n.mu.copy_(-0.5 * torch.rand(n.mu.shape, generator=g))
+            n.log_sigma.fill_(-4.0)
+        for n, dead in zip(mlp, (30, 30, 12, 12)):  # block 0 keeps 18 neurons, block 1 keeps 36
+            n.mu[:dead] = -19.0 + 0.3 * torch.rand(dead, generator=g)  # distinct keep scores among the removed
+            n.log_sigma[:dead] = 0.0
+    ragged = copy.deepcopy(model)
+    bp.prune(ragged, "bmrs_n")
+    assert [int(n.mask.sum()) for n in bp.noise_layers(ragged)] == [18, 18, 36, 36]
+    with pytest.raises(ValueError, match="MLPs keep different widths.*uniform_widths=True"):
+        heads.update_hf_config(bp.shrink(ragged.eval(), x))
+    scores = [s for s, n in zip(bp.scores(model, "bmrs_n"), bp.noise_layers(model)) if ".mlp." in n.layer_name]
+    rep = bp.prune(model, "bmrs_n", uniform_widths=True)
+    assert rep.uniform_widths and [int(n.mask.sum()) for n in mlp] == [36, 36, 36, 36]
+    # block 0's 18 revived neurons are its removed ones of highest keep score (a neuron's score:
+    # the higher of its gate's and its up projection's)
+    revived = set((mlp[0].mask != 0).nonzero().flatten().tolist()) - set(range(30, 48))
+    assert torch.equal(mlp[0].mask, mlp[1].mask)
+    removed_scores = torch.maximum(scores[0], scores[1])[:30]
+    assert revived == set(torch.argsort(removed_scores, descending=True)[:18].tolist())
+    assert rep.params_kept > rep.params_kept_unrounded and "uniform_widths" in str(rep)
+    small = bp.shrink(model.eval(), x)
+    with torch.no_grad():
+        ref = _hidden(model(**_ids(4)))
+        assert _rel_err(ref, _hidden(small(**_ids(4)))) < TOL
+    assert heads.update_hf_config(small).intermediate_size == 36
+    small.save_pretrained(tmp_path / "llama")
+    loaded = tf.LlamaModel.from_pretrained(tmp_path / "llama").eval()
+    with torch.no_grad():
+        assert torch.equal(_hidden(loaded(**_ids(4))), _hidden(small(**_ids(4))))
+    with pytest.raises(ValueError, match="uniform_widths must be True or False"):
+        bp.prune(model, "bmrs_n", uniform_widths=1)

@@ -779,11 +779,36 @@ def _shape_mismatch(model: nn.Module, config) -> str | None:
     return None
 
 
-def update_hf_config(model: nn.Module):
-    """Set a shrunk Hugging Face model's ``config`` to its attention heads (in place), so that
-    ``save_pretrained`` / ``from_pretrained`` reload it; returns the config.
+def _mlp_widths(model: nn.Module, config) -> dict[str, int]:
+    """{parameter name: the width it now has where ``type(model)(config)`` has
+    ``config.intermediate_size``}, over the parameters outside the attentions (the MLPs)."""
+    size = getattr(config, "intermediate_size", None)
+    if not isinstance(size, int):
+        return {}
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(config)
+    except Exception:
+        return {}
+    from .pruning import block_role
 
-    Needs one head layout in every attention (shrink with ``uniform_heads=True``) and a family
+    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items() if k in want and "attn" not in k and "attention" not in k}
+    axis = {}  # block role of a parameter shrink narrowed -> the axis that was intermediate_size
+    for k, shape in have.items():
+        dims = [i for i, (w, got) in enumerate(zip(want[k], shape)) if w == size and got != w]
+        if dims:
+            axis[block_role(k)] = dims[0]
+    # every block's parameter of such a role, narrowed or not
+    return {k: shape[axis[block_role(k)]] for k, shape in have.items() if block_role(k) in axis}
+
+
+def update_hf_config(model: nn.Module):
+    """Set a shrunk Hugging Face model's ``config`` to its attention heads and MLP width (in
+    place), so that ``save_pretrained`` / ``from_pretrained`` reload it; returns the config.
+
+    Needs one MLP width in every block (``intermediate_size``: prune with ``uniform_widths=True``),
+    one head layout in every attention (shrink with ``uniform_heads=True``) and a family
     whose config holds a head count and head size: q/k/v/o_proj attention (Llama, Mistral,
     Qwen2, ViT: ``num_attention_heads``, ``head_dim``, ``num_key_value_heads``).  Checked by
     building the model from the new config on the meta device.  Raises ``ValueError`` saying why
@@ -822,6 +847,13 @@ def update_hf_config(model: nn.Module):
     elif kv != h:
         raise ValueError(f"the attentions keep {kv} key/value heads for {h} query heads, and {type(config).__name__} "
                          "has no num_key_value_heads")
+    widths = _mlp_widths(model, config)
+    if len(set(widths.values())) > 1:
+        listed = ", ".join(f"{k}: {v}" for k, v in list(widths.items())[:4]) + (", ..." if len(widths) > 4 else "")
+        raise ValueError(f"the MLPs keep different widths ({listed}); a {type(config).__name__} holds one intermediate_size "
+                         "for every layer: prune with uniform_widths=True before shrinking")
+    if widths:
+        new["intermediate_size"] = next(iter(widths.values()))
     trial = copy.deepcopy(config)
     for k, v in new.items():
         setattr(trial, k, v)
@@ -834,10 +866,9 @@ def update_hf_config(model: nn.Module):
     why = _shape_mismatch(model, trial)
     if why is not None:
         raise ValueError(
-            f"setting {type(config).__name__} to {h} heads of size {d} does not describe the model: {why}. "
-            "update_hf_config sets the attention head fields only; widths that shrink removed elsewhere (e.g. MLP "
-            "neurons) are not in the config. Save with bayesprune.save_shrunk / load_shrunk, or get the uniform "
-            "model without a config update by prune(..., uniform_heads=True) then shrink(model)"
+            f"setting {type(config).__name__} to {', '.join(f'{k}={v}' for k, v in new.items())} does not describe the "
+            f"model: {why}. update_hf_config sets the attention head fields and intermediate_size only; other widths "
+            "that shrink removed are not in the config. Save with bayesprune.save_shrunk / load_shrunk"
         )
     for k, v in new.items():
         setattr(config, k, v)

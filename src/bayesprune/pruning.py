@@ -11,6 +11,7 @@ decision is computed before any mask changes: when ``prune`` raises, every mask 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -51,6 +52,9 @@ class PruneReport:
     #: heads every attention keeps after ``uniform_heads`` (then the ``*_unrounded`` counts are
     #: those before it, and ``rounding_cost`` its cost); None: not asked
     uniform_heads: int | None = None
+    #: True after ``uniform_widths``: the layers at one place of same-width repeated blocks keep
+    #: one width (the ``*_unrounded`` counts are those before it, as for ``round_to``)
+    uniform_widths: bool = False
 
     @property
     def structure_compression(self) -> float:
@@ -78,7 +82,7 @@ class PruneReport:
         d = asdict(self)
         d["structure_compression"] = self.structure_compression
         d["param_compression"] = self.param_compression
-        if self.round_to is not None or self.uniform_heads is not None:
+        if self.round_to is not None or self.uniform_heads is not None or self.uniform_widths:
             d["param_compression_unrounded"] = self.param_compression_unrounded
             d["rounding_cost"] = self.rounding_cost
         return d
@@ -91,9 +95,11 @@ class PruneReport:
             f"parameters removed {100 * self.param_compression:.2f} % "
             f"({self.params_kept}/{self.params_total} kept)"
         )
-        if self.round_to is not None:
+        if self.round_to is not None or self.uniform_widths:
+            what = " and ".join(([f"round_to={self.round_to}"] if self.round_to is not None else [])
+                                + (["uniform_widths"] if self.uniform_widths else []))
             rows.append(
-                f"round_to={self.round_to}: {self.structures_kept - self.structures_kept_unrounded} more structures and "
+                f"{what}: {self.structures_kept - self.structures_kept_unrounded} more structures and "
                 f"{self.params_kept - self.params_kept_unrounded} more parameters kept; parameters removed "
                 f"{100 * self.param_compression_unrounded:.2f} % without rounding, {100 * self.param_compression:.2f} % "
                 f"with (cost {100 * self.rounding_cost:.2f} points)"
@@ -159,6 +165,7 @@ def prune(
     monotone: bool = True,
     round_to: int | None = None,
     uniform_heads: bool | int = False,
+    uniform_widths: bool = False,
     example_inputs=None,
     **options,
 ) -> PruneReport:
@@ -175,6 +182,11 @@ def prune(
     ``uniform_heads=True`` (or a head count): then revive masked attention heads, highest keep
     scores first, until every attention keeps the same heads (:func:`bayesprune.heads.uniform_heads`;
     the report gives the counts before it in the same fields).
+    ``uniform_widths=True``: then revive masked structures, highest keep scores first, until the
+    layers at one place of the repeated blocks (:func:`block_role`, e.g. every
+    ``model.layers.*.mlp`` of a transformer) that had one width keep one width, the largest the
+    rule left among them: the shrunk model is then one a config with one ``intermediate_size``
+    describes (:func:`bayesprune.heads.update_hf_config`); with ``round_to``, rounded after.
     ``example_inputs``: another input than the one given to ``add_noise``.
     """
     from . import heads as _heads
@@ -183,6 +195,10 @@ def prune(
     uniform_heads = _heads.check_uniform(uniform_heads)
     if round_to is not None and uniform_heads is not None:
         raise ValueError("give round_to or uniform_heads, not both (round_to does not handle attention heads)")
+    if not isinstance(uniform_widths, bool):
+        raise ValueError(f"uniform_widths must be True or False, got {uniform_widths!r}")
+    if uniform_widths and uniform_heads is not None:
+        raise ValueError("give uniform_widths or uniform_heads, not both (uniform_widths does not handle attention heads yet)")
     crit = get_criterion(criterion, **options)
     if compression is not None:
         if options.get("threshold") is not None or options.get("prior_odds") is not None:
@@ -208,15 +224,16 @@ def prune(
                 n.mask.copy_(n.mask * new if monotone else new)
         else:
             _prune_to_compression(model, layers, sc, compression, monotone, example_inputs)
-        if round_to is None and uniform_heads is None:
+        if round_to is None and uniform_heads is None and not uniform_widths:
             return report(model, criterion=crit.name, rule=rule, example_inputs=example_inputs)
         unrounded = report(model, example_inputs=example_inputs)
         if uniform_heads is not None:
             rep_heads = _heads.revive_uniform(model, layers, sc, uniform_heads, old if monotone else None)
         else:
-            _round(model, layers, sc, round_to, old if monotone else None, example_inputs)
+            _round(model, layers, sc, round_to, old if monotone else None, example_inputs, uniform=uniform_widths)
         rep = report(model, criterion=crit.name, rule=rule, example_inputs=example_inputs)
         rep.round_to, rep.uniform_heads = round_to, (rep_heads if uniform_heads is not None else None)
+        rep.uniform_widths = uniform_widths
         rep.structures_kept_unrounded = unrounded.structures_kept
         rep.params_kept_unrounded = unrounded.params_kept
         return rep
@@ -318,16 +335,26 @@ def round_masks(
     return rep
 
 
-def _round(model, layers, sc, k, before, example_inputs) -> None:
+def block_role(name: str) -> str:
+    """The place of a layer in its repeated block: the block indices of ``name`` replaced by ``*``
+    (``model.layers.3.mlp.act_fn`` -> ``model.layers.*.mlp.act_fn``); a last component stays, so
+    the layers of one ``nn.Sequential`` (``features.3``, ``features.7``) keep roles of their own."""
+    return re.sub(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)", "*", name)
+
+
+def _round(model, layers, sc, k, before, example_inputs, uniform: bool = False) -> None:
     """Revive masked structures, highest score first, until each coupled group keeps a multiple
-    of ``k``.  ``before``: the masks before this pruning step (monotone: only structures alive
-    then may be revived, and they get their old mask value back); None: any, set to 1."""
+    of ``k`` (None: any count); ``uniform``: first until the groups of the same :func:`block_role`
+    and width keep the same count, the largest among them.  ``before``: the masks before this
+    pruning step (monotone: only structures alive then may be revived, and they get their old
+    mask value back); None: any, set to 1."""
     from .heads import HeadNoise
 
     head = next((n.layer_name for n in layers if isinstance(n, HeadNoise)), None)
     if head is not None:
-        raise ValueError(f"round_to is not available for models with attention-head noise (on {head!r}) yet; "
-                         "prune and shrink without round_to")
+        option = "uniform_widths" if uniform else "round_to"
+        raise ValueError(f"{option} is not available for models with attention-head noise (on {head!r}) yet; "
+                         f"prune and shrink without {option}")
     an = _analysis(model, example_inputs)
     names = [n.layer_name for n in layers]
     start = [0]
@@ -366,11 +393,17 @@ def _round(model, layers, sc, k, before, example_inputs) -> None:
     for comp in members.values():
         groups.setdefault(frozenset(layer_of[i] for i in comp), []).append(comp)
     revive = torch.zeros(start[-1], dtype=torch.bool)
-    for comps in groups.values():
-        present = sum(any(kept[i] for i in c) for c in comps)
+    present_of = {key: sum(any(kept[i] for i in c) for c in comps) for key, comps in groups.items()}
+    role_of = {key: (frozenset(block_role(names[li]) for li in key), len(comps)) for key, comps in groups.items()}
+    widest: dict = {}
+    for key, role in role_of.items():
+        widest[role] = max(widest.get(role, 0), present_of[key])
+    for key, comps in groups.items():
+        present = widest[role_of[key]] if uniform else present_of[key]
         if not present:
             continue
-        target = min(len(comps), -(-present // k) * k)
+        target = min(len(comps), -(-present // k) * k if k is not None else present)
+        present = present_of[key]
         absent = [c for c in comps if not any(kept[i] for i in c) and any(eligible[i] for i in c)]
         absent.sort(key=lambda c: (-max(score[i] for i in c), c[0]))  # highest keep score first
         for c in absent[: target - present]:
