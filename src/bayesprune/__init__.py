@@ -15,7 +15,8 @@ from .distributions import LogUniform, TruncatedLogNormal
 from .noise import DEFAULT_SHARING, MultiplicativeNoise, add_noise, kl, noise_layers, remove_noise, stored_example_inputs
 from .pruning import LayerReport, PruneReport, prune, report, round_masks, scores
 from .reduction import REFERENCE_THRESHOLD, delta_f_normal, delta_f_uniform
-from .removal import count_parameters, remaining_parameters, shrink, shrink_for_training
+from .counting import remaining_parameters
+from .removal import count_parameters, shrink, shrink_for_training
 from .export import OnnxExport, export_onnx, load_shrunk, save_shrunk
 from .heads import HeadNoise, add_head_noise
 from .benchmarking import SizeSpeedReport, size_speed_report

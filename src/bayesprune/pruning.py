@@ -19,7 +19,8 @@ from torch import nn
 
 from .criteria import Criterion, finite, get_criterion
 from .noise import check_not_meta, noise_layers
-from .removal import _analysis, _estimated_remaining, _example, count_parameters, remaining_parameters
+from .counting import _analysis, _estimated_remaining, remaining_parameters
+from .removal import _example, count_parameters
 
 __all__ = ["prune", "report", "scores", "round_masks", "PruneReport", "LayerReport"]
 
