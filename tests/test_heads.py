@@ -380,7 +380,7 @@ def test_hf_vit_heads_removed_uniform_and_from_pretrained(tmp_path):
     assert rep.uniform_heads == 3 and rep.params_kept == bp.count_parameters(big)
     assert rep.params_kept - rep.params_kept_unrounded == bp.count_parameters(big) - bp.count_parameters(small) \
         == 3 * (6 * 24 + 6) + 6 * 24
-    assert rep.rounding_cost > 0 and "uniform_heads: 3 heads in every attention" in str(rep)
+    assert rep.rounding_cost > 0 and "uniform_heads (3 heads in every attention)" in str(rep)
 
     big.save_pretrained(tmp_path / "vit")
     loaded = tf.ViTForImageClassification.from_pretrained(tmp_path / "vit").eval()
@@ -469,8 +469,9 @@ def test_uniform_heads_refusals():
     assert full.config.num_attention_heads == 4 and full.layers[1].self_attn.q_proj.out_features == 32
     with pytest.raises(ValueError, match="uniform_heads must be True, False or a positive number"):
         bp.shrink(model, uniform_heads=0)
-    with pytest.raises(ValueError, match="give round_to or uniform_heads"):
-        bp.prune(model, "bmrs_n", round_to=2, uniform_heads=True)
+    # round_to beside uniform_heads: the heads are uniform_heads' (round_to leaves them alone)
+    rep = bp.prune(copy.deepcopy(model), "bmrs_n", round_to=2, uniform_heads=True)
+    assert (rep.round_to, rep.uniform_heads) == (2, 3)
     plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     bp.add_noise(plain, torch.randn(2, 4))
     with pytest.raises(ValueError, match="uniform_heads needs attention-head noise"):
@@ -650,3 +651,36 @@ def test_llama_uniform_mlp_widths_reload_with_from_pretrained(tmp_path):
         assert torch.equal(_hidden(loaded(**_ids(4))), _hidden(small(**_ids(4))))
     with pytest.raises(ValueError, match="uniform_widths must be True or False"):
         bp.prune(model, "bmrs_n", uniform_widths=1)
+
+
+def test_hf_vit_uniform_heads_and_widths_reload_with_from_pretrained(tmp_path):
+    """Head noise and MLP-neuron noise in one ViT: prune(uniform_heads=True, uniform_widths=True)
+    gives every attention 3 heads and every MLP 27 neurons (the widest block's), shrink is exact,
+    update_hf_config sets both, and from_pretrained rebuilds the same outputs."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(3)
+    model = _hf_vit().eval()
+    x = torch.randn(2, 3, 16, 16)
+    bp.add_noise(model, x, layers=["vit.layers.0.mlp.fc1", "vit.layers.1.mlp.fc1"])
+    heads.add_head_noise(model, x)
+    model.eval()
+    _collapse(model, {"vit.layers.0.attention": [0], "vit.layers.1.attention": [1, 2]})
+    fc1 = [n for n in bp.noise_layers(model) if not isinstance(n, heads.HeadNoise)]
+    with torch.no_grad():
+        for n, dead in zip(fc1, (11, 5)):
+            n.mu.copy_(-0.5 * torch.rand(n.mu.shape, generator=torch.Generator().manual_seed(dead)))
+            n.log_sigma.fill_(-4.0)
+            n.mu[:dead], n.log_sigma[:dead] = -19.0, 0.0
+    rep = bp.prune(model, "bmrs_n", uniform_heads=True, uniform_widths=True)
+    assert [int(n.mask.sum()) for n in fc1] == [27, 27] and rep.uniform_heads == 3 and rep.uniform_widths
+    assert "uniform_widths and uniform_heads (3 heads in every attention)" in str(rep)
+    small = bp.shrink(model, x)
+    x2 = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert _rel_err(model(x2).logits, small(x2).logits) <= TOL
+    config = heads.update_hf_config(small)
+    assert (config.intermediate_size, config.num_attention_heads) == (27, 3)
+    small.save_pretrained(tmp_path / "vit")
+    loaded = tf.ViTForImageClassification.from_pretrained(tmp_path / "vit").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x2).logits, small(x2).logits)

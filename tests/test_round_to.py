@@ -209,7 +209,9 @@ def test_cli_and_run_config_pass_round_to_through(capsys):
 
 
 
-def test_head_noise_is_refused_naming_the_layer_and_nothing_changes():
+def test_round_to_beside_head_noise_rounds_the_layers_and_leaves_the_heads():
+    """With attention-head noise in the model, round_to rounds the other layers (fc1: 5 -> 8 kept)
+    and leaves the heads to uniform_heads; the shrunk model equals the masked one."""
     from bayesprune import heads
 
     torch.manual_seed(4)
@@ -231,8 +233,14 @@ def test_head_noise_is_refused_naming_the_layer_and_nothing_changes():
     heads.add_head_noise(model, x)
     fc1 = next(n for n in bp.noise_layers(model) if n.layer_name == "fc1")
     fc1.mask[5:] = 0
-    before = [n.mask.clone() for n in bp.noise_layers(model)]
-    for call in (lambda: round_masks(model, 8), lambda: bp.prune(model, "bmrs_n", round_to=8)):
-        with pytest.raises(ValueError, match="round_to.*attention-head noise.*'att'"):
-            call()
-        assert all(torch.equal(b, n.mask) for b, n in zip(before, bp.noise_layers(model)))
+    att = next(n for n in bp.noise_layers(model) if isinstance(n, heads.HeadNoise))
+    att.mask[1] = 0
+    rep = round_masks(model, 8)
+    assert int(fc1.mask.sum()) == 8 and att.mask.tolist() == [1, 0, 1, 1]
+    assert rep.params_kept > rep.params_kept_unrounded
+    small = bp.shrink(model, x)
+    x2 = torch.randn(3, 5, 6)
+    with torch.no_grad():
+        ref = model(x2)
+        assert float((small(x2) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    assert small.fc1.out_features == 8

@@ -86,7 +86,8 @@ class _Analysis:
 
     def __init__(self, model, example_inputs):
         m = copy.deepcopy(model)
-        names = [n.layer_name for n in noise_layers(m)]
+        # attention heads are counted by removing them (heads.py), not from the dependency groups
+        names = [n.layer_name for n in noise_layers(m) if not isinstance(n, _heads.HeadNoise)]
         remove_noise(m)
         graph = _build_graph(m, example_inputs)
         mod_name = {id(mod): name for name, mod in m.named_modules()}

@@ -96,20 +96,14 @@ class PruneReport:
             f"parameters removed {100 * self.param_compression:.2f} % "
             f"({self.params_kept}/{self.params_total} kept)"
         )
-        if self.round_to is not None or self.uniform_widths:
-            what = " and ".join(([f"round_to={self.round_to}"] if self.round_to is not None else [])
-                                + (["uniform_widths"] if self.uniform_widths else []))
+        steps = ([f"round_to={self.round_to}"] if self.round_to is not None else []) + (
+            ["uniform_widths"] if self.uniform_widths else []) + (
+            [f"uniform_heads ({self.uniform_heads} heads in every attention)"] if self.uniform_heads is not None else [])
+        if steps:  # one line for all of them: the *_unrounded counts are those before the first
             rows.append(
-                f"{what}: {self.structures_kept - self.structures_kept_unrounded} more structures and "
+                f"{' and '.join(steps)}: {self.structures_kept - self.structures_kept_unrounded} more structures and "
                 f"{self.params_kept - self.params_kept_unrounded} more parameters kept; parameters removed "
-                f"{100 * self.param_compression_unrounded:.2f} % without rounding, {100 * self.param_compression:.2f} % "
-                f"with (cost {100 * self.rounding_cost:.2f} points)"
-            )
-        if self.uniform_heads is not None:
-            rows.append(
-                f"uniform_heads: {self.uniform_heads} heads in every attention, {self.structures_kept - self.structures_kept_unrounded} "
-                f"more structures and {self.params_kept - self.params_kept_unrounded} more parameters kept; parameters removed "
-                f"{100 * self.param_compression_unrounded:.2f} % without, {100 * self.param_compression:.2f} % with "
+                f"{100 * self.param_compression_unrounded:.2f} % without rounding, {100 * self.param_compression:.2f} % with "
                 f"(cost {100 * self.rounding_cost:.2f} points)"
             )
         return "\n".join(rows)
@@ -188,18 +182,16 @@ def prune(
     ``model.layers.*.mlp`` of a transformer) that had one width keep one width, the largest the
     rule left among them: the shrunk model is then one a config with one ``intermediate_size``
     describes (:func:`bayesprune.heads.update_hf_config`); with ``round_to``, rounded after.
+    ``round_to`` and ``uniform_widths`` leave attention heads alone; ``uniform_heads`` may be given
+    with them (the heads first).
     ``example_inputs``: another input than the one given to ``add_noise``.
     """
     from . import heads as _heads
 
     round_to = _check_round_to(round_to)
     uniform_heads = _heads.check_uniform(uniform_heads)
-    if round_to is not None and uniform_heads is not None:
-        raise ValueError("give round_to or uniform_heads, not both (round_to does not handle attention heads)")
     if not isinstance(uniform_widths, bool):
         raise ValueError(f"uniform_widths must be True or False, got {uniform_widths!r}")
-    if uniform_widths and uniform_heads is not None:
-        raise ValueError("give uniform_widths or uniform_heads, not both (uniform_widths does not handle attention heads yet)")
     crit = get_criterion(criterion, **options)
     if compression is not None:
         if options.get("threshold") is not None or options.get("prior_odds") is not None:
@@ -230,7 +222,7 @@ def prune(
         unrounded = report(model, example_inputs=example_inputs)
         if uniform_heads is not None:
             rep_heads = _heads.revive_uniform(model, layers, sc, uniform_heads, old if monotone else None)
-        else:
+        if round_to is not None or uniform_widths:
             _round(model, layers, sc, round_to, old if monotone else None, example_inputs, uniform=uniform_widths)
         rep = report(model, criterion=crit.name, rule=rule, example_inputs=example_inputs)
         rep.round_to, rep.uniform_heads = round_to, (rep_heads if uniform_heads is not None else None)
@@ -309,9 +301,8 @@ def round_masks(
     group.  The width counted is the one :func:`bayesprune.shrink` leaves: masked structures that
     removal must keep (coupled to a layer without noise, or to a LayerNorm) count as kept.  A
     layer whose every structure is masked stays so (Torch-Pruning then keeps one zeroed unit).
-    Not yet for models with attention-head noise (:class:`bayesprune.heads.HeadNoise`): raises
-    ``ValueError`` naming the layer.  Returns the report of the rounded masks, with the counts
-    before rounding.
+    Attention heads (:class:`bayesprune.heads.HeadNoise`) are not rounded (``uniform_heads`` is
+    their option).  Returns the report of the rounded masks, with the counts before rounding.
     """
     round_to = _check_round_to(round_to)
     if round_to is None:
@@ -351,11 +342,7 @@ def _round(model, layers, sc, k, before, example_inputs, uniform: bool = False) 
     mask value back); None: any, set to 1."""
     from .heads import HeadNoise
 
-    head = next((n.layer_name for n in layers if isinstance(n, HeadNoise)), None)
-    if head is not None:
-        option = "uniform_widths" if uniform else "round_to"
-        raise ValueError(f"{option} is not available for models with attention-head noise (on {head!r}) yet; "
-                         f"prune and shrink without {option}")
+    heads = {li for li, n in enumerate(layers) if isinstance(n, HeadNoise)}  # uniform_heads' business
     an = _analysis(model, example_inputs)
     names = [n.layer_name for n in layers]
     start = [0]
@@ -392,7 +379,8 @@ def _round(model, layers, sc, k, before, example_inputs, uniform: bool = False) 
         members.setdefault(find(i), []).append(i)
     groups: dict[frozenset, list[list[int]]] = {}  # the channels of one coupled tensor: same set of layers
     for comp in members.values():
-        groups.setdefault(frozenset(layer_of[i] for i in comp), []).append(comp)
+        if layer_of[comp[0]] not in heads:
+            groups.setdefault(frozenset(layer_of[i] for i in comp), []).append(comp)
     revive = torch.zeros(start[-1], dtype=torch.bool)
     present_of = {key: sum(any(kept[i] for i in c) for c in comps) for key, comps in groups.items()}
     role_of = {key: (frozenset(block_role(names[li]) for li in key), len(comps)) for key, comps in groups.items()}
