@@ -116,3 +116,27 @@ def test_infer_out_channels_reads_the_channels_of_a_conv(shape):
     graph = tpc.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 1, 8, 8))
     node = graph.module2node[model[0]]
     assert tpc.infer_out_channels(graph, node) == shape[0]
+
+
+def test_pruning_group_that_never_settles_raises_at_its_bound():
+    """Llama's rotary embedding (half rotations concatenated back) gives index sets from q_proj
+    that never repeat: the bounded group raises GroupDoesNotSettle naming the layer, quickly,
+    instead of propagating for minutes (shrink keeps such a layer with that reason)."""
+    tf = pytest.importorskip("transformers")
+    import time
+
+    from bayesprune.removal import _build_graph
+
+    torch.manual_seed(0)
+    model = tf.LlamaModel(tf.LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=48, use_cache=False)).eval()
+    graph = _build_graph(model, torch.randint(0, 50, (2, 6)))
+    q = model.layers[0].self_attn.q_proj
+    t = time.perf_counter()
+    with pytest.raises(tpc.GroupDoesNotSettle, match="did not settle after"):
+        graph.get_pruning_group(q, tpc.prune_linear_out_channels, idxs=[0, 5])
+    assert time.perf_counter() - t < 30
+    # the MLP's neurons settle: an ordinary group (up_proj's outputs with gate/down)
+    up = model.layers[0].mlp.up_proj
+    group = graph.get_pruning_group(up, tpc.prune_linear_out_channels, idxs=[0, 5])
+    assert any(dep.target.module is model.layers[0].mlp.down_proj for dep, _ in group)

@@ -345,7 +345,11 @@ def test_llama_attention_whose_pruning_group_never_settles_keeps_q_k_v_and_shrin
     assert rep.params_kept == bp.count_parameters(small) < bp.count_parameters(model)
     qkv = {f"layers.0.self_attn.{p}_proj" for p in "qkv"}
     assert qkv <= set(small.bayesprune_kept)
-    assert all(f"from {n} did not settle" in small.bayesprune_kept[n] for n in qkv)
+    # the reshapes into heads ([2, 6, 32] -> [2, 6, 4, 8], k/v [2, 6, 16] -> [2, 6, 2, 8]) predict
+    # them before any pruning group is built (shrink's analysis); either reason names the layer
+    assert all("splits its" in small.bayesprune_kept[n] or f"from {n} did not settle" in small.bayesprune_kept[n]
+               for n in qkv), small.bayesprune_kept
+    assert "[2, 6, 32] -> [2, 6, 4, 8]" in small.bayesprune_kept["layers.0.self_attn.q_proj"]
     assert small.layers[0].mlp.up_proj.out_features < 48  # the MLP's neurons are removed
     x2 = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -353,3 +357,45 @@ def test_llama_attention_whose_pruning_group_never_settles_keeps_q_k_v_and_shrin
             assert _rel_err(model(inp).last_hidden_state, small(inp).last_hidden_state) <= TOL
     group_limit = _torch_pruning._GROUP_LIMIT
     assert getattr(group_limit, "items", None) is None  # the bound is off outside the graph's calls
+
+
+def test_fused_qkv_split_into_heads_is_kept_without_a_search(monkeypatch):
+    """timm's attention reshapes its fused q/k/v output [B, N, 3 * heads * d] into
+    [B, N, 3, heads, d]: single q/k/v features cannot be removed.  Shrink predicts those layers
+    from the reshape (one graph analysis) instead of halving its way to them (74 removal attempts,
+    119 s on ViT-S/16), keeps them with the reason, removes the other layers' structures, and the
+    shrunk ViT equals the masked one on another input."""
+    vt = pytest.importorskip("timm.models.vision_transformer")
+    from bayesprune import removal
+
+    torch.manual_seed(0)
+    model = vt.VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    bp.add_noise(model, x)
+    _mask_and_randomise(model, x)
+    calls = []
+    real = removal._remove_structures
+    monkeypatch.setattr(removal, "_remove_structures", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rep = bp.prune(model, "etheta")
+    small = bp.shrink(model)
+    qkv = {f"blocks.{i}.attn.qkv" for i in range(3)}
+    assert set(small.bayesprune_kept) == qkv
+    assert all("[2, 17, 144] -> [2, 17, 3, 3, 16]" in small.bayesprune_kept[n] for n in qkv)
+    assert len(calls) <= 4  # everything, then everything but the predicted layers (each on the twin too)
+    assert rep.params_kept == bp.count_parameters(small) < bp.count_parameters(model)
+    assert small.blocks[0].mlp.fc1.out_features < 192
+    assert small.blocks[0].attn.qkv.out_features == 144
+    x2 = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for inp in (x, x2):
+            assert _rel_err(model(inp), small(inp)) < 1e-5
+
+
+def test_splits_recognises_a_dimension_spread_over_several():
+    from bayesprune.removal import _splits
+
+    assert _splits(((2, 197, 1152), (2, 197, 3, 6, 64)), 1152)
+    assert _splits(((2, 116, 7, 7), (2, 2, 58, 7, 7)), 116)  # a channel shuffle's view
+    assert not _splits(((2, 16, 5, 5), (2, 400)), 16)  # a flatten merges channels: removable
+    assert not _splits(((2, 197, 384), (2, 197, 384, 1)), 384)  # one dimension larger than 1
+    assert not _splits(((2, 197, 1152), (394, 1152)), 1152)  # leading dimensions merged, features kept
