@@ -114,9 +114,11 @@ BF_REDUCED = [("repro/bf-table1", "at a reduced budget",
 NOTES = "RESULTS-notes.md"
 # the dense fine-tune after pruning (experiments/finetune.py): (directory under results/, command; {seeds} filled in)
 DENSE_FT = ("paper/dense-finetune",
-            "nice -n 10 bayesprune run --model {model} --dataset {dataset} --data-dir ../shared/datasets --seeds {seeds} --out-dir runs/dft"
+            "bayesprune run --model {model} --dataset {dataset} --data-dir ../shared/datasets --seeds {seeds} --out-dir runs/dft"
             "{options}",
-            "2026-12-02 on the 2-core CPU shared with other work (load average 8-16 for the LeNet5/MNIST seed-0 runs, 2-6 for the others)")
+            "2026-12-02 on the 2-core CPU shared with other work, most under `nice -n 10` (load average 8-16 for the "
+            "LeNet5/MNIST seed-0 runs, 2-6 for the others); the LeNet5/CIFAR-10 runs on 2026-12-02 between 14:38 and 15:20 "
+            "UTC, not niced, beside two other experiments (load average 2.0-2.6)")
 # plain LeNet5-shaped networks of the goal's size trained from scratch (scripts/lenet5_frontier.py)
 FRONTIER = ("paper/dense-finetune/frontier.jsonl",
             "OMP_NUM_THREADS=1 nice -n 5 python scripts/lenet5_frontier.py --shapes {shapes} --epochs {epochs} "
