@@ -222,13 +222,14 @@ def _eval_outputs(model, inputs):
         model.train(was)
 
 
-def _mismatch(reference, model, inputs, values: bool = True) -> str | None:
-    """None if ``model`` reproduces ``reference`` on ``inputs`` (only its shapes unless ``values``).
+def _mismatch(reference, model, inputs, values: bool = True, rtol: float = VERIFY_RTOL) -> str | None:
+    """None if ``model`` reproduces ``reference`` on ``inputs`` to ``rtol`` of the output scale
+    (only its shapes unless ``values``).
 
     ``inputs`` may be a list of inputs (:func:`_probes`) with ``reference`` the list of their outputs."""
     if isinstance(inputs, _ProbeList):
         for k, (ref, inp) in enumerate(zip(reference, inputs)):
-            why = _mismatch(ref, model, inp, values=values)
+            why = _mismatch(ref, model, inp, values=values, rtol=rtol)
             if why is not None:
                 return f"{why} on verification input {k}" if values else why
             if not values:
@@ -251,10 +252,55 @@ def _mismatch(reference, model, inputs, values: bool = True) -> str | None:
         scale = b.abs().max().item() if b.numel() else 0.0
         diff = (a.double() - b.double()).abs().max().item() if b.numel() else 0.0
         # half/bfloat16 networks round at ~1e-3/1e-2: the fold then moves outputs by a few ulps
-        rtol = max(VERIFY_RTOL, 4 * torch.finfo(b.dtype).eps) if b.is_floating_point() else VERIFY_RTOL
-        if not diff <= rtol * max(scale, 1e-12):
+        tol = max(rtol, 4 * torch.finfo(b.dtype).eps) if b.is_floating_point() else rtol
+        if not diff <= tol * max(scale, 1e-12):
             return f"max abs difference {diff:.3g} at output scale {scale:.3g}"
     return None
+
+
+def _relative_difference(reference, model, inputs: "_ProbeList") -> float:
+    """max over ``inputs`` and outputs of max|out - ref| / max|ref| (finite outputs only)."""
+    worst = 0.0
+    for ref, inp in zip(reference, inputs):
+        for a, b in zip(_eval_outputs(model, inp), ref):
+            if not b.is_floating_point() or not b.numel():
+                continue
+            finite = torch.isfinite(b) & torch.isfinite(a)
+            a, b = a[finite].double(), b[finite].double()
+            if b.numel():
+                worst = max(worst, (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12))
+    return worst
+
+
+#: the most a network's own float rounding may widen the check (``_rounding_tolerance``)
+ROUNDING_RTOL_MAX = 1e-3
+
+
+def _rounding_tolerance(model, example_inputs, reference, folded, probes) -> float | None:
+    """For a float32 (or narrower) network whose fold alone misses ``VERIFY_RTOL``: the same fold
+    computed in float64 on a float64 copy; when that one is exact (1e-9 of the output scale), the
+    miss is the network's float rounding (large activations cancelling: a trained LeNet5 on the
+    wide probe input missed by 1.1e-5), and the tolerance becomes twice the float fold's
+    difference (at most ``ROUNDING_RTOL_MAX``).  None otherwise (the fold is really inexact)."""
+    if not any(p.is_floating_point() and p.dtype != torch.float64 for p in model.parameters()):
+        return None
+    try:
+        wide = copy.deepcopy(model).double()
+        ex = _map_inputs(lambda t: t.double() if torch.is_tensor(t) and t.is_floating_point() else t, example_inputs)
+        wide_probes = _ProbeList(_map_inputs(lambda t: t.double() if torch.is_tensor(t) and t.is_floating_point() else t, p)
+                                 for p in probes)
+        _freeze_noise(wide)
+        wide_reference = _eval_outputs(wide, wide_probes)
+        entries = [_entry(n) for n in noise_layers(wide)]
+        _freeze_noise(wide, frozen=False)
+        remove_noise(wide)
+        _fold_all(wide, entries, ex)
+        if _relative_difference(wide_reference, wide, wide_probes) > 1e-9:
+            return None
+        observed = _relative_difference(reference, folded, probes)
+    except Exception:  # no float64 on this device, a dtype-bound forward: keep the strict check
+        return None
+    return 2 * observed if observed <= ROUNDING_RTOL_MAX / 2 else None
 
 
 def _out_pruner(module):
@@ -904,16 +950,22 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
                 return None, None, f"removal failed: {type(e).__name__}: {e}"
             if keep_noise:
                 _reattach(trial, entries, kept)
-            why = _mismatch(ref, trial, inputs, values=values) if verify else None
+            why = _mismatch(ref, trial, inputs, values=values, rtol=rtol) if verify else None
             if why is not None:
                 return None, None, why if base is m else f"{why}, with random BatchNorm statistics"
             trials.append((trial, steps))
         return trials[0][0], trials[0][1], None
 
     refused = {}
+    rtol = VERIFY_RTOL
     out, steps, why = attempt(set(names))
     if why is not None and fold and verify:  # is the fold alone inexact? then no removal can be exact
         first = _mismatch(reference, m, probes)
+        loose = _rounding_tolerance(model, example_inputs, reference, m, probes) if first is not None else None
+        if loose is not None:  # exact in float64: the float network's own rounding, checked at that level
+            rtol = loose
+            out, steps, why = attempt(set(names))
+            first = None
         if first is not None:
             bad = _inexact_folds(model, example_inputs)
             lines = "".join(f"\n  {n}: {w}" for n, w in bad.items())
