@@ -429,3 +429,68 @@ def test_fold_missing_the_tolerance_by_float32_rounding_alone_is_accepted_at_tha
     with pytest.raises(RuntimeError, match="inexact before any removal"):
         bp.shrink(m)
 
+
+
+class _Amplifying(nn.Module):
+    """A backbone and a head, then post-processing that turns float rounding into large output
+    differences (``frac(1e5 * head)``, as a detector's thresholds, top-k and NMS do near ties)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 12, 3), nn.ReLU())
+        self.head = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        return torch.frac(self.head(self.body(x)) * 1e5)
+
+
+def _amplifying(exclude_output_layer=True):
+    torch.manual_seed(0)
+    m = _Amplifying()
+    x = torch.randn(2, 3, 10, 10)
+    bp.add_noise(m, x, exclude_output_layer=exclude_output_layer)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n in bp.noise_layers(m):
+            n.mu.copy_(-0.5 * torch.rand(n.mu.shape, generator=g))
+            n.mu[: n.mu.numel() // 3] = -19.0
+        m.body[1].running_mean.normal_(0, 0.5, generator=g)
+        m.body[1].running_var.uniform_(0.5, 2.0, generator=g)
+    m.eval()
+    bp.prune(m, "etheta")
+    return m, x
+
+
+def test_post_processing_that_amplifies_rounding_is_verified_on_the_prediction_heads():
+    """The model output differs (frac(1e5 * head) after any float change), but the prediction
+    head's output, which no removal touches, equals the masked model's: the removal is exact and
+    shrink returns it (a detector's NMS near ties); the head's output is checked, not trusted."""
+    from bayesprune import removal
+
+    m, x = _amplifying()
+    small = bp.shrink(m)
+    assert small.body[0].out_channels < 16
+    assert small.body[3].out_channels < 12 and not small.bayesprune_kept
+    x2 = torch.randn(3, 3, 10, 10, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for inp in (x, x2):
+            ref, out = m.head(m.body(inp)), small.head(small.body(inp))
+            assert _rel(ref, out) < 1e-5
+            assert _rel(m(inp), small(inp)) > 1e-3  # the amplified outputs do differ
+    assert removal._prediction_heads(m, x) == ["head"]
+
+
+def test_a_head_with_noise_gives_no_head_check_and_the_amplified_output_is_refused():
+    from bayesprune import removal
+
+    with pytest.raises(RuntimeError, match="shrink refuses the network|could not reproduce"):
+        _amplifying(exclude_output_layer=False)  # prune's count shrinks
+    torch.manual_seed(0)
+    m, x = _Amplifying(), torch.randn(2, 3, 10, 10)
+    bp.add_noise(m, x, exclude_output_layer=False)
+
+    assert removal._prediction_heads(m, x) == []
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / a.abs().max())
