@@ -77,8 +77,8 @@ BMRS_PAPER = ("paper/bmrs-table1", "BMRS Table 1 (continuous pruning) at the pap
               "bayesprune reproduce bmrs-table1 --seeds {seeds} --threshold reference --data-dir ../shared/datasets "
               "--out-dir runs/paper --jobs 2",
               "2 runs in parallel; 3 for LeNet5/Fashion-MNIST and the None (no noise) and LeNet5 SNR rows, whose "
-              "times are therefore up to ~1.5x what 2 at a time take; the LeNet5/CIFAR-10 E[θ] and SNR runs (2026-12-02, "
-              "15:04-16:20 UTC) one at a time (`--models lenet5 --datasets cifar10 --seeds 0 --jobs 1 --ensemble 1`) "
+              "times are therefore up to ~1.5x what 2 at a time take; the LeNet5/CIFAR-10 E[θ], SNR and BMRS_N runs (2026-12-02, "
+              "15:04-16:52 UTC) one at a time (`--models lenet5 --datasets cifar10 --seeds 0 --jobs 1 --ensemble 1`) "
               "beside two other single-thread experiments")
 BMRS_REDUCED = ("repro/bmrs-table1", "BMRS Table 1 (continuous pruning) at a reduced budget (MLP 5 + 2, LeNet5 4 + 1 epochs, "
                 "noise lr 1e-2)",
