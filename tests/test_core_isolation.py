@@ -106,3 +106,25 @@ def test_timm_imported_after_the_core_leaves_the_lazy_torch_pruning_working():
     assert out.returncode == 0, out.stderr
     smaller, err = out.stdout.split()
     assert smaller == "True" and float(err) < 1e-5, out.stdout
+
+
+def test_core_runs_where_tqdm_is_not_installed(tmp_path):
+    """``import torch`` loads tqdm only when it is installed (torch.hub); the core itself never
+    imports it: with tqdm made unimportable, add_noise, prune and shrink run and tqdm is not loaded."""
+    (tmp_path / "tqdm").mkdir()
+    (tmp_path / "tqdm" / "__init__.py").write_text('raise ImportError("tqdm is not installed (simulated)")\n')
+    code = textwrap.dedent("""
+        import sys, torch
+        import bayesprune as bp
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        x = torch.randn(2, 4)
+        bp.add_noise(m, x)
+        bp.prune(m, "bmrs_n")
+        small = bp.shrink(m, x)
+        print("tqdm-loaded", sys.modules.get("tqdm") is not None, bp.count_parameters(small) <= 58)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-2:] == ["False", "True"], out.stdout
