@@ -5,6 +5,7 @@ in an environment where they are not installed) and runs the whole user path on 
 add_noise -> train -> prune -> shrink -> save/load -> ONNX-free export checks.
 """
 
+import os
 import subprocess
 import sys
 import textwrap
