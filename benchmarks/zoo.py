@@ -209,20 +209,14 @@ def run_one(name: str) -> dict:
 def _head_errors(row: dict, model, small, x) -> None:
     """The relative errors of the prediction heads' outputs (what shrink verifies when the model
     output is post-processing of them, as a detector's NMS), as ``heads_rel_err[_other]``."""
-    import torch
-
-    from bayesprune.removal import _ProbeList, _head_outputs, _prediction_heads
+    from bayesprune.removal import _head_outputs, _prediction_heads, _ProbeList, _relative_difference
 
     heads = _prediction_heads(model, x)
     if not heads:
         return
     for key, inp in (("heads_rel_err", x), ("heads_rel_err_other", _other_input(x))):
-        (a,), (b,) = _head_outputs(model, _ProbeList([inp]), heads), _head_outputs(small, _ProbeList([inp]), heads)
-        worst = 0.0
-        for ta, tb in zip(a, b):
-            ta, tb = ta.double(), tb.double()
-            worst = max(worst, float((ta - tb).abs().max() / ta.abs().max().clamp_min(1e-12)) if ta.numel() else 0.0)
-        row[key] = worst
+        inputs = _ProbeList([inp])
+        row[key] = _relative_difference(_head_outputs(model, inputs, heads), _head_outputs(small, inputs, heads))
     row["error"] = (f"model outputs differ by up to {max(row['rel_err'], row['rel_err_other']):.2g} (post-processing "
                     f"of the {len(heads)} prediction heads' outputs, whose errors are given)")
 

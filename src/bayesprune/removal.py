@@ -262,11 +262,12 @@ def _mismatch(reference, model, inputs, values: bool = True, rtol: float = VERIF
     return None
 
 
-def _relative_difference(reference, model, inputs: "_ProbeList") -> float:
-    """max over ``inputs`` and outputs of max|out - ref| / max|ref| (finite outputs only)."""
+def _relative_difference(reference, outputs) -> float:
+    """max|out - ref| / max|ref| over per-input lists of output tensors (``_eval_outputs`` of a
+    _ProbeList), at the finite entries of both."""
     worst = 0.0
-    for ref, inp in zip(reference, inputs):
-        for a, b in zip(_eval_outputs(model, inp), ref):
+    for refs, outs in zip(reference, outputs):
+        for b, a in zip(refs, outs):
             if not b.is_floating_point() or not b.numel():
                 continue
             finite = torch.isfinite(b) & torch.isfinite(a)
@@ -276,7 +277,6 @@ def _relative_difference(reference, model, inputs: "_ProbeList") -> float:
     return worst
 
 
-@torch.no_grad()
 def _head_outputs(model, inputs, heads: list[str]) -> list:
     """Per input of ``inputs`` (a _ProbeList), the eval outputs of the modules named ``heads``
     (their first call), in that order."""
@@ -284,17 +284,15 @@ def _head_outputs(model, inputs, heads: list[str]) -> list:
     out = []
     for inp in inputs:
         seen: dict = {}
+
         def keep(k, o):
             if k not in seen:  # cloned now: a later in-place operation may change the tensor
                 seen[k] = [t.detach().clone() for t in _tensors(o)]
 
         handles = [m.register_forward_hook(lambda mod, a, o, k=k: keep(k, o)) for k, m in enumerate(mods)]
-        was = model.training
-        model.eval()
         try:
-            _run(model, inp)
+            _eval_outputs(model, inp)
         finally:
-            model.train(was)
             for h in handles:
                 h.remove()
         out.append([t for k in range(len(mods)) for t in seen.get(k, [])])
@@ -328,19 +326,21 @@ def _rounding_tolerance(model, example_inputs, reference, folded, probes) -> flo
     if not any(p.is_floating_point() and p.dtype != torch.float64 for p in model.parameters()):
         return None
     try:
+        def to64(t):
+            return t.double() if torch.is_tensor(t) and t.is_floating_point() else t
+
         wide = copy.deepcopy(model).double()
-        ex = _map_inputs(lambda t: t.double() if torch.is_tensor(t) and t.is_floating_point() else t, example_inputs)
-        wide_probes = _ProbeList(_map_inputs(lambda t: t.double() if torch.is_tensor(t) and t.is_floating_point() else t, p)
-                                 for p in probes)
+        ex = _map_inputs(to64, example_inputs)
+        wide_probes = _ProbeList(_map_inputs(to64, p) for p in probes)
         _freeze_noise(wide)
         wide_reference = _eval_outputs(wide, wide_probes)
         entries = [_entry(n) for n in noise_layers(wide)]
         _freeze_noise(wide, frozen=False)
         remove_noise(wide)
         _fold_all(wide, entries, ex)
-        if _relative_difference(wide_reference, wide, wide_probes) > 1e-9:
+        if _relative_difference(wide_reference, _eval_outputs(wide, wide_probes)) > 1e-9:
             return None
-        observed = _relative_difference(reference, folded, probes)
+        observed = _relative_difference(reference, _eval_outputs(folded, probes))
     except Exception:  # no float64 on this device, a dtype-bound forward: keep the strict check
         return None
     return 2 * observed if observed <= ROUNDING_RTOL_MAX / 2 else None
