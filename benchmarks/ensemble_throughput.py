@@ -11,7 +11,9 @@ ensemble is faster), the device and ``uptime``'s load average.
         --data-dir ../shared/datasets [--train 4096] [--repeats 3] [--device cuda]
 
 ``--probe``: instead, the probe that ``reproduce --ensemble auto`` runs (``ensemble.probe``: a few
-steps of each side on the full training set's loader) for ``--members`` runs with seeds 0..K-1.
+steps of each side on the full training set's loader) for ``--members`` runs with seeds 0..K-1;
+with ``--model fcn`` or ``cnn``, the Bayes-factor runs' probe (``ensemble.bf_probe``, the paper's
+batch 64 and lr 1e-3) that ``reproduce bf-table1`` runs.
 """
 
 from __future__ import annotations
@@ -48,10 +50,16 @@ def main(argv=None) -> None:
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     if a.probe:
-        cfgs = [training.resolve_config(model=a.model, dataset=a.dataset, seed=s, device=a.device, data_dir=a.data_dir,
-                                        out_dir=f"probe{s}") for s in range(a.members)]
         t0 = time.perf_counter()
-        r = ensemble.probe(cfgs)
+        if a.model in ("fcn", "cnn"):
+            from bayesprune.experiments.bf_training import BayesFactorRunConfig
+
+            r = ensemble.bf_probe([BayesFactorRunConfig(model=a.model, dataset=a.dataset, seed=s, device=a.device,
+                                                        data_dir=a.data_dir, out_dir="probe") for s in range(a.members)])
+        else:
+            cfgs = [training.resolve_config(model=a.model, dataset=a.dataset, seed=s, device=a.device, data_dir=a.data_dir,
+                                            out_dir=f"probe{s}") for s in range(a.members)]
+            r = ensemble.probe(cfgs)
         ratio = "n/a" if r.ratio is None else f"{r.ratio:.2f}x"
         print(f"{a.model}/{a.dataset}, device {device}, {a.threads} thread(s): {r}; ratio {ratio} "
               f"({'batched' if r.batched else 'single runs'}), probe {time.perf_counter() - t0:.1f} s")

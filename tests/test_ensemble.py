@@ -82,7 +82,9 @@ def test_one_batched_epoch_equals_each_members_own(model_name):
         theirs = dict(twin.named_parameters())
         for name, p in model.named_parameters():
             q = theirs[name]
-            assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), name
+            # 1e-5: 1 % of one Adam step (lr 1e-3); float rounding of the grouped convolution, which
+            # Adam's g / sqrt(v) amplifies where v is tiny, reached 1.2e-6 on an AMD EPYC (oneDNN)
+            assert torch.allclose(p, q, rtol=1e-5, atol=1e-5), name
             assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
             s, t = opt.state[p], twin_opt.state[q]
             assert float(s["step"]) == float(t["step"]) == 2

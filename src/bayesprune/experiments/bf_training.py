@@ -5,6 +5,7 @@ with per-epoch checkpoints from which an interrupted run resumes exactly; and
 
 from __future__ import annotations
 
+import contextvars
 import math
 import os
 import time
@@ -21,9 +22,33 @@ from ..bayes_factor import (LIKELIHOOD_BATCH_SIZE, MODES, SKIP_POLICIES, BayesFa
                             prunable_weights, shrink_dead)
 from ..bayes_factor.posterior import _model_device
 from . import rundir as files
+from .data import make_loader
 from .training import evaluate, load_checkpoint, save_checkpoint
 
-__all__ = ["train_bayes_factor", "BayesFactorRunConfig", "bayes_factor_grid", "bf_run_dir", "run_bayes_factor"]
+__all__ = ["train_bayes_factor", "BayesFactorRunConfig", "bayes_factor_grid", "bf_run_dir", "run_bayes_factor", "EPOCH_RUNNER"]
+
+#: the training epoch :func:`train_bayes_factor` runs, ``(model, optimizer, loader, device, masks)
+#: -> mean training loss``, where set (default :func:`_train_epoch`): ensemble.py sets it in each
+#: member's thread to hand the epoch to one batched epoch of all members
+EPOCH_RUNNER: contextvars.ContextVar = contextvars.ContextVar("BF_EPOCH_RUNNER", default=None)
+
+
+def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader, device, masks) -> float:
+    """One epoch of cross-entropy and Adam; the mean training loss per example.  ``masks`` (the
+    pruner's WeightMasks in persistent mode, or None) re-zeroes pruned weights after each step
+    through the post-step hook the pruner attached to ``optimizer``; the batched epoch applies
+    them itself."""
+    model.train()
+    total, n = 0.0, 0
+    for batch in loader:
+        x, y = batch[0].to(device), batch[1].to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()  # the pruner's post-step hook re-zeroes pruned weights
+        total += float(loss.item()) * int(y.shape[0])
+        n += int(y.shape[0])
+    return total / max(1, n)
 
 
 def _run_config(epochs: int, lr: float, batch_size: int, seed: int, pruner: BayesFactorPruner | None) -> dict[str, Any]:
@@ -144,8 +169,8 @@ def train_bayes_factor(
     dev = _model_device(model)
     if pruner is not None and pruner.model is not model:
         raise ValueError("pruner was built for a different model")
-    g = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(splits.train, batch_size=batch_size, shuffle=True, generator=g, num_workers=num_workers)
+    train_loader = make_loader(splits.train, batch_size, shuffle=True, seed=seed, num_workers=num_workers)
+    g = train_loader.generator
     if pruner is not None and pruner.likelihood_data is None and (pruner.gated or pruner.compute_bf):
         pruner.set_likelihood_data(
             DataLoader(splits.train, batch_size=eval_batch_size, shuffle=False, num_workers=num_workers)
@@ -182,22 +207,14 @@ def train_bayes_factor(
     weights = pruner.masks.weights if pruner is not None else prunable_weights(model)
     for epoch in epoch_iter:
         t0 = time.perf_counter()
-        model.train()
-        total, n = 0.0, 0
-        for batch in train_loader:
-            x, y = batch[0].to(dev), batch[1].to(dev)
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            optimizer.step()  # the pruner's post-step hook re-zeroes pruned weights
-            total += float(loss.item()) * int(y.shape[0])
-            n += int(y.shape[0])
+        masks = pruner.masks if pruner is not None and pruner.persistent else None
+        train_loss = (EPOCH_RUNNER.get() or _train_epoch)(model, optimizer, train_loader, dev, masks)
         record = pruner.end_of_epoch(epoch, optimizer=optimizer) if pruner is not None else None
         val_loss, val_acc = evaluate(model, splits.val, dev, batch_size=eval_batch_size)
         zeros = {name: float((w.detach() == 0).float().mean().item()) for name, w in weights.items()}
         numel = sum(w.numel() for w in weights.values())
         history["epoch"].append(epoch)
-        history["train_loss"].append(total / max(1, n))
+        history["train_loss"].append(train_loss)
         history["val_loss"].append(val_loss)
         history["val_acc"].append(val_acc)
         history["log_bf"].append(record["log_bf"] if record else math.nan)

@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="runs in parallel, each with cores/jobs threads (default: one per core on the CPU, "
                          "measured ~1.9x faster than one run with all threads; 1 on CUDA)")
     rp.add_argument("--ensemble", type=_ensemble, default=ENSEMBLE_AUTO, metavar="auto|K",
-                    help="bmrs-table1/-table2: train runs that share a network (seeds, methods) as batched ensembles, "
+                    help="bmrs-table1/-table2, bf-table1: train runs that share a network (seeds, methods) as batched ensembles, "
                          "each member with its single run's numbers; auto (default): a timed probe of a few steps per "
                          "network decides, printed and recorded in each summary; 1: single runs; K: ensembles of up "
                          "to K (docs/scale-out.md)")

@@ -31,6 +31,7 @@ during training, or data sets not held in memory are refused (:func:`check_membe
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import os
 import statistics
@@ -45,9 +46,10 @@ from torch.distributions import kl_divergence
 
 from ..distributions import LogUniform, TruncatedLogNormal, draw_theta
 from ..noise import noise_layers
-from . import training
+from . import bf_training, training
 
-__all__ = ["run_ensemble", "check_members", "check_network", "SHARED_FIELDS", "probe", "Probe", "wall_clock", "MAX_MEMBERS", "PROBE_STEPS",
+__all__ = ["run_ensemble", "run_bf_ensemble", "bf_probe", "check_members", "check_bf_members", "check_network", "SHARED_FIELDS",
+           "BF_SHARED_FIELDS", "probe", "Probe", "wall_clock", "MAX_MEMBERS", "PROBE_STEPS",
            "PROBE_REPEATS"]
 
 #: RunConfig fields that members of one ensemble share (seed, method and its rule may differ)
@@ -80,6 +82,32 @@ def check_members(cfgs) -> None:
         raise ValueError(f"ensemble members share the run directory {twice[0]}")
 
 
+#: BayesFactorRunConfig fields that members of one Bayes-factor ensemble share (the mode,
+#: sparsity, gate and its settings, and the seed may differ)
+BF_SHARED_FIELDS = ("dataset", "model", "data_dir", "epochs", "batch_size", "lr", "device")
+
+
+def check_bf_members(cfgs) -> None:
+    """ValueError naming the field and the members if ``cfgs`` (BayesFactorRunConfigs) cannot
+    train as one ensemble, or if their network is not one the ensemble batches."""
+    from .models import build_model
+
+    if not cfgs:
+        raise ValueError("an ensemble needs at least one run configuration")
+    first = asdict(cfgs[0])
+    for i, cfg in enumerate(cfgs):
+        d = asdict(cfg)
+        for f in BF_SHARED_FIELDS:
+            if d[f] != first[f]:
+                raise ValueError(f"ensemble member {i} ({bf_training.bf_run_dir(cfg)}) has {f}={d[f]!r} but member 0 has "
+                                 f"{first[f]!r}: members share {', '.join(BF_SHARED_FIELDS)}")
+    dirs = [str(bf_training.bf_run_dir(c)) for c in cfgs]
+    twice = sorted({d for d in dirs if dirs.count(d) > 1})
+    if twice:
+        raise ValueError(f"ensemble members share the run directory {twice[0]}")
+    check_network(build_model(cfgs[0].model, 1, 28, 10))  # the layer types, whatever the data set's shape
+
+
 def check_network(model: nn.Module) -> None:
     """ValueError naming the layer if ``model`` is not a network the ensemble batches: an
     ``nn.Sequential`` of Linear, Conv2d, pooling, Flatten and element-wise activations."""
@@ -92,8 +120,11 @@ def check_network(model: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------------------------
 class _Member:
-    def __init__(self, index: int, cfg, progress: bool):
-        self.index, self.cfg, self.progress = index, cfg, progress
+    """One run in a thread of its own: ``kind.run(cfg)`` with ``kind.runner`` (the training
+    loop's epoch hook) set to hand each training epoch to the coordinator."""
+
+    def __init__(self, index: int, cfg, kind: "_Kind"):
+        self.index, self.cfg, self.kind = index, cfg, kind
         self.to_member = threading.Semaphore(0)
         self.to_coordinator = threading.Semaphore(0)
         self.request = None  # (args, rng state) while it waits for a training epoch
@@ -105,9 +136,9 @@ class _Member:
         self.thread = threading.Thread(target=self._main, name=f"ensemble member {index}", daemon=True)
 
     def _main(self) -> None:
-        training.EPOCH_RUNNER.set(self._epoch)
+        self.kind.runner.set(self._epoch)
         try:
-            self.result = training.run_continuous(self.cfg, progress=False)
+            self.result = self.kind.run(self.cfg)
         except BaseException as e:  # noqa: BLE001 - handed to the caller with the member
             self.error = e
         finally:
@@ -115,7 +146,7 @@ class _Member:
             self.to_coordinator.release()
 
     def _epoch(self, *args):
-        """training.EPOCH_RUNNER of this member: hand the epoch to the coordinator and wait."""
+        """The epoch hook of this member: hand the epoch to the coordinator and wait."""
         self.request = (args, training._rng_state())
         self.to_coordinator.release()
         self.to_member.acquire()
@@ -136,10 +167,29 @@ class _Member:
 
 def run_ensemble(cfgs, progress: bool = False) -> list:
     """Train ``cfgs`` (RunConfigs, see :data:`SHARED_FIELDS`) as one ensemble; returns, per
-    member, its summary dict or the exception its run raised (the others go on)."""
+    member, its summary dict or the exception its run raised (the others go on).  ``progress``
+    is accepted for the engines' signature; the members run without progress bars."""
     cfgs = list(cfgs)
     check_members(cfgs)
-    members = [_Member(i, cfg, progress) for i, cfg in enumerate(cfgs)]
+    return _coordinate([_Member(i, cfg, _BMRS) for i, cfg in enumerate(cfgs)])
+
+
+def run_bf_ensemble(cfgs) -> list:
+    """Train ``cfgs`` (BayesFactorRunConfigs of one network, data set and training, see
+    :data:`BF_SHARED_FIELDS`; modes, sparsities, gates and seeds may differ) as one ensemble:
+    each member is :func:`bf_training.run_bayes_factor` with only its training epochs batched
+    (:class:`_PlainBatch`).  Returns, per member, its summary or the exception its run raised."""
+    cfgs = list(cfgs)
+    check_bf_members(cfgs)
+    cache: dict = {}  # one load of each (data set, folder, seed), shared by the members' threads
+    kind = _Kind(lambda cfg: bf_training.run_bayes_factor(cfg, data_cache=cache), bf_training.EPOCH_RUNNER,
+                 bf_training._train_epoch, _PlainBatch)
+    return _coordinate([_Member(i, cfg, kind) for i, cfg in enumerate(cfgs)])
+
+
+def _coordinate(members) -> list:
+    """Run ``members`` one at a time until each waits for an epoch, train the epochs of those
+    that can share one batched (per :func:`_groups`), repeat until every member has ended."""
     state = training._rng_state()
     try:
         for m in members:  # set-up one member at a time: each seeds and builds with the global generator
@@ -159,11 +209,12 @@ def run_ensemble(cfgs, progress: bool = False) -> list:
 
 
 def _key(member):
-    (model, opt, _loader, cfg, num_train, device, _desc), _ = member.request
+    batch = getattr(member, "kind", _BMRS).batch
+    model, opt, _loader, device, extra = batch.unpack(member.request[0])
     shapes = tuple((n, tuple(t.shape)) for n, t in model.state_dict().items())
     steps = tuple(float(s["step"]) for s in opt.state.values() if "step" in s)
     hyper = tuple(tuple(sorted((k, repr(v)) for k, v in g.items() if k != "params")) for g in opt.param_groups)
-    return shapes, steps, hyper, num_train, str(device), cfg.kl_weighting
+    return shapes, steps, hyper, str(device), extra
 
 
 def _groups(members) -> list[list]:
@@ -175,8 +226,9 @@ def _groups(members) -> list[list]:
 
 
 def _train_group(group) -> None:
+    kind = group[0].kind
     try:
-        results, rng_after = _Batch(group).epoch()
+        results, rng_after = kind.batch(group).epoch()
     except _Fallback:
         results = rng_after = None
     if results is None:  # every member trains this epoch with the ordinary code, from the same state
@@ -184,7 +236,7 @@ def _train_group(group) -> None:
             args, rng = m.request
             training._set_rng_state(rng)
             try:
-                m.outcome = (training._train_epoch(*args), None)
+                m.outcome = (kind.single(*args), None)
             except Exception as e:  # noqa: BLE001 - the member's own error, raised in its thread
                 m.outcome = (None, e)
             m.rng_after = training._rng_state()
@@ -199,15 +251,27 @@ class _Fallback(Exception):
 
 # ---------------------------------------------------------------------------------------------
 class _Batch:
-    """One training epoch of the members of ``group`` as one stacked network."""
+    """One training epoch of the members of ``group`` as one stacked network (BMRS runs:
+    noise, cross-entropy + KL; the epoch's result is training._train_epoch's)."""
+
+    #: whether the members' loaders are iterated through a progress bar (training._train_epoch's)
+    through_bar = True
+
+    @staticmethod
+    def unpack(args):
+        """(model, optimizer, loader, device, what else members must share) of an epoch's
+        arguments: training._train_epoch's ``(model, opt, loader, cfg, num_train, device, desc)``."""
+        model, opt, loader, cfg, num_train, device, _desc = args
+        return model, opt, loader, device, (num_train, cfg.kl_weighting)
 
     def __init__(self, group):
         self.group = group
         args = [m.request[0] for m in group]
-        self.models = [a[0] for a in args]
-        self.opts = [a[1] for a in args]
-        self.loaders = [a[2] for a in args]
-        self.cfg, self.num_train, self.device = args[0][3], args[0][4], args[0][5]
+        parts = [self.unpack(a) for a in args]
+        self.models = [p[0] for p in parts]
+        self.opts = [p[1] for p in parts]
+        self.loaders = [p[2] for p in parts]
+        self.device = parts[0][3]
         self.rng = [m.request[1] for m in group]
         self.k = len(group)
         base = self.models[0]
@@ -218,6 +282,11 @@ class _Batch:
         self.layers = noise_layers(base)
         self.masks = [torch.stack([noise_layers(m)[i].mask for m in self.models]) for i in range(len(self.layers))]
         self.targets = {n.target_name: i for i, n in enumerate(self.layers)}
+        self.setup(args[0])
+
+    def setup(self, args) -> None:
+        """What the loss needs beyond the stacked network, from member 0's epoch arguments."""
+        self.cfg, self.num_train = args[3], args[4]
 
     # -- the forward pass of all members: activations [K, batch, ...] ------------------------
     def _linear(self, prefix, h):
@@ -311,7 +380,7 @@ class _Batch:
         images = _resident([d.images for d in sets], self.device)
         labels = _resident([d.labels for d in sets], self.device)
         offsets = [sum(len(d) for d in sets[:i]) for i in range(len(sets))]
-        steps = [list(_indices(loader)) for loader in self.loaders]
+        steps = [list(_indices(loader, self.through_bar)) for loader in self.loaders]
         if len({len(s) for s in steps}) != 1:
             raise ValueError("ensemble members take different numbers of steps an epoch")
         for per_member in zip(*steps):
@@ -319,33 +388,31 @@ class _Batch:
             yield images[idx], labels[idx]
 
     def epoch(self):
-        cfg = self.cfg
         generators = []
         for rng in self.rng:
             g = torch.Generator(self.device)
             g.set_state(rng["torch"] if self.device.type == "cpu" else rng["cuda"][_cuda_index(self.device)])
             generators.append(g)
         adam = self._adam()
-        noisy = bool(self.layers)
         for m in self.models:
             m.train()
-        sums = torch.zeros(self.k, 3, dtype=torch.float64, device=self.device)
-        steps = 0
+        sums, steps = None, 0
         for x, y in self._batches():
             logits = self._forward(x, generators)
             b = y.shape[1]
             ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(self.k, b).mean(1)
-            k = self._kl() if noisy else torch.zeros(self.k, device=ce.device)
-            loss = ce + k
+            loss, record = self._loss(ce, b)
             if not bool((torch.isfinite(loss) & (ce <= training.MAX_CROSS_ENTROPY)).all()):
                 raise _Fallback
             adam.zero_grad(set_to_none=True)
             loss.sum().backward()
             adam.step()
-            sums += torch.stack([loss.detach(), ce.detach(), k.detach()], dim=1).to(sums.dtype)
+            self._after_step(adam)
+            record = record.to(torch.float64)
+            sums = record if sums is None else sums + record
             steps += 1
         self._write_back(adam)
-        results = [tuple((s / steps).tolist()) for s in sums]
+        results = self._results(sums, steps)
         rng_after = []
         for rng, g in zip(self.rng, generators):
             new = dict(rng, cuda=list(rng["cuda"]))
@@ -355,6 +422,19 @@ class _Batch:
                 new["cuda"][_cuda_index(self.device)] = g.get_state()
             rng_after.append(new)
         return results, rng_after
+
+    def _loss(self, ce, batch: int):
+        """[K] losses to minimise and the [K, ...] of what the epoch's result averages."""
+        k = self._kl() if self.layers else torch.zeros(self.k, device=ce.device)
+        loss = ce + k
+        return loss, torch.stack([loss.detach(), ce.detach(), k.detach()], dim=1)
+
+    def _after_step(self, adam) -> None:
+        """Anything the members' optimizers do after a step (nothing for BMRS runs)."""
+
+    def _results(self, sums, steps: int) -> list:
+        """Per member, what its ordinary epoch returns: (loss, CE, KL) means over the steps."""
+        return [tuple((s / steps).tolist()) for s in sums]
 
     @torch.no_grad()
     def _write_back(self, adam) -> None:
@@ -368,6 +448,67 @@ class _Batch:
                 state = adam.state.get(s)
                 if state:
                     opt.state[p] = {key: (v.clone() if key == "step" else v[i].clone()) for key, v in state.items()}
+
+
+class _PlainBatch(_Batch):
+    """One training epoch of Bayes-factor runs (bf_training._train_epoch) as one stacked
+    network: no noise, the mean cross-entropy per member, and after each Adam step each member's
+    pruned weights (and their Adam moments) set to zero, as its pruner's post-step hook does
+    (WeightMasks.apply); their gradients are masked too, as its gradient hooks do.  The result
+    is each member's mean training loss per example."""
+
+    through_bar = False
+
+    @staticmethod
+    def unpack(args):
+        """bf_training._train_epoch's ``(model, optimizer, loader, device, masks)``."""
+        model, opt, loader, device, masks = args
+        return model, opt, loader, device, len(loader.dataset)
+
+    def setup(self, args) -> None:
+        per_member: dict = {}  # stacked parameter name -> {member: its mask}
+        for k, model in enumerate(self.models):
+            masks = self.group[k].request[0][4]
+            if masks is not None:
+                names = {id(p): n for n, p in model.named_parameters()}
+                for layer, w in masks.weights.items():
+                    per_member.setdefault(names[id(w)], {})[k] = masks.mask(layer)
+        self.zeroed = {}  # stacked parameter name -> [K, ...] masks (ones for members without)
+        for n, ms in per_member.items():
+            p = self.stacked[n]
+            self.zeroed[n] = torch.stack([ms[k].to(p.dtype) if k in ms else torch.ones_like(p[k]) for k in range(self.k)])
+        for n, m in self.zeroed.items():
+            self.stacked[n].register_hook(lambda grad, m=m: grad * m)
+
+    def _loss(self, ce, batch: int):
+        return ce, ce.detach().unsqueeze(1) * batch
+
+    @torch.no_grad()
+    def _after_step(self, adam) -> None:
+        for n, m in self.zeroed.items():
+            p = self.stacked[n]
+            p.mul_(m)
+            for value in adam.state.get(p, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                    value.mul_(m)
+
+    def _results(self, sums, steps: int) -> list:
+        n = len(self.loaders[0].dataset)
+        return [float(s[0]) / max(1, n) for s in sums]
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """One kind of run the coordinator batches: its run function, the epoch hook of its
+    training loop, its ordinary epoch (the fall-back) and its batched epoch."""
+
+    run: object
+    runner: contextvars.ContextVar
+    single: object
+    batch: type
+
+
+_BMRS = _Kind(lambda cfg: training.run_continuous(cfg, progress=False), training.EPOCH_RUNNER, training._train_epoch, _Batch)
 
 
 def _cuda_index(device: torch.device) -> int:
@@ -400,13 +541,14 @@ class _IndexSet(torch.utils.data.Dataset):
         return torch.as_tensor(index)
 
 
-def _indices(loader):
-    """The index batches ``loader`` would gather in ``training._train_epoch``: a DataLoader with
-    the same sampler and generator, iterated through the same progress bar (tqdm.auto's creates an
-    iterator of its own first, which draws one more DataLoader seed from the generator)."""
+def _indices(loader, through_bar: bool = True):
+    """The index batches ``loader`` would gather in its epoch: a DataLoader with the same sampler
+    and generator, iterated (``through_bar``, as in ``training._train_epoch``) through the same
+    progress bar (tqdm.auto's creates an iterator of its own first, which draws one more
+    DataLoader seed from the generator) or directly (``bf_training._train_epoch``)."""
     index_loader = torch.utils.data.DataLoader(_IndexSet(len(loader.dataset)), sampler=loader.sampler,
                                                batch_size=None, generator=loader.generator)
-    return training.tqdm(index_loader, disable=True, leave=False)
+    return training.tqdm(index_loader, disable=True, leave=False) if through_bar else index_loader
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,11 +673,17 @@ def _probe(cfgs, steps, repeats, timer, share) -> Probe:
             _sync(device)
         return work
 
+    return _timed(single, batched, len(built), steps, repeats, timer, device, fits)
+
+
+def _timed(single, batched, size: int, steps: int, repeats: int, timer, device, fits) -> Probe:
+    """The probe's timing: ``single()`` and ``batched()`` each return a fresh ``work`` callable;
+    one untimed warm-up of each, then ``repeats`` timed passes alternating which goes first."""
     try:
         batched()()
     except (ValueError, _Fallback) as e:
         what = "a non-finite or absurd loss" if isinstance(e, _Fallback) else str(e)
-        return Probe(len(built), steps, repeats, max_members=fits, error=what)
+        return Probe(size, steps, repeats, max_members=fits, error=what)
     single()()
     times: dict = {"single": [], "ensemble": []}
     for r in range(repeats):
@@ -543,14 +691,77 @@ def _probe(cfgs, steps, repeats, timer, share) -> Probe:
             work = single() if kind == "single" else batched()
             _sync(device)
             times[kind].append(float(timer(kind, work)))
-    return Probe(len(built), steps, repeats, statistics.median(times["single"]), statistics.median(times["ensemble"]), fits)
+    return Probe(size, steps, repeats, statistics.median(times["single"]), statistics.median(times["ensemble"]), fits)
+
+
+def bf_probe(cfgs, *, steps: int = PROBE_STEPS, repeats: int = PROBE_REPEATS, timer=wall_clock) -> Probe:
+    """:func:`probe` for Bayes-factor runs (BayesFactorRunConfigs that could share an ensemble,
+    at most MAX_MEMBERS of them): ``steps`` training steps of each member's network alone
+    (bf_training._train_epoch) against one batched epoch of all (:class:`_PlainBatch`), on the
+    runs' network, device, batch size and the first ``steps`` batches of member 0's training set;
+    without masks on either side (the pruners' masking is a few multiplications a step)."""
+    from .data import ImageTensorDataset, load_dataset, make_loader
+    from .models import build_model
+
+    cfgs = list(cfgs)[:MAX_MEMBERS]
+    try:
+        check_bf_members(cfgs)
+    except ValueError as e:
+        return Probe(len(cfgs), steps, repeats, error=str(e))
+    state = training._rng_state()
+    try:
+        first = cfgs[0]
+        device = training._device(first.device)
+        splits = load_dataset(first.dataset, first.data_dir, seed=first.seed)
+        if not hasattr(splits.train, "images"):
+            return Probe(len(cfgs), steps, repeats, error="the ensemble needs data sets held in memory (ImageTensorDataset)")
+        n = min(len(splits.train), steps * first.batch_size)
+        data = ImageTensorDataset(splits.train.images[:n], splits.train.labels[:n])
+        built = []
+        for cfg in cfgs:
+            torch.manual_seed(cfg.seed)
+            built.append((cfg, build_model(cfg.model, splits.in_channels, splits.image_size, splits.num_classes).to(device)))
+
+        def fresh():
+            out = []
+            for cfg, model in built:
+                m = copy.deepcopy(model)
+                out.append((m, torch.optim.Adam(m.parameters(), lr=cfg.lr), make_loader(data, cfg.batch_size, True, seed=cfg.seed)))
+            return out
+
+        def single():
+            runs = fresh()
+
+            def work():
+                for m, o, loader in runs:
+                    bf_training._train_epoch(m, o, loader, device, None)
+                _sync(device)
+            return work
+
+        def batched():
+            rng = training._rng_state()
+            kind = _Kind(None, bf_training.EPOCH_RUNNER, bf_training._train_epoch, _PlainBatch)
+            batches = [_PlainBatch(g) for g in _groups([_Waiting((m, o, loader, device, None), rng, kind)
+                                                         for m, o, loader in fresh()])]
+
+            def work():
+                for b in batches:
+                    b.epoch()
+                _sync(device)
+            return work
+
+        return _timed(single, batched, len(built), -(-n // first.batch_size), repeats, timer, device, MAX_MEMBERS)
+    finally:
+        training._set_rng_state(state)
+        _RESIDENT.clear()
 
 
 class _Waiting:
     """A member as the coordinator sees it while it waits for an epoch (the probe's members)."""
 
-    def __init__(self, args, rng):
+    def __init__(self, args, rng, kind: _Kind = _BMRS):
         self.request = (args, rng)
+        self.kind = kind
 
 
 def _sync(device: torch.device) -> None:

@@ -317,10 +317,15 @@ BF_SPARSITIES = ("0.25", "0.5", "0.75", "0.9", "0.99")
 
 def _bf_group(group) -> list[dict]:
     """Every sparsity and seed of one (model, data set, gate), as ``bayesprune bf-run`` runs them;
-    returns their summaries."""
-    from .bf_training import bayes_factor_grid, run_bayes_factor
+    returns their summaries.  ``ensemble`` 1: one run after another; K > 1: the unfinished runs
+    in batched ensembles of up to K (ensemble.run_bf_ensemble); "auto": a probe
+    (ensemble.bf_probe, here on the engine's worker) decides.  A failed run does not stop the
+    others; the group then raises, naming each failed run and its error."""
+    from .bf_training import bayes_factor_grid, bf_run_dir, run_bayes_factor
+    from .ensemble import bf_probe, run_bf_ensemble
+    from .rundir import read_json, write_json
 
-    model, dataset, gated, seeds, epochs, data_dir, out = group
+    model, dataset, gated, seeds, epochs, data_dir, out, ensemble = group
     modes = ["random", "magnitude"] + ([] if gated else ["none"])
     options = dict(model=model, dataset=dataset, gated=gated, out_dir=str(out), quiet=True)
     if epochs is not None:
@@ -328,23 +333,61 @@ def _bf_group(group) -> list[dict]:
     if data_dir is not None:
         options["data_dir"] = str(data_dir)
     configs = bayes_factor_grid(modes=modes, sparsities=[float(r) for r in BF_SPARSITIES], seeds=seeds, **options)
+    todo = [c for c in configs if not (bf_run_dir(c) / "summary.json").exists()]
+    size, record = 1, None
+    if ensemble != 1 and len(todo) > 1:
+        if ensemble == ENSEMBLE_AUTO:
+            p = bf_probe(todo)
+            what = f"ensemble probe bf {model}/{dataset} {'gated' if gated else 'plain'}, {len(todo)} runs"
+            if p.error is not None:
+                print(f"{what}: cannot train batched ({p.error}); single runs", flush=True)
+            else:
+                size = p.size if p.batched else 1
+                print(f"{what}: {p.size} single runs {p.single_s:.3f} s, one ensemble of {p.size} {p.ensemble_s:.3f} s "
+                      f"({p.steps} steps, medians of {p.repeats} passes): ensemble/single throughput {p.ratio:.2f}x -> "
+                      f"{'batched' if size > 1 else 'single runs'}", flush=True)
+                record = {"size": size, "probe_ratio": round(p.ratio, 4)}
+        else:
+            size = min(int(ensemble), len(todo))
+            record = {"size": size, "probe_ratio": None}
     cache: dict = {}
-    return [run_bayes_factor(cfg, data_cache=cache) for cfg in configs]
+    summaries = {id(c): run_bayes_factor(c, data_cache=cache) for c in configs if c not in todo}  # finished: read
+    failed = []
+    for chunk in _chunks(todo, size) if todo else []:
+        if len(chunk) == 1:
+            try:
+                results = [run_bayes_factor(chunk[0], data_cache=cache)]
+            except Exception as e:  # noqa: BLE001 - reported with the others below
+                results = [e]
+        else:
+            results = run_bf_ensemble(chunk)
+        for cfg, r in zip(chunk, results):
+            path = bf_run_dir(cfg) / "summary.json"
+            if isinstance(r, BaseException):
+                failed.append(f"{bf_run_dir(cfg)}: {type(r).__name__}: {r}")
+                continue
+            if record is not None and path.exists():
+                r = dict(r, ensemble=dict(record, size=len(chunk)))
+                write_json(path, dict(read_json(path), ensemble=r["ensemble"]))
+            summaries[id(cfg)] = r
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(configs)} Bayes-factor runs failed: " + "; ".join(failed))
+    return [summaries[id(c)] for c in configs]
 
 
 def reproduce(name: str, out: str | Path, seeds=(0,), epochs=None, finetune_epochs=None, data_dir=None, jobs: int = 1, models=None, datasets=None, progress: bool = True, engine=None, ensemble: int | str = ENSEMBLE_AUTO, probe_timer=None, **extra) -> dict:
     """Run (or resume) every run of target ``name`` on ``engine`` (default ``LocalEngine(jobs)``);
     returns {"summaries": [...], "wall_time_s": ..., "failures": [RunOutcome of each failed run]}.
-    ``ensemble`` (bmrs-table1, bmrs-table2): "auto" (default) lets a timed probe decide per group
-    of runs sharing a network whether they train as batched ensembles (ensemble.py), 1 forces
-    single runs, K > 1 ensembles of up to K runs; the choice is each summary's ``"ensemble"``
-    (docs/scale-out.md).  ``probe_timer(kind, work)``: the probe's timer (ensemble.wall_clock)."""
+    ``ensemble`` (bmrs-table1, bmrs-table2, bf-table1): "auto" (default) lets a timed probe decide
+    per group of runs sharing a network whether they train as batched ensembles (ensemble.py), 1
+    forces single runs, K > 1 ensembles of up to K runs; the choice is each summary's
+    ``"ensemble"`` (docs/scale-out.md).  ``probe_timer(kind, work)``: the probe's timer (ensemble.wall_clock)."""
     if name not in TARGETS:
         raise ValueError(f"unknown reproduction {name!r}; valid: {', '.join(TARGETS)}")
     check_ensemble(ensemble)
-    if name not in ("bmrs-table1", "bmrs-table2"):
+    if name == "bmrs-posttrain":
         if ensemble not in (1, ENSEMBLE_AUTO):
-            raise ValueError(f"ensemble applies to bmrs-table1 and bmrs-table2 (continuous runs), not {name}")
+            raise ValueError(f"ensemble applies to bmrs-table1, bmrs-table2 and bf-table1, not {name}")
         ensemble = 1  # auto: nothing to batch
     engine = LocalEngine(jobs) if engine is None else engine
     t0 = time.time()
@@ -385,7 +428,7 @@ def _reproduce(name, out, seeds, epochs, finetune_epochs, data_dir, models, data
         summaries = [s for s in run_all(engine, _sweep_one, cfgs, progress=progress, failures=failures) if s is not None]
     else:
         groups = [
-            (model, dataset, gated, tuple(seeds), epochs, data_dir, str(out))
+            (model, dataset, gated, tuple(seeds), epochs, data_dir, str(out), ensemble)
             for model in models or BF_MODELS
             for dataset in datasets or BMRS_DATASETS
             for gated in (False, True)
