@@ -77,9 +77,9 @@ BMRS_PAPER = ("paper/bmrs-table1", "BMRS Table 1 (continuous pruning) at the pap
               "bayesprune reproduce bmrs-table1 --seeds {seeds} --threshold reference --data-dir ../shared/datasets "
               "--out-dir runs/paper --jobs 2",
               "2 runs in parallel; 3 for LeNet5/Fashion-MNIST and the None (no noise) and LeNet5 SNR rows, whose "
-              "times are therefore up to ~1.5x what 2 at a time take; the LeNet5/CIFAR-10 E[θ], SNR and BMRS_N runs (2026-12-02, "
-              "15:04-16:52 UTC) one at a time (`--models lenet5 --datasets cifar10 --seeds 0 --jobs 1 --ensemble 1`) "
-              "beside two other single-thread experiments")
+              "times are therefore up to ~1.5x what 2 at a time take; the LeNet5/CIFAR-10 runs (2026-12-02, E[θ], SNR and BMRS_N "
+              "15:04-16:52 UTC, the others 18:45-21:15 UTC) one at a time (`--models lenet5 --datasets cifar10 --seeds 0 "
+              "--jobs 1 --ensemble 1`) beside other single-thread experiments")
 BMRS_REDUCED = ("repro/bmrs-table1", "BMRS Table 1 (continuous pruning) at a reduced budget (MLP 5 + 2, LeNet5 4 + 1 epochs, "
                 "noise lr 1e-2)",
                 "bayesprune reproduce bmrs-table1 --seeds {seeds} --epochs 5 --finetune-epochs 2 --noise-lr 1e-2 "
