@@ -140,3 +140,45 @@ def test_pruning_group_that_never_settles_raises_at_its_bound():
     up = model.layers[0].mlp.up_proj
     group = graph.get_pruning_group(up, tpc.prune_linear_out_channels, idxs=[0, 5])
     assert any(dep.target.module is model.layers[0].mlp.down_proj for dep, _ in group)
+
+
+def test_split_part_read_twice_builds_a_graph_and_its_mapping_is_refused():
+    """A split part read by more nodes than the split has parts: Torch-Pruning's own shape
+    inference raised IndexError building the graph (torchvision RetinaNet/FCOS heads); here the
+    widths it cannot infer are None, the graph builds, and a removal through the split raises
+    GroupCannotBeMapped naming it, with the group bound off again afterwards."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.out = nn.Conv2d(3, 4, 1), nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            a, b = torch.split(self.conv(x), [2, 2], 1)
+            return self.out(torch.cat([torch.relu(a), torch.sigmoid(b), torch.tanh(a)], 1))
+
+    model, x = M().eval(), torch.randn(1, 3, 4, 4)
+    tpc._shape_infer.infer_out_channels_recursively = tpc._recursive_out_channels  # Torch-Pruning's own
+    try:
+        with pytest.raises(IndexError):
+            tpc.DependencyGraph().build_dependency(model, example_inputs=x)
+    finally:
+        tpc._shape_infer.infer_out_channels_recursively = tpc._out_channels_or_unknown
+    graph = tpc.DependencyGraph().build_dependency(model, example_inputs=x)
+    assert tpc.infer_out_channels(graph, graph.module2node[model.conv]) == 4
+    graph = tpc.new_graph().build_dependency(model, example_inputs=x)
+    with pytest.raises(tpc.GroupCannotBeMapped, match="through a split"):
+        graph.get_pruning_group(model.conv, tpc.CONV_PRUNER.prune_out_channels, idxs=[0])
+    assert tpc._GROUP_LIMIT.items is None and tpc._GROUP_LIMIT.root is None
+
+
+def test_flatten_mapping_past_its_bound_raises_naming_the_sizes(monkeypatch):
+    """Inside a bounded group, a flatten mapping that would produce more than MAX_MAPPED_INDICES
+    indices raises GroupDoesNotSettle with the sizes; below the bound the group is Torch-Pruning's."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    graph = tpc.new_graph().build_dependency(model, example_inputs=torch.randn(1, 1, 8, 8))
+    group = graph.get_pruning_group(model[0], tpc.CONV_PRUNER.prune_out_channels, idxs=[1, 2])
+    linear = [idxs for dep, idxs in group.items if dep.target.module is model[3]]
+    assert sorted(int(i) for i in linear[0]) == list(range(36, 108))  # channels 1-2 x 36 positions
+    monkeypatch.setattr(tpc, "MAX_MAPPED_INDICES", 50)
+    with pytest.raises(tpc.GroupDoesNotSettle, match=r"2 indices x stride 36 = 72 .*MAX_MAPPED_INDICES = 50"):
+        graph.get_pruning_group(model[0], tpc.CONV_PRUNER.prune_out_channels, idxs=[1, 2])

@@ -399,3 +399,67 @@ def test_splits_recognises_a_dimension_spread_over_several():
     assert not _splits(((2, 16, 5, 5), (2, 400)), 16)  # a flatten merges channels: removable
     assert not _splits(((2, 197, 384), (2, 197, 384, 1)), 384)  # one dimension larger than 1
     assert not _splits(((2, 197, 1152), (394, 1152)), 1152)  # leading dimensions merged, features kept
+
+
+# ---------------------------------------------------------------------------------------------
+# index mappings Torch-Pruning cannot follow: a window reshape, a split part read twice
+
+
+def test_swin_window_reshape_is_bounded_and_the_rest_shrinks_exactly():
+    """torchvision's Swin keeps activations channels-last ([N, H, W, C]) and reshapes them into
+    windows; Torch-Pruning reads each such reshape as a flatten of channels, so the indices of one
+    pruned channel multiply at every reshape (with the bound off, this 19k-parameter Swin ran out
+    of 24 GB after 6 min 42 s, 2026-12-03).  One flatten mapping is bounded at
+    MAX_MAPPED_INDICES: that layer keeps its structures, named with why, and the others shrink."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[4, 4],
+                            num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    bp.add_noise(model, x)
+    _mask_and_randomise(model, x)
+    rep = bp.prune(model, "etheta")
+    small = bp.shrink(model)
+    assert rep.params_kept == bp.count_parameters(small) < bp.count_parameters(model)
+    assert "MAX_MAPPED_INDICES = 524288" in small.bayesprune_kept["features.3.0.mlp.3"]
+    assert len(small.bayesprune_kept) < len(bp.noise_layers(model))  # most layers lose structures
+    _check_equal(model, small, x)
+
+
+class _SplitReadTwice(nn.Module):
+    """conv (3 -> 4), split [2, 2]; the first part is read twice: cat(relu(a), sigmoid(b), tanh(a))."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.out = nn.Conv2d(3, 4, 1), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        a, b = torch.split(self.conv(x), [2, 2], 1)
+        return self.out(torch.cat([torch.relu(a), torch.sigmoid(b), torch.tanh(a)], 1))
+
+
+class _SplitReadTwiceAdded(nn.Module):
+    """conv (3 -> 6), split [3, 3]; h1 reads the first part twice: h1(relu(a)) + h2(sigmoid(b)) + h1(tanh(a))
+    (the shape of torchvision RetinaNet's and FCOS's heads, shared over the pyramid's levels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.h1, self.h2 = nn.Conv2d(3, 6, 1), nn.Conv2d(3, 2, 1), nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        a, b = torch.split(self.conv(x), [3, 3], 1)
+        return self.h1(torch.relu(a)) + self.h2(torch.sigmoid(b)) + self.h1(torch.tanh(a))
+
+
+@pytest.mark.parametrize("make", [_SplitReadTwice, _SplitReadTwiceAdded])
+def test_split_part_read_by_several_nodes_keeps_the_layer_and_is_exact(make):
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(2, 3, 5, 5)
+    bp.add_noise(model, x)
+    _set_masks(model, {"conv": [0]})
+    small = bp.shrink(model)
+    assert "through a split" in small.bayesprune_kept["conv"], small.bayesprune_kept
+    assert small.conv.out_channels == model.conv.out_channels
+    _check_equal(model, small, x)

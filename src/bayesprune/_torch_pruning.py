@@ -21,6 +21,7 @@ graph's own ``REGISTERED_PRUNERS`` table and its ``_in_channel_pruning_fn`` /
 from __future__ import annotations
 
 import re
+import sys
 import threading
 from importlib import metadata
 
@@ -43,6 +44,9 @@ __all__ = [
     "new_graph",
     "finish_grouped_convs",
     "is_grouped_conv",
+    "GroupCannotBeMapped",
+    "GroupDoesNotSettle",
+    "MAX_MAPPED_INDICES",
 ]
 
 #: The oldest Torch-Pruning release bayesprune works with (its test suite passes on it).
@@ -106,6 +110,24 @@ except ImportError:
 
     def _infer_out_channels(graph, node, recursive_depth):
         return graph._infer_out_channels_recursively(node, recursive_depth)
+
+
+_shape_infer = sys.modules.get("torch_pruning.dependency.shape_infer")  # 1.6 and later (None: 1.5.x)
+if _shape_infer is not None and callable(getattr(_shape_infer, "infer_out_channels_recursively", None)):
+    _recursive_out_channels = _shape_infer.infer_out_channels_recursively
+
+    def _out_channels_or_unknown(graph, node, recursive_depth):
+        """Torch-Pruning's recursive output-channel inference, with None (unknown) where it indexes
+        a split's sizes by an output position past them (a split whose outputs feed more nodes
+        than it has parts: torchvision RetinaNet's and FCOS's per-level head split raised
+        IndexError while building the graph, so no removal was possible)."""
+        try:
+            return _recursive_out_channels(graph, node, recursive_depth)
+        except IndexError:
+            return None
+
+    _shape_infer.infer_out_channels_recursively = _out_channels_or_unknown  # its own recursion looks it up here too
+    _infer_out_channels = _out_channels_or_unknown
 
 
 def infer_out_channels(graph, node) -> int | None:
@@ -245,10 +267,16 @@ class GroupedConvPruner(_ConvPruner):
 CONV_PRUNER = GroupedConvPruner()
 
 
-class GroupDoesNotSettle(RuntimeError):
+class GroupCannotBeMapped(RuntimeError):
+    """Torch-Pruning cannot map a layer's removed indices through the graph: the layer keeps its
+    structures (shrink names the reason)."""
+
+
+class GroupDoesNotSettle(GroupCannotBeMapped):
     """Torch-Pruning's dependency propagation from a layer kept adding coupled items past
     :data:`GROUP_ITEMS_PER_NODE` per graph node (index mappings that never repeat, e.g. rotary
-    embeddings' half rotations fed back into a concatenation)."""
+    embeddings' half rotations fed back into a concatenation), or one flatten mapping produced
+    more than :data:`MAX_MAPPED_INDICES` indices."""
 
 
 #: coupled items a pruning group may hold per graph node before the propagation is stopped
@@ -271,6 +299,45 @@ def _bounded_add_dep(self, dep, idxs):
 
 _Group.add_dep = _bounded_add_dep  # bounded only inside a graph made by new_graph (else limit None)
 
+#: indices one flatten index mapping may produce inside a bounded pruning group: 2^19, 5x a
+#: [N, 2048, 7, 7] -> [N, 100352] flatten of every channel; past it the propagation stops with
+#: GroupDoesNotSettle.  Torch-Pruning reads every reshape of a 4-d tensor as a flatten of dim 1,
+#: so a channels-last [N, H, W, C] reshaped into windows (torchvision's Swin) makes each pruned
+#: channel H*W*... indices, multiplied again at the next reshape: millions of Python objects.
+MAX_MAPPED_INDICES = 1 << 19
+_flatten_call = FlattenIndexMapping.__call__
+
+
+def _bounded_flatten_call(self, idxs):
+    if (getattr(_GROUP_LIMIT, "items", None) is not None and not self.reverse
+            and len(idxs) * self._stride > MAX_MAPPED_INDICES):
+        raise GroupDoesNotSettle(f"Torch-Pruning's dependency propagation from {_GROUP_LIMIT.root} would map "
+                                 f"{len(idxs)} indices x stride {self._stride} = {len(idxs) * self._stride} "
+                                 f"through one flatten, past MAX_MAPPED_INDICES = {MAX_MAPPED_INDICES} "
+                                 f"(a reshape it reads as a flatten of channels)")
+    return _flatten_call(self, idxs)
+
+
+FlattenIndexMapping.__call__ = _bounded_flatten_call
+
+_SplitIndexMapping = getattr(sys.modules.get("torch_pruning.dependency.index_mapping"), "_SplitIndexMapping",
+                             getattr(getattr(_tp, "_helpers", None), "_SplitIndexMapping", None))
+if _SplitIndexMapping is not None:
+    _split_call = _SplitIndexMapping.__call__
+
+    def _checked_split_call(self, idxs):
+        """Torch-Pruning gives a split's i-th reader the i-th part (offsets[i:i + 2]); a part read
+        by several nodes gives the later readers no part at all, and the indices were shifted by
+        the end offset (reverse) or raised IndexError (forward)."""
+        if len(self.offset) < 2:
+            root = getattr(_GROUP_LIMIT, "root", None)
+            raise GroupCannotBeMapped(f"Torch-Pruning cannot map {'the removal from ' + str(root) if root else 'a removal'} "
+                                      f"through a split: one of the split's parts is read by several nodes, more "
+                                      f"readers than parts (offsets {list(self.offset)})")
+        return _split_call(self, idxs)
+
+    _SplitIndexMapping.__call__ = _checked_split_call
+
 
 def _shape_key(graph) -> tuple:
     """The shapes of every graph module's own parameters and buffers (what a removal changes)."""
@@ -284,7 +351,7 @@ def _shape_key(graph) -> tuple:
     return tuple(key)
 
 
-_index_mapping = getattr(getattr(_tp, "dependency", None), "index_mapping", None)
+_index_mapping = sys.modules.get("torch_pruning.dependency.index_mapping")
 if _index_mapping is not None and callable(getattr(_index_mapping, "update_index_mapping", None)):
     _update_index_mapping = _index_mapping.update_index_mapping
 
@@ -293,13 +360,61 @@ if _index_mapping is not None and callable(getattr(_index_mapping, "update_index
         inference) at each ``get_pruning_group``; inside one, that is skipped when no module's
         shape changed since the last such update (a Swin-T spent most of its shrink there)."""
         if not getattr(_GROUP_LIMIT, "items", None):  # building the graph: always
-            return _update_index_mapping(graph)
+            return _channels_cached(graph, _update_index_mapping)
         key = _shape_key(graph)
         if getattr(graph, "_bayesprune_mapping_key", None) != key:
-            _update_index_mapping(graph)
+            _channels_cached(graph, _update_index_mapping)
             graph._bayesprune_mapping_key = key
 
+    def _channels_cached(graph, update):
+        """``update(graph)`` with the graph's channel counts (``get_out_channels`` /
+        ``get_in_channels`` of a node or module) computed once each: no module changes during an
+        update, and its recursive shape inference asks for the same counts many times (1.7
+        million calls, 80 % of a Swin-T's update time).  The pruners' ``pruning_dim``, which these
+        calls set, is set again by every dependency before it prunes."""
+        outs, ins = {}, {}
+        get_out, get_in = graph.get_out_channels, graph.get_in_channels
+
+        def out_channels(x):
+            k = id(x)
+            if k not in outs:
+                outs[k] = (x, get_out(x))  # x held: its id stays its own during the update
+            return outs[k][1]
+
+        def in_channels(x):
+            k = id(x)
+            if k not in ins:
+                ins[k] = (x, get_in(x))
+            return ins[k][1]
+
+        graph.get_out_channels, graph.get_in_channels = out_channels, in_channels
+        try:
+            return update(graph)
+        finally:
+            del graph.get_out_channels, graph.get_in_channels  # the class's methods again
+
     _index_mapping.update_index_mapping = _update_index_mapping_once
+
+if (_index_mapping is not None and _shape_infer is not None
+        and callable(getattr(_index_mapping, "update_concat_index_mapping", None))
+        and callable(getattr(_shape_infer, "infer_channels_between", None))):
+    _update_concat_index_mapping = _index_mapping.update_concat_index_mapping
+
+    def _concat_mapping_or_none(graph, cat_node):
+        """Torch-Pruning's concat index mapping, left out (as it does itself for an input of
+        unknown width, a few lines later) when an input's width is unknown: it sums the widths
+        first, and an unknown one (None: a split part read by more nodes than the split has
+        parts) raised TypeError while building the graph."""
+        if cat_node.type == OPTYPE.CONCAT and hasattr(cat_node.module, "concat_sizes"):
+            chs = cat_node.module.concat_sizes
+            if chs is None:
+                chs = [_shape_infer.infer_channels_between(graph, n, cat_node) for n in cat_node.inputs]
+                cat_node.module.concat_sizes = chs  # what Torch-Pruning stores before its own return
+            if any(ch is None for ch in chs):
+                return None
+        return _update_concat_index_mapping(graph, cat_node)
+
+    _index_mapping.update_concat_index_mapping = _concat_mapping_or_none
 
 
 def _bounded_groups(graph) -> None:
@@ -311,14 +426,16 @@ def _bounded_groups(graph) -> None:
         try:
             return get(module, pruning_fn, idxs)
         finally:
-            _GROUP_LIMIT.items = None
+            _GROUP_LIMIT.items = _GROUP_LIMIT.root = None
 
     graph.get_pruning_group = get_pruning_group
 
 
 def new_graph():
     """A ``DependencyGraph`` whose convolutions (not depthwise) are pruned by :data:`CONV_PRUNER`,
-    and whose pruning groups raise :class:`GroupDoesNotSettle` past a size bound."""
+    and whose pruning groups raise :class:`GroupCannotBeMapped` where Torch-Pruning's index
+    mapping would go wrong (a split part read by several nodes) or past a size bound
+    (:class:`GroupDoesNotSettle`: :data:`GROUP_ITEMS_PER_NODE`, :data:`MAX_MAPPED_INDICES`)."""
     graph = DependencyGraph()
     _bounded_groups(graph)
     registered = getattr(graph, "REGISTERED_PRUNERS", None)

@@ -684,7 +684,10 @@ def _grouped_conv_blocks(graph, model, entries, masks, name_of, allowed) -> dict
         if name not in allowed or not removed:
             continue
         layer = model.get_submodule(name)
-        group, veto = _vetoes(graph, layer, removed, masks, name_of)
+        try:
+            group, veto = _vetoes(graph, layer, removed, masks, name_of)
+        except _tp.GroupCannotBeMapped:  # _remove_structures keeps this layer's structures
+            continue
         roots = [r for r in removed if r not in veto]
         if len(roots) >= _dim_size(layer, True):
             roots = roots[1:]  # as _remove_structures: one zeroed unit stays
@@ -717,10 +720,12 @@ def _grouped_conv_blocks(graph, model, entries, masks, name_of, allowed) -> dict
             return {name: set(reach) - free[name] for name, reach in drags.items()}
 
 
-def _remove_structures(model, example_inputs, entries, allowed) -> tuple[list, dict]:
+def _remove_structures(model, example_inputs, entries, allowed, unsettled: dict | None = None) -> tuple[list, dict]:
     """Remove masked structures of the layers named in ``allowed`` (in place).
 
     Returns the Torch-Pruning steps and, per noise layer, the original indices that remain.
+    A layer whose removal Torch-Pruning cannot map (_torch_pruning.GroupCannotBeMapped) keeps its
+    structures; ``unsettled`` (a dict) then gets its name and the reason.
     """
     graph = _build_graph(model, example_inputs)
     name_of = {id(model.get_submodule(e["layer"])): e["layer"] for e in entries}
@@ -734,7 +739,12 @@ def _remove_structures(model, example_inputs, entries, allowed) -> tuple[list, d
         if name not in allowed or not removed:
             continue
         layer, fn = model.get_submodule(name), _out_pruner(model.get_submodule(name))
-        _, veto = _vetoes(graph, layer, removed, masks, name_of)
+        try:
+            _, veto = _vetoes(graph, layer, removed, masks, name_of)
+        except _tp.GroupCannotBeMapped as e:
+            if unsettled is not None:
+                unsettled[name] = f"kept: {e}"
+            continue
         if blocked.get(name):  # original indices that stay for a grouped convolution's sake
             origin = kept[name].tolist()
             veto.update(i for i in removed if origin[i] in blocked[name])
@@ -1009,7 +1019,7 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
                 continue
             trial = copy.deepcopy(base)
             try:
-                steps, kept = _remove_structures(trial, example_inputs, entries, allowed)
+                steps, kept = _remove_structures(trial, example_inputs, entries, allowed, unsettled)
             except ImportError:  # Torch-Pruning missing or too old (first use): not an inexact layer
                 raise
             except Exception as e:  # a removal Torch-Pruning cannot map: keep that layer's structures
@@ -1025,6 +1035,7 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
         return trials[0][0], trials[0][1], None
 
     refused = {}
+    unsettled = {}  # layers kept because their pruning group does not settle (any attempt)
     rtol = VERIFY_RTOL
     out, steps, why = attempt(set(names))
     if why is not None and fold and verify:  # is the fold alone inexact? then no removal can be exact
@@ -1102,7 +1113,9 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
             )
     out.train(model.training)
     out.bayesprune_pruning = {**_input_spec(example_inputs), "steps": steps}
-    out.bayesprune_kept = dict(refused)  # layers whose masked structures stay (zeroed): why
+    if unsettled and values and verify:  # name the cause where the graph shows it (a reshape into heads)
+        unsettled.update(_predicted_inexact(m, [e for e in entries if e["layer"] in unsettled], example_inputs))
+    out.bayesprune_kept = {**unsettled, **refused}  # layers whose masked structures stay (zeroed): why
     if keep_noise:
         kept_input = stored_example_inputs(model)
         for noise in noise_layers(out):  # one shared input, as add_noise left it
