@@ -140,6 +140,22 @@ def test_placement_layer_and_explicit_layers():
     assert [(n.layer_name, n.target_name) for n in noise_layers(model)] == [("block.conv1", "block.bn1"), ("fc", "fc_act")]
 
 
+@pytest.mark.parametrize("act, target", [(nn.ReLU, "2"), (nn.LeakyReLU, "2"), (nn.Hardswish, "1"), (nn.SiLU, "1"),
+                                         (nn.GELU, "1"), (nn.Tanh, "1"), (nn.Sigmoid, "2"), (nn.Hardsigmoid, "2")])
+def test_noise_after_a_batchnorm_stays_before_an_activation_it_cannot_pass(act, target):
+    """conv -> BatchNorm -> act: past a positively homogeneous act (the same function), before one
+    that is not but maps 0 to 0 (noise there folds exactly into the BatchNorm), after one whose
+    act(0) is not 0 (theta = 0 before a sigmoid would leave 0.5, not a removed channel)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), act(), nn.Flatten(), nn.Linear(36, 2))
+    add_noise(model, torch.randn(2, 3, 5, 5))
+    assert [n.target_name for n in noise_layers(model)] == [target]
+    # a layer the example does not run is placed from its nn.Sequential siblings by the same rule
+    from bayesprune.noise import _chain_from_sequential
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), act())
+    assert _chain_from_sequential(model, "0", "auto", "channel")[-1] == target
+
+
 def test_example_inputs_required_and_kept_with_the_noise_layers():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2))
@@ -151,7 +167,7 @@ def test_example_inputs_required_and_kept_with_the_noise_layers():
     x = torch.randn(3, 6)
     add_noise(model, x)
     got = [(n.layer_name, n.target_name, n.dim) for n in noise_layers(model)]
-    assert got == [("0", "1", -1), ("2", "4", -1)]
+    assert got == [("0", "1", -1), ("2", "3", -1)]  # after the BatchNorm, before the Tanh
     assert bayesprune.stored_example_inputs(model) is x
     assert not hasattr(model, "bayes_example_inputs")  # not a loose attribute of the user's module
     assert all(n.example_inputs is x for n in noise_layers(model))
@@ -176,7 +192,7 @@ def test_layer_not_run_by_the_example_follows_its_sequential_siblings():
     model = Branchy()
     add_noise(model, torch.randn(3, 6), layers=["main.0", "other.0"])
     got = [(n.layer_name, n.target_name) for n in noise_layers(model)]
-    assert got == [("main.0", "main.1"), ("other.0", "other.2")]
+    assert got == [("main.0", "main.1"), ("other.0", "other.1")]  # before the Tanh, after the BatchNorm
 
 
 # ---------------------------------------------------------------------------------------------

@@ -303,17 +303,38 @@ def test_grouped_conv_masks_not_covering_whole_groups_remove_what_is_exact():
     _check_equal(model, small, x)
 
 
-def test_fold_refusal_names_the_layer_and_why():
-    """A conv -> BatchNorm -> Hardswish (separate modules) whose output also feeds a residual
-    addition directly: the noise after the Hardswish can take no weight's E[theta] * mask."""
+def _stem_into_a_residual_block(act):
+    """conv -> BatchNorm -> act (separate modules) whose output also feeds a residual addition directly."""
     from timm.models._efficientnet_blocks import DepthwiseSeparableConv
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Hardswish(),
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), act(),
                           DepthwiseSeparableConv(8, 8, act_layer=nn.ReLU),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
     assert model[3].has_skip
-    x = torch.randn(2, 3, 8, 8)
+    return model, torch.randn(2, 3, 8, 8)
+
+
+def test_handwritten_batchnorm_hardswish_into_a_residual_addition_shrinks_exactly():
+    """The hand-written twin of timm's fused MobileNetV3 stem: the noise stays between the
+    BatchNorm and the Hardswish (after the Hardswish it could fold into no weight: the addition
+    reads it unweighted), folds into the BatchNorm, and the masked channels leave both branches."""
+    model, x = _stem_into_a_residual_block(nn.Hardswish)
+    bp.add_noise(model, x)
+    assert bp.noise_layers(model)[0].target_name == "1"
+    _mask_and_randomise(model, x)
+    rep = bp.prune(model, "etheta")
+    small = bp.shrink(model)
+    assert small.bayesprune_kept == {}
+    assert small[0].out_channels < 8 and rep.params_kept == bp.count_parameters(small)
+    _check_equal(model, small, x)
+
+
+def test_fold_refusal_names_the_layer_and_why():
+    """A conv -> BatchNorm -> Sigmoid whose output also feeds a residual addition directly: the
+    noise goes after the Sigmoid (sigmoid(0) = 1/2: before it, theta = 0 would not remove the
+    channel), where it can take no weight's E[theta] * mask."""
+    model, x = _stem_into_a_residual_block(nn.Sigmoid)
     bp.add_noise(model, x)
     assert bp.noise_layers(model)[0].target_name == "2"
     _mask_and_randomise(model, x)
@@ -323,7 +344,7 @@ def test_fold_refusal_names_the_layer_and_why():
     assert first.startswith("shrink refuses the network: folding E[theta] * mask of 0 into the weights")
     # only the stem's noise; the block's folds are exact
     assert len(lines) == 1
-    assert lines[0].startswith("  0: its noise after 2 (Hardswish), folded into the input weights")
+    assert lines[0].startswith("  0: its noise after 2 (Sigmoid), folded into the input weights")
     assert "AddBackward0" in lines[0] and "max abs difference" in lines[0]
 
 

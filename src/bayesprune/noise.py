@@ -7,7 +7,9 @@ The module is stored as the child ``layer.bayes_noise`` and applied by a forward
 
 Default placement (``placement="auto"``), following the layer's output through module calls:
 layer -> BatchNorm (if its only consumer) -> activation module (if its only consumer and called
-once per forward).  Noise goes after the last module of that chain.  So an MLP or LeNet5 gets
+once per forward; after a BatchNorm, not an activation that maps 0 to 0 without being positively
+homogeneous, such as Hardswish, SiLU, GELU or Tanh: the noise stays before it, where E[theta]
+folds exactly into the BatchNorm).  Noise goes after the last module of that chain.  So an MLP or LeNet5 gets
 noise after its activations, a conv-BN-ReLU net after the ReLU, and a torchvision ResNet (whose
 ReLU module is shared) after every BatchNorm, as docs/maths.md section 4 prescribes.
 
@@ -588,6 +590,8 @@ def _chain_from_trace(calls: list, layer_call, placement: str, sharing: str, use
             break
         if isinstance(nxt.module, _BN_TYPES) and nxt.module.num_features != n:
             break
+        if isinstance(cur.module, _BN_TYPES) and _folds_before(nxt.module):
+            break
         cur = nxt
         chain.append(cur.name)
     return chain
@@ -617,6 +621,8 @@ def _chain_from_sequential(model: nn.Module, layer_name: str, placement: str, sh
             break
         if uses[id(nxt)] != 1:
             break
+        if isinstance(parent._modules[keys[idx]], _BN_TYPES) and _folds_before(nxt):
+            break
         idx += 1
         chain.append(f"{parent_name}.{keys[idx]}" if parent_name else keys[idx])
     return chain
@@ -626,16 +632,35 @@ def _chain_from_sequential(model: nn.Module, layer_name: str, placement: str, sh
 _HOMOGENEOUS_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity)
 
 
+def _folds_before(act: nn.Module) -> bool:
+    """Whether noise after a BatchNorm stays before the activation ``act`` that follows it: ``act``
+    is not positively homogeneous (so noise after it could only fold into what reads its output,
+    impossible where that is a residual addition) and maps 0 to 0 (Hardswish, SiLU, GELU, Tanh,
+    ...: a structure whose theta is 0 before it is still zero after it).  Then
+    ``act(BN(x) * s) = act(BN'(x))``, BN' with weight and bias scaled by s: the fold is exact
+    (docs/shrink.md, "Fused BatchNorm and activation"; the paper's ResNet placement, after the
+    BatchNorm)."""
+    if isinstance(act, _HOMOGENEOUS_ACTIVATIONS):
+        return False
+    p = next(act.parameters(), None)
+    zero = torch.zeros(1, device=p.device if p is not None else None, dtype=p.dtype if p is not None else None)
+    try:
+        with torch.no_grad():
+            return bool(act(zero).eq(0).all())
+    except Exception:  # an activation that needs another shape: keep the noise after it
+        return False
+
+
 def _before_fused_activation(named: dict, chain: list[str]) -> list[str]:
     """A chain ending at a BatchNorm that applies its own activation, ``act(drop(BN(x)))`` (timm's
-    ``BatchNormAct2d``), with a non-homogeneous ``act`` (hardswish, SiLU, ...) ends at its ``drop``
+    ``BatchNormAct2d``), with an ``act`` the noise stays before (:func:`_folds_before`) ends at its ``drop``
     child instead: the noise then sits between the affine and the activation, where
     ``E[theta] * mask`` folds exactly into the BatchNorm's weight and bias (docs/shrink.md, "Fused
     BatchNorm and activation")."""
     last = named[chain[-1]]
     drop, act = getattr(last, "drop", None), getattr(last, "act", None)
     if (len(chain) > 1 and isinstance(last, _BN_TYPES) and isinstance(drop, nn.Module) and isinstance(act, nn.Module)
-            and not isinstance(act, _HOMOGENEOUS_ACTIVATIONS)):
+            and _folds_before(act)):
         return chain + [f"{chain[-1]}.drop"]
     return chain
 
