@@ -25,10 +25,14 @@ def _rel_err(a, b):
 _collapse = load_benchmark("uniform_heads_cost").collapse
 
 
+def _call(model, x):
+    return model(**x) if isinstance(x, dict) else model(*x) if isinstance(x, tuple) else model(x)
+
+
 def _train_step(model, x, out=lambda y: y):
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss = out(model(**x) if isinstance(x, dict) else model(x)).square().mean() + bp.kl(model)
+    loss = out(_call(model, x)).square().mean() + bp.kl(model)
     loss.backward()
     noise = heads.head_noise_layers(model)
     assert all(n.mu.grad is not None and bool(n.mu.grad.abs().sum() > 0) for n in noise)
@@ -50,7 +54,7 @@ def _prune_shrink(model, x, others, dead, out=lambda y: y):
     small = bp.shrink(model)
     assert rep.params_kept == bp.count_parameters(small) < bp.count_parameters(model)
     assert not bp.noise_layers(small)
-    run = lambda m, i: out(m(**i) if isinstance(i, dict) else m(i))  # noqa: E731
+    run = lambda m, i: out(_call(m, i))  # noqa: E731
     with torch.no_grad():
         for inp in [x] + list(others):
             assert _rel_err(run(model, inp), run(small, inp)) <= TOL
@@ -684,3 +688,91 @@ def test_hf_vit_uniform_heads_and_widths_reload_with_from_pretrained(tmp_path):
     loaded = tf.ViTForImageClassification.from_pretrained(tmp_path / "vit").eval()
     with torch.no_grad():
         assert torch.equal(loaded(x2).logits, small(x2).logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-attention: queries from one sequence, keys and values from another
+
+
+class _CrossBlock(nn.Module):
+    """Decoder states attend to an encoder memory of another width (kdim = vdim = 10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, kdim=10, vdim=10, batch_first=True)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x, memory):
+        return self.out(self.attn(x, memory, memory, need_weights=False)[0])
+
+
+def test_mha_cross_attention_with_kdim_vdim_heads(tmp_path):
+    torch.manual_seed(9)
+    model = _CrossBlock().eval()
+    assert not model.attn._qkv_same_embed_dim
+    x = (torch.randn(2, 5, 16), torch.randn(2, 7, 10))
+    plain = copy.deepcopy(model)
+    heads.add_head_noise(model, x)
+    others = [(torch.randn(3, 4, 16), torch.randn(3, 9, 10))]
+    rep, small = _prune_shrink(model, x, others, {"attn": [1, 2]})
+    att = small.attn
+    assert att.num_heads == 2 and att.q_proj_weight.shape == (8, 16) and att.k_proj_weight.shape == (8, 10)
+    assert att.v_proj_weight.shape == (8, 10) and att.in_proj_bias.shape == (24,) and att.out_proj.weight.shape == (16, 8)
+    bp.save_shrunk(small, tmp_path / "cross.pt")
+    loaded = bp.load_shrunk(tmp_path / "cross.pt", model=_CrossBlock())
+    with torch.no_grad():
+        assert torch.equal(loaded(*others[0]), small(*others[0]))
+    # before any training the head-by-head computation is nn.MultiheadAttention's
+    fresh = copy.deepcopy(plain)
+    fresh.attn.__class__ = heads.HeadwiseMultiheadAttention
+    with torch.no_grad():
+        assert _rel_err(plain(*others[0]), fresh(*others[0])) <= 1e-6
+
+
+def test_bert_decoder_cross_attention_heads():
+    """A BERT decoder layer with cross-attention (keys/values from encoder states): self- and
+    cross-attention lose heads independently, the shrunk decoder equals the masked one."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(10)
+    cfg = tf.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, is_decoder=True, add_cross_attention=True)
+    model = tf.BertModel(cfg).eval()
+
+    def inputs(seed, n=2, t=6, s=5):
+        g = torch.Generator().manual_seed(seed)
+        return {"input_ids": torch.randint(0, 50, (n, t), generator=g),
+                "encoder_hidden_states": torch.randn(n, s, 32, generator=g), "use_cache": False}
+
+    x = inputs(0)
+    heads.add_head_noise(model, x)
+    names = sorted(n.layer_name for n in heads.head_noise_layers(model))
+    assert names == ["encoder.layer.0.attention", "encoder.layer.0.crossattention"]
+    dead = {"encoder.layer.0.attention": [1], "encoder.layer.0.crossattention": [0, 2, 3]}
+    _, small = _prune_shrink(model, x, [inputs(1, 3, 4, 8)], dead, out=_hidden)
+    cross = small.encoder.layer[0].crossattention
+    assert cross.self.num_attention_heads == 1 and cross.self.key.weight.shape == (8, 32)
+    assert small.encoder.layer[0].attention.self.num_attention_heads == 3
+
+
+def test_gpt2_cross_attention_heads():
+    """GPT-2 with cross-attention: q_attn holds the queries, c_attn [keys; values] of the encoder states."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(11)
+    cfg = tf.GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=4, n_positions=16, use_cache=False,
+                        add_cross_attention=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = tf.GPT2Model(cfg).eval()
+
+    def inputs(seed, n=2, t=6, s=5):
+        g = torch.Generator().manual_seed(seed)
+        return {"input_ids": torch.randint(0, 50, (n, t), generator=g),
+                "encoder_hidden_states": torch.randn(n, s, 32, generator=g)}
+
+    x = inputs(0)
+    heads.add_head_noise(model, x)
+    assert sorted(n.layer_name for n in heads.head_noise_layers(model)) == ["h.0.attn", "h.0.crossattention"]
+    _, small = _prune_shrink(model, x, [inputs(1, 3, 4, 8)], {"h.0.crossattention": [1, 3]}, out=_hidden)
+    cross = small.h[0].crossattention
+    assert cross.num_heads == 2 and cross.split_size == 16
+    assert cross.q_attn.weight.shape == (32, 16) and cross.c_attn.weight.shape == (32, 32)
+    assert cross.c_proj.weight.shape == (16, 32) and small.h[0].attn.num_heads == 4

@@ -170,8 +170,8 @@ class HeadwiseMultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` computed head by head, with ``num_heads * head_dim`` free of
     ``embed_dim`` (so heads can be removed) and ``out_proj`` called as a module (where head
     noise is applied).  The same function as the parent class: softmax(q k^T / sqrt(head_dim)
-    + mask) v per head (Vaswani et al. 2017); packed in-projection only, no ``bias_k``/``bias_v``,
-    no ``add_zero_attn``."""
+    + mask) v per head (Vaswani et al. 2017); packed or separate (``kdim``/``vdim``) in-projections,
+    no ``bias_k``/``bias_v``, no ``add_zero_attn``."""
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -184,7 +184,10 @@ class HeadwiseMultiheadAttention(nn.MultiheadAttention):
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         b, t, s = query.shape[0], query.shape[1], key.shape[1]
         h, d = self.num_heads, self.head_dim
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:  # kdim / vdim: separate projections (cross-attention over another width)
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
         b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
         q = F.linear(query, w_q, b_q).view(b, t, h, d).transpose(1, 2)
         k = F.linear(key, w_k, b_k).view(b, s, h, d).transpose(1, 2)
@@ -272,9 +275,6 @@ class _MHA(Adapter):
     family, out_proj = "nn.MultiheadAttention", "out_proj"
 
     def check(self, m, name):
-        if not m._qkv_same_embed_dim or m.in_proj_weight is None:
-            raise ValueError(f"attention {name!r}: head noise needs nn.MultiheadAttention with one packed in-projection "
-                             "(kdim = vdim = embed_dim)")
         if m.bias_k is not None or m.add_zero_attn:
             raise ValueError(f"attention {name!r}: head noise does not handle add_bias_kv or add_zero_attn")
 
@@ -288,8 +288,13 @@ class _MHA(Adapter):
     def remove(self, m, keep):
         self.prepare(m)
         h, d = self.heads(m)
-        idx = _packed(keep, h, d).to(m.in_proj_weight.device)
-        m.in_proj_weight = _new_param(m.in_proj_weight, m.in_proj_weight[idx])
+        idx = _packed(keep, h, d).to(m.out_proj.weight.device)
+        if m._qkv_same_embed_dim:
+            m.in_proj_weight = _new_param(m.in_proj_weight, m.in_proj_weight[idx])
+        else:  # separate q/k/v projections (kdim / vdim): each keeps the heads' rows
+            rows = _features(keep, d).to(idx.device)
+            for pname in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                setattr(m, pname, _new_param(getattr(m, pname), getattr(m, pname)[rows]))
         if m.in_proj_bias is not None:
             m.in_proj_bias = _new_param(m.in_proj_bias, m.in_proj_bias[idx])
         _keep_in(m.out_proj, _features(keep, d))
@@ -322,11 +327,10 @@ class _Timm(Adapter):
 @register_adapter("transformers.models.bert.modeling_bert.BertAttention",
                   "transformers.models.roberta.modeling_roberta.RobertaAttention")
 class _Bert(Adapter):
-    family, out_proj = "BERT attention", "output.dense"
+    """Self- and cross-attention alike: query, key and value hold the heads' rows whichever
+    hidden states (the decoder's, the encoder's) they read."""
 
-    def check(self, m, name):
-        if getattr(m, "is_cross_attention", False):
-            raise ValueError(f"attention {name!r}: cross-attention heads are not handled")
+    family, out_proj = "BERT attention", "output.dense"
 
     def heads(self, m):
         return m.self.num_attention_heads, m.self.attention_head_size
@@ -342,18 +346,20 @@ class _Bert(Adapter):
 
 @register_adapter("transformers.models.gpt2.modeling_gpt2.GPT2Attention")
 class _GPT2(Adapter):
-    family, out_proj = "GPT-2 attention", "c_proj"
+    """Self-attention: ``c_attn`` = [q; k; v]; cross-attention: ``q_attn`` = q, ``c_attn`` = [k; v]."""
 
-    def check(self, m, name):
-        if m.is_cross_attention:
-            raise ValueError(f"attention {name!r}: cross-attention heads are not handled")
+    family, out_proj = "GPT-2 attention", "c_proj"
 
     def heads(self, m):
         return m.num_heads, m.head_dim
 
     def remove(self, m, keep):
         h, d = self.heads(m)
-        _keep_out(m.c_attn, _packed(keep, h, d))
+        if m.is_cross_attention:
+            _keep_out(m.q_attn, _features(keep, d))
+            _keep_out(m.c_attn, _packed(keep, h, d, parts=2))
+        else:
+            _keep_out(m.c_attn, _packed(keep, h, d))
         _keep_in(m.c_proj, _features(keep, d))
         m.num_heads, m.split_size = len(keep), len(keep) * d
         return {"keep": list(keep)}
