@@ -188,27 +188,30 @@ def run_one(name: str) -> dict:
         row["shrink_s"] = time.perf_counter() - t
         row["params_after"] = bp.count_parameters(small)
         row["kept_layers"] = len(getattr(small, "bayesprune_kept", {}))
+        empty = False  # a detector with random weights detects nothing: its outputs compare nothing
         with torch.no_grad():
             for key, inp in (("rel_err", x), ("rel_err_other", _other_input(x))):
                 call = (lambda m: m(*inp)) if isinstance(inp, tuple) else (lambda m: m(inp))
                 a, b = _main_output(call(model)).double(), _main_output(call(small)).double()
                 if a.shape != b.shape:
                     raise RuntimeError(f"output shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+                empty |= not a.numel()
                 row[key] = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)) if a.numel() else 0.0
-        if max(row["rel_err"], row["rel_err_other"]) > 1e-5:  # post-processing (NMS) near ties? the heads
-            _head_errors(row, model, small, x)
+        if empty or max(row["rel_err"], row["rel_err_other"]) > 1e-5:  # post-processing (NMS)? the heads
+            _head_errors(row, model, small, x, empty)
         row["stage"] = "done"
     except Exception as e:  # a benchmark row, not a crash: say which stage and why
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     row["count_ok"] = row.get("params_reported") == row.get("params_after")
-    row["ok"] = (row["stage"] == "done" and (max(row.get("rel_err", 1), row.get("rel_err_other", 1)) <= 1e-5
-                                             or max(row.get("heads_rel_err", 1), row.get("heads_rel_err_other", 1)) <= 1e-5))
+    errors = ("heads_rel_err", "heads_rel_err_other") if "heads_rel_err" in row else ("rel_err", "rel_err_other")
+    row["ok"] = row["stage"] == "done" and max(row.get(k, 1) for k in errors) <= 1e-5
     return row
 
 
-def _head_errors(row: dict, model, small, x) -> None:
+def _head_errors(row: dict, model, small, x, empty: bool = False) -> None:
     """The relative errors of the prediction heads' outputs (what shrink verifies when the model
-    output is post-processing of them, as a detector's NMS), as ``heads_rel_err[_other]``."""
+    output is post-processing of them, as a detector's NMS), as ``heads_rel_err[_other]``;
+    ``empty``: the model output holds nothing to compare (no detections)."""
     from bayesprune.removal import _head_outputs, _prediction_heads, _ProbeList, _relative_difference
 
     heads = _prediction_heads(model, x)
@@ -217,8 +220,12 @@ def _head_errors(row: dict, model, small, x) -> None:
     for key, inp in (("heads_rel_err", x), ("heads_rel_err_other", _other_input(x))):
         inputs = _ProbeList([inp])
         row[key] = _relative_difference(_head_outputs(model, inputs, heads), _head_outputs(small, inputs, heads))
-    row["error"] = (f"model outputs differ by up to {max(row['rel_err'], row['rel_err_other']):.2g} (post-processing "
-                    f"of the {len(heads)} prediction heads' outputs, whose errors are given)")
+    if empty:
+        row["error"] = (f"no detections to compare (random weights): the {len(heads)} prediction heads' outputs "
+                        "compared instead")
+    else:
+        row["error"] = (f"model outputs differ by up to {max(row['rel_err'], row['rel_err_other']):.2g} (post-processing "
+                        f"of the {len(heads)} prediction heads' outputs, whose errors are given)")
 
 
 def _other_input(x):

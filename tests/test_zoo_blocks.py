@@ -484,3 +484,76 @@ def test_split_part_read_by_several_nodes_keeps_the_layer_and_is_exact(make):
     assert "through a split" in small.bayesprune_kept["conv"], small.bayesprune_kept
     assert small.conv.out_channels == model.conv.out_channels
     _check_equal(model, small, x)
+
+
+class _DetectsNothing(nn.Module):
+    """A detector-like model whose output is the scores above a threshold none reaches (random
+    weights): equal empty outputs verify nothing, its prediction head's outputs do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        s = self.head(torch.relu(self.bn(self.conv(x))))
+        return s[s > 1e6]
+
+
+def test_empty_outputs_are_verified_on_the_prediction_heads(monkeypatch):
+    from bayesprune import removal
+
+    torch.manual_seed(0)
+    model, x = _DetectsNothing().eval(), torch.randn(2, 3, 6, 6)
+    bp.add_noise(model, x)
+    assert [n.layer_name for n in bp.noise_layers(model)] == ["conv"]  # the head gets none
+    _mask_and_randomise(model, x)
+    assert model(x).numel() == 0
+    bp.prune(model, "etheta")
+    small = bp.shrink(model)
+    assert small.conv.out_channels < 8 and small.bayesprune_kept == {}  # exact: removed
+    real = removal._remove_structures
+
+    def inexact(trial, *args, **kw):  # every removal now moves the head's output a little
+        out = real(trial, *args, **kw)
+        if out[0]:
+            with torch.no_grad():
+                trial.head.bias.add_(1e-3)
+        return out
+
+    monkeypatch.setattr(removal, "_remove_structures", inexact)
+    with torch.no_grad():
+        model.conv.weight.add_(0.0)  # a new version: not the cached shrink
+    small = bp.shrink(model)
+    assert small.conv.out_channels == 8  # the inexact removal is refused though the outputs are equal (empty)
+    assert "prediction heads' outputs differ" in small.bayesprune_kept["conv"]
+
+
+class _ProposalPath(nn.Module):
+    """A layer (``rpn``) that reaches the output only through a non-differentiable step (the
+    argmax of its scores picks where the boxes are read, as a detector's region proposals), and
+    reads the same features as the box layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fpn, self.rpn, self.rpn_score = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 6, 1), nn.Conv2d(6, 1, 1)
+        self.box = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        f = torch.relu(self.fpn(x))
+        idx = self.rpn_score(torch.relu(self.rpn(f))).flatten(1).argmax(1)
+        return self.box(f).flatten(2)[torch.arange(x.shape[0]), :, idx]
+
+
+def test_layers_reached_through_proposals_are_in_the_graph_and_shrink():
+    """Torch-Pruning builds its graph backwards from the outputs; a layer behind an argmax is
+    in it only because the graph also starts from every layer that ran: removing an ``fpn``
+    channel then removes ``rpn``'s input column too (before, the forward failed on the old width
+    and both layers kept every channel; torchvision Faster R-CNN's RPN head, 2026-12-03)."""
+    torch.manual_seed(0)
+    model, x = _ProposalPath().eval(), torch.randn(2, 3, 5, 5)
+    bp.add_noise(model, x, layers=["fpn", "rpn"])
+    _set_masks(model, {"fpn": [1, 4], "rpn": [0, 2, 5]})
+    small = bp.shrink(model)
+    assert small.bayesprune_kept == {}
+    assert (small.fpn.out_channels, small.rpn.in_channels, small.rpn.out_channels, small.box.in_channels) == (6, 6, 3, 6)
+    _check_equal(model, small, x)

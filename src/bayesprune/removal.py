@@ -131,8 +131,25 @@ def _run(model, inputs):
 
 
 def _output_tensors(model, inputs) -> list[torch.Tensor]:
-    """The tensors of ``model``'s output on ``inputs`` (other objects in it, e.g. a cache, dropped)."""
-    return _tensors(_run(model, inputs))
+    """The tensors of ``model``'s output on ``inputs`` (other objects in it, e.g. a cache, dropped),
+    then the output of every Linear/Conv layer that ran: Torch-Pruning builds its graph backwards
+    from these, and a layer whose output reaches the model's output only through non-differentiable
+    steps (a detector's region proposals: top-k indices, detached boxes) would otherwise be missing
+    from it, with the couplings of what it reads (torchvision Faster R-CNN's RPN head, shared by
+    the FPN levels: removing an FPN channel left its input at the old width)."""
+    ran: list[torch.Tensor] = []
+
+    def record(module, args, output):
+        if torch.is_tensor(output) and output.grad_fn is not None:
+            ran.append(output)
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if is_prunable(m)]
+    try:
+        out = _tensors(_run(model, inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out + ran
 
 
 def _tensors(out) -> list[torch.Tensor]:
@@ -211,6 +228,13 @@ def _randomised_bn(model) -> nn.Module | None:
 
 class _ProbeList(list):
     """Several verification inputs (a list, not one input given as a list of arguments)."""
+
+
+def _holds_nothing(reference) -> bool:
+    """Whether the outputs of some verification input (a :func:`_eval_outputs` result) have no element."""
+    if isinstance(reference, list) and reference and isinstance(reference[0], list):
+        return any(_holds_nothing(r) for r in reference)
+    return sum(t.numel() for t in reference) == 0
 
 
 @torch.no_grad()
@@ -1029,6 +1053,10 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
             why = _mismatch(ref, trial, inputs, values=values, rtol=rtol) if verify else None
             if why is not None and values and not why.startswith("forward pass failed") and heads_agree(base, trial, inputs):
                 why = None
+            if why is None and verify and values and _holds_nothing(ref) and not heads_agree(base, trial, inputs):
+                if head_refs["heads"]:  # equal outputs that are empty (no detections) verify nothing: the heads do
+                    why = ("the model outputs hold no values on some verification input (a detector that detects "
+                           "nothing?) and the prediction heads' outputs differ")
             if why is not None:
                 return None, None, why if base is m else f"{why}, with random BatchNorm statistics"
             trials.append((trial, steps))
