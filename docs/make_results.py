@@ -390,7 +390,7 @@ def _table2_section() -> list[str]:
         walls.setdefault((s["config"]["model"], s["config"]["dataset"]), []).append(s.get("wall_time_s", 0.0))
     cfgs = [s["config"] for s in found]
     budget = sorted({(c["epochs"], c["finetune_epochs"], c.get("image_size"), c.get("train_subset"), c.get("test_subset"),
-                      c["batch_size"], c["lr"]) for c in cfgs}, key=str)
+                      c["batch_size"], c["lr"], c.get("noise_lr") or c["lr"]) for c in cfgs}, key=str)
     weights = sorted({c.get("weights") or "none (from scratch)" for c in cfgs})
     none = {k: v for k, v in t.cells.items() if k[0] == "None"}
     paper_rows = ["None", "L2", "E[θ]", "SNR", "BMRS_N", "BMRS_U-8", "BMRS_U-4"]
@@ -404,8 +404,11 @@ def _table2_section() -> list[str]:
             "parameters (`vit-small`: 6 blocks, width 192, noise after each block's attention-output and MLP-output "
             "layers, the paper's placement), on the JPEG copy of CIFAR-10.\n",
             "**Budget**: " + "; ".join(f"{e} + {f} epochs, images resized to {size}x{size}, {tr} training images (of which "
-                                       f"20 % validation), {te} test images, batch {b}, lr {lr:g}"
-                                       for e, f, size, tr, te, b, lr in budget)
+                                       f"20 % validation), {te} test images, batch {b}, lr {lr:g}, noise lr {nlr:g}"
+                                       + (" (the weights' lr, as the paper's)" if nlr == lr else
+                                          f" ({nlr / lr:.0f}x the weights' lr: this budget has ~{_steps_ratio(e, f, tr, b)}x "
+                                          "fewer steps than the paper's 100 epochs of CIFAR-10)")
+                                       for e, f, size, tr, te, b, lr, nlr in budget)
             + f", seeds {_seeds(found)}, {len(found)} runs. **Weights**: {', '.join(weights)}. Run wall time summed per "
             "column: " + "; ".join(f"{m}/{d} {sum(v) / 60:.1f} min ({len(v)} runs)" for (m, d), v in sorted(walls.items()))
             + f". Ran {when.format(end=TABLE2_END)}.\n",
@@ -429,6 +432,13 @@ def _table2_section() -> list[str]:
             "pretrained weights on this machine). Seed 1, and seed 0's ViT L2 run, ran after `models.SelfAttention` became a "
             "plain module (as an `nn.MultiheadAttention` subclass its output projection was not in Torch-Pruning's "
             "graph and L2's compression search failed); the computation is the same.\n"]
+
+
+def _steps_ratio(epochs: int, finetune: int, train: int, batch: int) -> str:
+    """How many times fewer optimiser steps a run has than the paper's Table 2 budget (100 epochs,
+    CIFAR-10's 45,000 training images after its validation split, batch 32)."""
+    ours = (epochs + finetune) * (0.8 * train) / batch
+    return f"{100 * 45000 / 32 / ours:,.0f}"
 
 
 def _seeds(summaries) -> str:

@@ -1,0 +1,31 @@
+"""benchmarks/zoo.py: a model through every stage, its row, the table and the JSON written as it goes."""
+
+import json
+
+from benchmark_module import load_benchmark
+
+zoo = load_benchmark("zoo")
+
+
+def test_zoo_row_and_json(tmp_path, capsys):
+    out = tmp_path / "zoo.json"
+    assert zoo.main(["--models", "tv:squeezenet1_1", "hf:nosuchmodel", "--timeout", "120", "--json", str(out)]) == 0
+    rows = {r["model"]: r for r in json.loads(out.read_text())}
+    sq = rows["tv:squeezenet1_1"]
+    assert sq["ok"] and sq["count_ok"] and sq["stage"] == "done"
+    assert sq["params_after"] == sq["params_reported"] < sq["params_before"] == 1_235_496
+    assert max(sq["rel_err"], sq["rel_err_other"]) <= 1e-5
+    bad = rows["hf:nosuchmodel"]
+    assert not bad["ok"] and bad["stage"] == "build" and "nosuchmodel" in bad["error"]
+    printed = capsys.readouterr().out
+    assert "| tv:squeezenet1_1 | 25 | ok | ok | ok | ok |" in printed
+    assert "1 of 2 models ok" in printed
+
+
+def test_a_row_with_head_errors_is_judged_on_them():
+    """Equal (empty) model outputs do not make a row ok when its prediction heads differ."""
+    row = {"stage": "done", "rel_err": 0.0, "rel_err_other": 0.0}
+    assert zoo.is_ok(row)
+    assert not zoo.is_ok({**row, "heads_rel_err": 3e-3, "heads_rel_err_other": 1e-7})
+    assert zoo.is_ok({**row, "rel_err": 0.4, "heads_rel_err": 2e-7, "heads_rel_err_other": 1e-7})
+    assert not zoo.is_ok({**row, "stage": "shrink"})
