@@ -557,3 +557,38 @@ def test_layers_reached_through_proposals_are_in_the_graph_and_shrink():
     assert small.bayesprune_kept == {}
     assert (small.fpn.out_channels, small.rpn.in_channels, small.rpn.out_channels, small.box.in_channels) == (6, 6, 3, 6)
     _check_equal(model, small, x)
+
+
+def _shuffle_net():
+    """A stem and three ShuffleNetV2 blocks (channel shuffles are views; the second and third
+    split what the shuffle before them produced)."""
+    from torchvision.models.shufflenetv2 import InvertedResidual
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), InvertedResidual(8, 16, 2),
+                         InvertedResidual(16, 16, 1), InvertedResidual(16, 16, 1), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(16, 4)).eval(), torch.randn(2, 3, 8, 8)
+
+
+def test_shufflenet_blocks_shrink_exactly():
+    """Torch-Pruning divided by a width it inferred as 0 at a channel shuffle followed by a split
+    (ZeroDivisionError building the graph, so shrink refused torchvision's ShuffleNetV2): that
+    mapping is left out, the layers feeding a shuffle keep their structures (named), the others
+    lose theirs."""
+    from bayesprune import _torch_pruning as tpc
+
+    model, x = _shuffle_net()
+    tpc._index_mapping.update_reshape_index_mapping = tpc._update_reshape_index_mapping  # Torch-Pruning's own
+    try:
+        with pytest.raises(ZeroDivisionError):
+            tpc.new_graph().build_dependency(model, example_inputs=x)
+    finally:
+        tpc._index_mapping.update_reshape_index_mapping = tpc._reshape_mapping_or_none
+    bp.add_noise(model, x)
+    _mask_and_randomise(model, x)
+    rep = bp.prune(model, "etheta")
+    small = bp.shrink(model)
+    assert rep.params_kept == bp.count_parameters(small) < bp.count_parameters(model)
+    assert {"3.branch1.2", "3.branch2.5"} <= set(small.bayesprune_kept)  # they feed the shuffle; why is named
+    assert small[3].branch2[0].out_channels < model[3].branch2[0].out_channels  # a layer inside a branch shrinks
+    _check_equal(model, small, x)

@@ -395,6 +395,21 @@ if _index_mapping is not None and callable(getattr(_index_mapping, "update_index
 
     _index_mapping.update_index_mapping = _update_index_mapping_once
 
+if _index_mapping is not None and callable(getattr(_index_mapping, "update_reshape_index_mapping", None)):
+    _update_reshape_index_mapping = _index_mapping.update_reshape_index_mapping
+
+    def _reshape_mapping_or_none(graph, reshape_node):
+        """Torch-Pruning's reshape index mapping, left out (as it does for a width it cannot
+        infer) where an inferred width is 0 (its shape inference gives 0 for a path back to the
+        model's input): it divided by it, and the ZeroDivisionError stopped the whole update, so
+        no removal was possible (torchvision's ShuffleNetV2, whose channel shuffles are views)."""
+        try:
+            return _update_reshape_index_mapping(graph, reshape_node)
+        except ZeroDivisionError:
+            return None
+
+    _index_mapping.update_reshape_index_mapping = _reshape_mapping_or_none  # update_index_mapping looks it up here
+
 if (_index_mapping is not None and _shape_infer is not None
         and callable(getattr(_index_mapping, "update_concat_index_mapping", None))
         and callable(getattr(_shape_infer, "infer_channels_between", None))):
