@@ -182,3 +182,30 @@ def test_flatten_mapping_past_its_bound_raises_naming_the_sizes(monkeypatch):
     monkeypatch.setattr(tpc, "MAX_MAPPED_INDICES", 50)
     with pytest.raises(tpc.GroupDoesNotSettle, match=r"2 indices x stride 36 = 72 .*MAX_MAPPED_INDICES = 50"):
         graph.get_pruning_group(model[0], tpc.CONV_PRUNER.prune_out_channels, idxs=[1, 2])
+
+
+def test_indexed_has_pruning_op_builds_the_groups_torch_pruning_builds(monkeypatch):
+    """The lookup-table ``has_pruning_op`` gives the same pruning groups as Torch-Pruning's scan,
+    on a ResNeXt block (grouped convolutions, a residual addition) and a torchvision ViT block."""
+    from torchvision.models.resnet import Bottleneck
+    from torchvision.models.vision_transformer import EncoderBlock
+
+    def groups(model, x):
+        graph = tpc.new_graph().build_dependency(model, example_inputs=x)
+        out = []
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and m in graph.module2node:
+                fn = tpc.CONV_PRUNER.prune_out_channels if isinstance(m, nn.Conv2d) else tpc.prune_linear_out_channels
+                g = graph.get_pruning_group(m, fn, idxs=[0, 2])
+                out.append([(str(dep), sorted(int(i) for i in idxs)) for dep, idxs in g.items])
+        return out
+
+    torch.manual_seed(0)
+    cases = [(nn.Sequential(nn.Conv2d(3, 32, 3), Bottleneck(32, 8, groups=4, base_width=32)), torch.randn(1, 3, 8, 8)),
+             (EncoderBlock(4, 16, 32, 0.0, 0.0), torch.randn(1, 5, 16))]
+    for model, x in cases:
+        ours = groups(model.eval(), x)
+        monkeypatch.setattr(tpc._Group, "has_pruning_op", tpc._has_pruning_op)
+        theirs = groups(model, x)
+        monkeypatch.setattr(tpc._Group, "has_pruning_op", tpc._indexed_has_pruning_op)
+        assert ours == theirs and len(ours) >= 2
