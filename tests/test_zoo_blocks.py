@@ -486,48 +486,6 @@ def test_split_part_read_by_several_nodes_keeps_the_layer_and_is_exact(make):
     _check_equal(model, small, x)
 
 
-class _DetectsNothing(nn.Module):
-    """A detector-like model whose output is the scores above a threshold none reaches (random
-    weights): equal empty outputs verify nothing, its prediction head's outputs do."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv, self.bn, self.head = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 2, 1)
-
-    def forward(self, x):
-        s = self.head(torch.relu(self.bn(self.conv(x))))
-        return s[s > 1e6]
-
-
-def test_empty_outputs_are_verified_on_the_prediction_heads(monkeypatch):
-    from bayesprune import removal
-
-    torch.manual_seed(0)
-    model, x = _DetectsNothing().eval(), torch.randn(2, 3, 6, 6)
-    bp.add_noise(model, x)
-    assert [n.layer_name for n in bp.noise_layers(model)] == ["conv"]  # the head gets none
-    _mask_and_randomise(model, x)
-    assert model(x).numel() == 0
-    bp.prune(model, "etheta")
-    small = bp.shrink(model)
-    assert small.conv.out_channels < 8 and small.bayesprune_kept == {}  # exact: removed
-    real = removal._remove_structures
-
-    def inexact(trial, *args, **kw):  # every removal now moves the head's output a little
-        out = real(trial, *args, **kw)
-        if out[0]:
-            with torch.no_grad():
-                trial.head.bias.add_(1e-3)
-        return out
-
-    monkeypatch.setattr(removal, "_remove_structures", inexact)
-    with torch.no_grad():
-        model.conv.weight.add_(0.0)  # a new version: not the cached shrink
-    small = bp.shrink(model)
-    assert small.conv.out_channels == 8  # the inexact removal is refused though the outputs are equal (empty)
-    assert "prediction heads' outputs differ" in small.bayesprune_kept["conv"]
-
-
 class _ProposalPath(nn.Module):
     """A layer (``rpn``) that reaches the output only through a non-differentiable step (the
     argmax of its scores picks where the boxes are read, as a detector's region proposals), and
