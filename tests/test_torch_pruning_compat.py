@@ -147,16 +147,9 @@ def test_split_part_read_twice_builds_a_graph_and_its_mapping_is_refused():
     inference raised IndexError building the graph (torchvision RetinaNet/FCOS heads); here the
     widths it cannot infer are None, the graph builds, and a removal through the split raises
     GroupCannotBeMapped naming it, with the group bound off again afterwards."""
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.out = nn.Conv2d(3, 4, 1), nn.Conv2d(6, 2, 1)
+    from test_zoo_blocks import _SplitReadTwice
 
-        def forward(self, x):
-            a, b = torch.split(self.conv(x), [2, 2], 1)
-            return self.out(torch.cat([torch.relu(a), torch.sigmoid(b), torch.tanh(a)], 1))
-
-    model, x = M().eval(), torch.randn(1, 3, 4, 4)
+    model, x = _SplitReadTwice().eval(), torch.randn(1, 3, 4, 4)
     tpc._shape_infer.infer_out_channels_recursively = tpc._recursive_out_channels  # Torch-Pruning's own
     try:
         with pytest.raises(IndexError):
