@@ -369,8 +369,9 @@ TABLE2_CPU = ("paper/bmrs-table2-cpu",
               "OMP_NUM_THREADS=1 bayesprune reproduce bmrs-table2 --models resnet18-cifar vit-small --datasets cifar10 "
               "--data-dir ../shared/datasets --image-size 16 --train-subset 5000 --test-subset 1000 --epochs 4 "
               "--finetune-epochs 1 --noise-lr 0.05 --seeds {seeds} --jobs 1 --ensemble 1 --no-latency --out-dir runs/table2-cpu",
-              "2026-12-03 between 08:20 and {end} UTC on the 2-core CPU (AMD EPYC), one run at a time on 1 thread, "
-              "the zoo benchmark on the other core")
+              "2026-12-03 on the 2-core CPU (AMD EPYC), one run at a time on 1 thread: seed 0 between 08:20 and {end} "
+              "UTC with the zoo benchmark on the other core, seed 1 (resnet18-cifar only) between 10:05 and 10:25 UTC "
+              "beside this session's tests")
 
 
 TABLE2_END = "09:38"  # when the last run of results/paper/bmrs-table2-cpu finished
@@ -423,8 +424,9 @@ def _table2_section() -> list[str]:
             "90.65 % and 94.80 % pretrained), so only the relative behaviour of the rules can be read here. "
             "Our compression counts the parameters that physically leave the network (`shrink`), where the paper counts "
             "masked weights. On the ResNet-18 the rules order as in the paper: L2 removes as much and collapses the "
-            "accuracy (the paper's 10.00 %), the Bayesian rules and SNR remove 83-97 % at the unpruned accuracy, and BMRS_N "
-            "with exact odds removes nothing (the tie of issue 17; the reference odds remove 87 %). On "
+            "accuracy (the paper's 10.00 %), the Bayesian rules and SNR remove most of the parameters at the unpruned "
+            "accuracy (the table), and BMRS_N with exact odds removes nothing (the tie of issue 17; with the reference "
+            "odds it removes as much as the others). On "
             "the ViT **no rule removes anything**: the paper's placement puts every noise variable on the residual "
             "stream (each block's attention-output and MLP-output layers), where a feature can leave only if every "
             "block drops it and the embedding, the norms and the head let it go too; the paper's 58-73 % count masked "
