@@ -937,6 +937,8 @@ def _predicted_inexact(model, entries, example_inputs) -> dict[str, str]:
     * it reaches a reshape that splits its structures' dimension into several (a fused q/k/v
       projection's ``[B, N, 3, heads, head_dim]``, a channel shuffle): removing single features
       breaks that shape (attention heads are structures of their own: :func:`bayesprune.add_head_noise`).
+    * it is not in the graph at all (Torch-Pruning cannot remove from it: Swin V2's continuous
+      position-bias MLP, run on a constant coordinate table).
 
     Shrink keeps them without searching for them one by one (the search costs a removal and a
     verification per attempt: 74 attempts, 119 s on a timm ViT-S/16, against 4)."""
@@ -950,8 +952,12 @@ def _predicted_inexact(model, entries, example_inputs) -> dict[str, str]:
             continue
         chain = {id(model.get_submodule(n)) for n in e["chain"]}
         start = graph.module2node.get(model.get_submodule(e["layer"]))
+        if start is None:
+            found[e["layer"]] = ("it is not in Torch-Pruning's dependency graph (its output does not depend on the "
+                                 "example inputs, as a layer run on a constant table): its structures cannot be removed")
+            continue
         n = e["mask"].numel()
-        stack, seen = list(start.outputs) if start is not None else [], set()
+        stack, seen = list(start.outputs), set()
         while stack:
             node = stack.pop()
             if id(node) in seen:
