@@ -494,3 +494,43 @@ def test_a_head_with_noise_gives_no_head_check_and_the_amplified_output_is_refus
 
 def _rel(a, b):
     return float((a - b).abs().max() / a.abs().max())
+
+
+class _DetectsNothing(nn.Module):
+    """A detector in small: conv features, then the scores above a threshold no score reaches
+    (random weights detect nothing): the output is an empty tensor on every input."""
+
+    def __init__(self, threshold: float):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+        self.threshold = threshold
+
+    def forward(self, x):
+        scores = self.body(x).flatten()
+        return scores[scores > self.threshold]
+
+
+@pytest.mark.parametrize("threshold", [1e9, -1e9])
+def test_shrink_warns_when_the_outputs_it_checks_are_empty(threshold):
+    """With empty outputs the check compares nothing: shrink says so (ShrinkVerificationWarning)
+    instead of passing silently; with outputs (threshold -1e9: every score) it warns nothing."""
+    import warnings
+
+    torch.manual_seed(0)
+    m, x = _DetectsNothing(threshold).eval(), torch.randn(2, 3, 8, 8)
+    bp.add_noise(m, x)
+    with torch.no_grad():
+        for n in bp.noise_layers(m):
+            n.mu[:3] = -19.0
+    with warnings.catch_warnings(record=True) as caught:  # prune's count is the shrunk network's: it shrinks
+        warnings.simplefilter("always")
+        bp.prune(m, "etheta")
+        small = bp.shrink(m)
+    found = [w for w in caught if issubclass(w.category, bp.ShrinkVerificationWarning)]
+    assert small.body[0].out_channels == 5
+    if threshold > 0:
+        assert len(found) == 1 and "outputs on all" in str(found[0].message) and "empty" in str(found[0].message)
+    else:
+        assert not found
+        with torch.no_grad():
+            assert _rel(m(x), small(x)) < 1e-5

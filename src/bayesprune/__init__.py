@@ -16,7 +16,7 @@ from .noise import DEFAULT_SHARING, MultiplicativeNoise, add_noise, kl, noise_la
 from .pruning import LayerReport, PruneReport, prune, report, round_masks, scores
 from .reduction import REFERENCE_THRESHOLD, delta_f_normal, delta_f_uniform
 from .counting import remaining_parameters
-from .removal import count_parameters, shrink, shrink_for_training
+from .removal import ShrinkVerificationWarning, count_parameters, shrink, shrink_for_training
 from .export import OnnxExport, export_onnx, load_shrunk, save_shrunk
 from .heads import HeadNoise, add_head_noise
 from .benchmarking import SizeSpeedReport, size_speed_report
@@ -40,6 +40,7 @@ __all__ = [
     "PruneReport",
     "REFERENCE_THRESHOLD",
     "SNR",
+    "ShrinkVerificationWarning",
     "SizeSpeedReport",
     "TruncatedLogNormal",
     "add_head_noise",

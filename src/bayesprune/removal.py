@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 import weakref
 
 import torch
@@ -75,12 +76,16 @@ from .noise import (
     stored_example_inputs,
 )
 
-__all__ = ["shrink", "shrink_for_training", "parameter_origins", "carry_optimizer_state", "count_parameters", "replay_pruning"]
+__all__ = ["shrink", "shrink_for_training", "ShrinkVerificationWarning", "parameter_origins", "carry_optimizer_state", "count_parameters", "replay_pruning"]
 
 #: f(s x) = s f(x) for a per-channel s >= 0: a scale after them folds into the module before them
 _HOMOGENEOUS = _HOMOGENEOUS_ACTIVATIONS + _POOL_TYPES
 _CROSS_CHANNEL_NORMS = (nn.LayerNorm, nn.GroupNorm)
 VERIFY_RTOL = 1e-5  # of the output scale; the fold itself is exact up to float rounding
+
+
+class ShrinkVerificationWarning(UserWarning):
+    """shrink could not check the shrunk network's values (the model's outputs were empty)."""
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -1003,6 +1008,11 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
         if copy_ is not None and verify:
             _freeze_noise(copy_)
     reference = _eval_outputs(m, probes) if verify else None
+    if verify and values and not any(t.is_floating_point() and t.numel() for ref in reference for t in ref):
+        warnings.warn(
+            f"shrink's check compares no values: the model's outputs on all {len(probes)} verification inputs are empty "
+            "(a detector that detects nothing?), so only the network's shapes are checked; pass example inputs on "
+            "which the model produces outputs", ShrinkVerificationWarning, stacklevel=2)
     twin_reference = _eval_outputs(twin, twin_probes) if twin is not None else None
     _freeze_noise(m, frozen=False)  # its noise modules are carried on by shrink_for_training
     remove_noise(m)
