@@ -39,20 +39,20 @@ class _Waiting:
         self.request = (args, rng)
 
 
-def _member(model_name: str, seed: int, data):
-    cfg = resolve_config(model=model_name, seed=seed, device="cpu")
+def _member(model_name: str, seed: int, data, **extra):
+    cfg = resolve_config(model=model_name, seed=seed, device="cpu", **extra)
     training._seed_all(seed)
     model, _ = training._build(cfg, data, CPU)
     return cfg, model, training._optimizer(model, cfg), torch.get_rng_state()
 
 
-@pytest.mark.parametrize("model_name", ["mlp", "lenet5"])
-def test_one_batched_epoch_equals_each_members_own(model_name):
+@pytest.mark.parametrize("model_name, extra", [("mlp", {}), ("lenet5", {}), ("mlp", {"kl_weighting": "elbo", "kl_scale": 7.0})])
+def test_one_batched_epoch_equals_each_members_own(model_name, extra):
     splits = load_dataset("digits", seed=0)
     small = ImageTensorDataset(splits.train.images[:24], splits.train.labels[:24])  # steps of 16 and 8
     members, singles, logits = [], [], []
     for seed in (0, 3):
-        cfg, model, opt, rng = _member(model_name, seed, splits)
+        cfg, model, opt, rng = _member(model_name, seed, splits, **extra)
         twin, twin_opt = copy.deepcopy(model), None
         twin_opt = training._optimizer(twin, cfg)
         twin_opt.load_state_dict(opt.state_dict())

@@ -177,3 +177,32 @@ def test_shrink_as_you_go_resumes_exactly(tmp_path, monkeypatch):
     resumed = tr.run_continuous(cfg, progress=False)
     assert _metrics(tmp_path / "resumed") == rows
     assert resumed["test_acc"] == full["test_acc"]
+
+
+def test_kl_scale_multiplies_the_kl_term_of_the_loss():
+    """kl_scale = beta: the loss is CE + beta x kl(model, weighting); from the same state, one
+    step's KL is beta times the unscaled one and the CE is the same; beta goes into the run's
+    directory name and label; bad values are named."""
+    from bayesprune.experiments.data import ImageTensorDataset, load_dataset, make_loader
+    from bayesprune.experiments.results import method_label
+
+    splits = load_dataset("digits", seed=0)
+    small = ImageTensorDataset(splits.train.images[:16], splits.train.labels[:16])
+    means = {}
+    for beta in (1.0, 30.0):
+        cfg = tr.resolve_config(model="mlp", seed=0, device="cpu", kl_weighting="elbo", kl_scale=beta)
+        tr._seed_all(0)
+        model, _ = tr._build(cfg, splits, torch.device("cpu"))
+        means[beta] = tr._train_epoch(model, tr._optimizer(model, cfg), make_loader(small, 16, True, seed=0), cfg,
+                                      splits.num_train, torch.device("cpu"), "e")
+    (loss1, ce1, kl1), (loss30, ce30, kl30) = means[1.0], means[30.0]
+    assert kl1 > 0 and ce30 == pytest.approx(ce1, rel=1e-6)
+    assert kl30 == pytest.approx(30 * kl1, rel=1e-6) and loss30 == pytest.approx(ce1 + 30 * kl1, rel=1e-6)
+    assert tr.run_dir_name("mlp", "mnist", "bmrs_n", kl_weighting="elbo", kl_scale=30.0) == "mlp-mnist-bmrs_n-klelbo-klx30"
+    assert tr.run_dir_name("mlp", "mnist", "bmrs_n", kl_scale=1.0) == "mlp-mnist-bmrs_n"
+    assert "(KL x 30)" in method_label({"method": "bmrs_n", "kl_weighting": "elbo", "kl_scale": 30.0})
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="kl_scale must be a positive number"):
+            tr.resolve_config(model="mlp", kl_scale=bad)
+    with pytest.raises(ValueError, match="kl_scale does not apply"):
+        tr.resolve_config(model="mlp", method="dense", kl_scale=2.0)

@@ -98,6 +98,7 @@ def _config_overrides(args: argparse.Namespace) -> dict:
         width=args.width,
         extra_layers=args.extra_layers,
         kl_weighting=args.kl_weighting,
+        kl_scale=args.kl_scale,
         sharing=args.sharing,
         precision=args.precision,
         threshold=getattr(args, "threshold", None),
@@ -143,6 +144,8 @@ def _add_common(p: argparse.ArgumentParser, methods: bool = True) -> None:
                    help="learning rate of the noise parameters (default: 0.05, or --lr with a data set other than digits)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
     g.add_argument("--kl-weighting", choices=KL_WEIGHTINGS, default=None)
+    g.add_argument("--kl-scale", type=_finite, default=None, metavar="BETA",
+                   help="multiply the KL term by BETA: loss = CE + BETA x KL, e.g. with --kl-weighting elbo (default 1)")
     g.add_argument("--sharing", choices=SHARING, default=None,
                    help=f"noise draws: per (example, channel), per element (the reference code's) or per channel (default: {DEFAULT_SHARING})")
     g.add_argument("--precision", type=_finite, default=None, help="BMRS_U precision p (default 8)")
@@ -440,7 +443,7 @@ def _cmd_run(args) -> int:
 
     base = _resolved(args, seed=args.seeds[0])
     group = Path(args.out_dir) / run_dir_name(base.model, base.dataset, base.method, base.precision, base.threshold, base.prior_odds,
-                                             base.kl_weighting)
+                                             base.kl_weighting, base.kl_scale)
     print(f"{base.method} on {base.model}/{base.dataset}: epochs {base.epochs} + fine-tune {base.finetune_epochs}, "
           f"batch {base.batch_size}, lr {base.lr:g}, seeds {' '.join(map(str, args.seeds))} -> {group}", flush=True)
     _maybe_download(args, base.dataset)
@@ -524,7 +527,7 @@ def cmd_sweep(args) -> int:
     base = _resolved(args, seed=args.seeds[0], **extra)
     from .training import run_dir_name
 
-    group = Path(args.out_dir) / run_dir_name(base.model, base.dataset, "sweep", kl_weighting=base.kl_weighting)
+    group = Path(args.out_dir) / run_dir_name(base.model, base.dataset, "sweep", kl_weighting=base.kl_weighting, kl_scale=base.kl_scale)
     print(f"sweep on {base.model}/{base.dataset}: train {base.epochs} epochs, criteria {' '.join(base.sweep_criteria)}, "
           f"{len(base.sweep_points)} points, seeds {' '.join(map(str, args.seeds))} -> {group}", flush=True)
     _maybe_download(args, base.dataset)

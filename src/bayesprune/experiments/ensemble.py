@@ -54,7 +54,7 @@ __all__ = ["run_ensemble", "run_bf_ensemble", "bf_probe", "check_members", "chec
 
 #: RunConfig fields that members of one ensemble share (seed, method and its rule may differ)
 SHARED_FIELDS = ("dataset", "model", "width", "extra_layers", "epochs", "finetune_epochs", "batch_size", "lr",
-                 "noise_lr", "kl_weighting", "sharing", "val_fraction", "device", "data_dir", "world_size")
+                 "noise_lr", "kl_weighting", "kl_scale", "sharing", "val_fraction", "device", "data_dir", "world_size")
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.Identity)
 _PER_EXAMPLE = (nn.MaxPool2d, nn.AvgPool2d, nn.Flatten)
 
@@ -262,7 +262,7 @@ class _Batch:
         """(model, optimizer, loader, device, what else members must share) of an epoch's
         arguments: training._train_epoch's ``(model, opt, loader, cfg, num_train, device, desc)``."""
         model, opt, loader, cfg, num_train, device, _desc = args
-        return model, opt, loader, device, (num_train, cfg.kl_weighting)
+        return model, opt, loader, device, (num_train, cfg.kl_weighting, cfg.kl_scale)
 
     def __init__(self, group):
         self.group = group
@@ -341,7 +341,7 @@ class _Batch:
         return h
 
     def _kl(self):
-        """[K] of each member's kl(model, weighting, num_train) (noise.kl's weightings)."""
+        """[K] of each member's kl_scale x kl(model, weighting, num_train) (noise.kl's weightings)."""
         per_layer = []
         for n in self.layers:
             mu = self.stacked[f"{n.layer_name}.bayes_noise.mu"]
@@ -350,9 +350,11 @@ class _Batch:
             per_layer.append((kl_divergence(q, LogUniform(n.a, n.b, batch_shape=mu.shape)).to(mu.dtype), n))
         w = self.cfg.kl_weighting
         if w == "mean":
-            return sum(k.double().sum(1) / n.initial_structures for k, n in per_layer).div(len(per_layer)).to(per_layer[0][0].dtype)
-        total = sum(k.sum(1) for k, _ in per_layer)
-        return total / self.num_train if w == "elbo" else total
+            k = sum(k.double().sum(1) / n.initial_structures for k, n in per_layer).div(len(per_layer)).to(per_layer[0][0].dtype)
+        else:
+            total = sum(k.sum(1) for k, _ in per_layer)
+            k = total / self.num_train if w == "elbo" else total
+        return k * self.cfg.kl_scale if self.cfg.kl_scale != 1 else k
 
     # -- the epoch ----------------------------------------------------------------------------
     def _adam(self):

@@ -77,6 +77,8 @@ def method_label(config: dict) -> str:
         label += f" (prior odds {odds:.3g})"
     if config.get("kl_weighting", DEFAULT_KL_WEIGHTING) != DEFAULT_KL_WEIGHTING:
         label += f" ({config['kl_weighting']} KL)"
+    if config.get("kl_scale", 1) != 1:
+        label += f" (KL x {config['kl_scale']:g})"
     if config.get("dense_finetune_epochs"):  # experiments/finetune.py: shrunk, then cross-entropy only
         label += f" + dense FT {config['dense_finetune_epochs']}"
         extra = [f"lr {config['dense_finetune_lr']:g}"] if config.get("dense_finetune_lr") is not None else []

@@ -108,6 +108,7 @@ class RunConfig:
     width: int | None = None
     extra_layers: int | None = None
     kl_weighting: str = DEFAULT_KL_WEIGHTING
+    kl_scale: float = 1.0  # beta: the KL term of the loss is beta x kl(model, kl_weighting) (docs/maths.md 4.5)
     sharing: str = DEFAULT_SHARING
     precision: float = 8.0
     # the rule of bmrs_n/bmrs_u: threshold in dF, or prior odds of removal (threshold = -log odds);
@@ -155,6 +156,10 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.finetune_epochs < 0:
             raise ValueError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
+        if not (isinstance(self.kl_scale, (int, float)) and self.kl_scale > 0 and math.isfinite(self.kl_scale)):
+            raise ValueError(f"kl_scale must be a positive number, got {self.kl_scale!r}")
+        if self.kl_scale != 1 and self.method == "dense":
+            raise ValueError("method 'dense' has no noise layers and no KL term: kl_scale does not apply")
         for name in ("lr", "noise_lr"):
             v = getattr(self, name)
             if v is not None and not (v > 0 and math.isfinite(v)):
@@ -320,6 +325,8 @@ def _train_epoch(model, opt, loader, cfg: RunConfig, num_train: int, device, des
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         ce = F.cross_entropy(model(x), y)
         k = kl(model, cfg.kl_weighting, num_train) if noisy else torch.zeros((), device=ce.device)
+        if cfg.kl_scale != 1:
+            k = k * cfg.kl_scale
         loss = ce + k
         if not (torch.isfinite(loss) & (ce <= MAX_CROSS_ENTROPY)):  # the one host-device sync of a step
             for n in noise_layers(model):
@@ -364,9 +371,10 @@ def _safe(name: str) -> str:
 
 def run_dir_name(model: str, dataset: str, method: str, precision: float | None = None,
                  threshold: float | None = None, prior_odds: float | None = None,
-                 kl_weighting: str | None = None) -> str:
+                 kl_weighting: str | None = None, kl_scale: float | None = None) -> str:
     """``<model>-<dataset>-<method>[-p<precision> for bmrs_u][-t<threshold> when one is set]
-    [-odds<prior odds> when they are set and not 1][-kl<weighting> when not the default]`` (":" and
+    [-odds<prior odds> when they are set and not 1][-kl<weighting> when not the default][-klx<scale>
+    when not 1]`` (":" and
     "/" of ``tv:`` names become "_"); ``bayesprune run`` and ``reproduce`` both use it.  Odds 1,
     the exact rule, and the default KL weighting are the plain name; ``dense`` has no KL."""
     name = f"{_safe(model)}-{dataset}-{method}"
@@ -378,6 +386,8 @@ def run_dir_name(model: str, dataset: str, method: str, precision: float | None 
         name += f"-odds{float(prior_odds):.4g}"
     if kl_weighting not in (None, DEFAULT_KL_WEIGHTING) and method != "dense":
         name += f"-kl{kl_weighting}"
+    if kl_scale not in (None, 1, 1.0) and method != "dense":
+        name += f"-klx{float(kl_scale):g}"
     return name
 
 
