@@ -79,7 +79,9 @@ BMRS_PAPER = ("paper/bmrs-table1", "BMRS Table 1 (continuous pruning) at the pap
               "2 runs in parallel; 3 for LeNet5/Fashion-MNIST and the None (no noise) and LeNet5 SNR rows, whose "
               "times are therefore up to ~1.5x what 2 at a time take; the LeNet5/CIFAR-10 runs (2026-12-02, E[θ], SNR and BMRS_N "
               "15:04-16:52 UTC, the others 18:45-21:15 UTC) one at a time (`--models lenet5 --datasets cifar10 --seeds 0 "
-              "--jobs 1 --ensemble 1`) beside other single-thread experiments")
+              "--jobs 1 --ensemble 1`) beside other single-thread experiments; MLP/Fashion-MNIST seed 3 (2026-12-03 "
+              "11:53-12:22 UTC) one at a time (`--models mlp --datasets fashion-mnist --seeds 3 --jobs 1 --ensemble 1`, "
+              "`nice -n 19`) beside this session's other work")
 BMRS_REDUCED = ("repro/bmrs-table1", "BMRS Table 1 (continuous pruning) at a reduced budget (MLP 5 + 2, LeNet5 4 + 1 epochs, "
                 "noise lr 1e-2)",
                 "bayesprune reproduce bmrs-table1 --seeds {seeds} --epochs 5 --finetune-epochs 2 --noise-lr 1e-2 "
