@@ -88,6 +88,31 @@ def _hf(name: str):
 
 
 def build(name: str):
+    """``(model, example input)`` with random weights, zero-initialised layers re-drawn (see
+    :func:`_redraw_zero_layers`)."""
+    model, x = _build(name)
+    _redraw_zero_layers(model)
+    return model, x
+
+
+def _redraw_zero_layers(model) -> list[str]:
+    """Re-draw the weights of Linear/Conv layers initialised to zero (torchvision's ViT and
+    MaxViT heads, some residual branches): with them the model's outputs are all zero whatever
+    the pruning, and the zoo's comparison of shrunk against masked outputs would compare nothing
+    (its relative error 0).  N(0, 0.02^2), a ViT's initialisation; returns the layers' names."""
+    import torch
+
+    names = []
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            w = getattr(m, "weight", None)
+            if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) and w is not None and not bool(w.any()):
+                w.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(len(names)))
+                names.append(name)
+    return names
+
+
+def _build(name: str):
     import torch
 
     if name.startswith("tv:"):

@@ -497,27 +497,31 @@ def _rel(a, b):
 
 
 class _DetectsNothing(nn.Module):
-    """A detector in small: conv features, then the scores above a threshold no score reaches
-    (random weights detect nothing): the output is an empty tensor on every input."""
+    """A detector in small: conv features, then the scores above a threshold ("empty": one no
+    score reaches, as random weights detect nothing; "all": every score), or a zero-initialised
+    last layer ("zero": outputs all zero, as torchvision's ViT head)."""
 
-    def __init__(self, threshold: float):
+    def __init__(self, mode: str):
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
-        self.threshold = threshold
+        self.threshold = {"empty": 1e9}.get(mode, -1e9)
+        if mode == "zero":
+            nn.init.zeros_(self.body[2].weight)
+            nn.init.zeros_(self.body[2].bias)
 
     def forward(self, x):
         scores = self.body(x).flatten()
         return scores[scores > self.threshold]
 
 
-@pytest.mark.parametrize("threshold", [1e9, -1e9])
-def test_shrink_warns_when_the_outputs_it_checks_are_empty(threshold):
-    """With empty outputs the check compares nothing: shrink says so (ShrinkVerificationWarning)
-    instead of passing silently; with outputs (threshold -1e9: every score) it warns nothing."""
+@pytest.mark.parametrize("mode", ["empty", "zero", "all"])
+def test_shrink_warns_when_the_outputs_it_checks_are_empty(mode):
+    """With empty or all-zero outputs the check compares nothing: shrink says so
+    (ShrinkVerificationWarning) instead of passing silently; with outputs it warns nothing."""
     import warnings
 
     torch.manual_seed(0)
-    m, x = _DetectsNothing(threshold).eval(), torch.randn(2, 3, 8, 8)
+    m, x = _DetectsNothing(mode).eval(), torch.randn(2, 3, 8, 8)
     bp.add_noise(m, x)
     with torch.no_grad():
         for n in bp.noise_layers(m):
@@ -528,8 +532,8 @@ def test_shrink_warns_when_the_outputs_it_checks_are_empty(threshold):
         small = bp.shrink(m)
     found = [w for w in caught if issubclass(w.category, bp.ShrinkVerificationWarning)]
     assert small.body[0].out_channels == 5
-    if threshold > 0:
-        assert len(found) == 1 and "outputs on all" in str(found[0].message) and "empty" in str(found[0].message)
+    if mode != "all":
+        assert len(found) == 1 and "outputs on all 3 verification inputs are empty or all zero" in str(found[0].message)
     else:
         assert not found
         with torch.no_grad():

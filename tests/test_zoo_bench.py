@@ -29,3 +29,20 @@ def test_a_row_with_head_errors_is_judged_on_them():
     assert not zoo.is_ok({**row, "heads_rel_err": 3e-3, "heads_rel_err_other": 1e-7})
     assert zoo.is_ok({**row, "rel_err": 0.4, "heads_rel_err": 2e-7, "heads_rel_err_other": 1e-7})
     assert not zoo.is_ok({**row, "stage": "shrink"})
+
+
+def test_zero_initialised_layers_are_redrawn_so_outputs_compare_something():
+    """torchvision's ViT zero-initialises its head: its outputs are all zero, and shrunk vs masked
+    compared nothing (tv:vit_h_14 relative error 0.0e+00).  The zoo re-draws such layers; others
+    keep their weights."""
+    import torch
+
+    vit, x = zoo.build("tv:vit_b_32")
+    assert vit.heads.head.weight.std() > 0.01
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    torch.nn.init.zeros_(model[1].weight)
+    kept = model[0].weight.clone()
+    assert zoo._redraw_zero_layers(model) == ["1"]
+    assert torch.equal(model[0].weight, kept) and bool(model[1].weight.ne(0).all())
+    with torch.no_grad():
+        assert bool(vit.eval()(x[:1]).ne(0).any())

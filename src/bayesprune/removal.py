@@ -85,7 +85,7 @@ VERIFY_RTOL = 1e-5  # of the output scale; the fold itself is exact up to float 
 
 
 class ShrinkVerificationWarning(UserWarning):
-    """shrink could not check the shrunk network's values (the model's outputs were empty)."""
+    """shrink could not check the shrunk network's values (the model's outputs were empty or zero)."""
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -1008,11 +1008,12 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
         if copy_ is not None and verify:
             _freeze_noise(copy_)
     reference = _eval_outputs(m, probes) if verify else None
-    if verify and values and not any(t.is_floating_point() and t.numel() for ref in reference for t in ref):
+    if verify and values and not any(t.is_floating_point() and bool(t.ne(0).any()) for ref in reference for t in ref):
         warnings.warn(
             f"shrink's check compares no values: the model's outputs on all {len(probes)} verification inputs are empty "
-            "(a detector that detects nothing?), so only the network's shapes are checked; pass example inputs on "
-            "which the model produces outputs", ShrinkVerificationWarning, stacklevel=2)
+            "or all zero (a detector that detects nothing? a zero-initialised head?), so only the network's shapes are "
+            "checked; pass example inputs (and weights) for which the model produces outputs", ShrinkVerificationWarning,
+            stacklevel=2)
     twin_reference = _eval_outputs(twin, twin_probes) if twin is not None else None
     _freeze_noise(m, frozen=False)  # its noise modules are carried on by shrink_for_training
     remove_noise(m)
