@@ -251,10 +251,11 @@ def _dense_finetune_section() -> list[str]:
                         f"{r['best_epoch']} of {c['dense_finetune_epochs']} |")
     goal = _goal_lines(groups)
     commands = []
-    keys = ("model", "dataset", "kl_weighting", "dense_finetune_epochs", "dense_finetune_lr", "dense_finetune_schedule")
+    keys = ("model", "dataset", "kl_weighting", "kl_scale", "dense_finetune_epochs", "dense_finetune_lr", "dense_finetune_schedule")
     for c in sorted({json.dumps({k: r["config"].get(k) for k in keys}, sort_keys=True) for r in runs}):
         c = json.loads(c)
         options = f" --kl-weighting {c['kl_weighting']}" if c["kl_weighting"] not in (None, DEFAULT_KL_WEIGHTING) else ""
+        options += f" --kl-scale {c['kl_scale']:g}" if c.get("kl_scale") not in (None, 1, 1.0) else ""
         options += f" --dense-finetune-epochs {c['dense_finetune_epochs']}"
         options += f" --dense-finetune-lr {c['dense_finetune_lr']:g}" if c["dense_finetune_lr"] is not None else ""
         options += f" --dense-finetune-schedule {c['dense_finetune_schedule']}" if c["dense_finetune_schedule"] != "cosine" else ""

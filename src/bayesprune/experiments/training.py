@@ -108,7 +108,7 @@ class RunConfig:
     width: int | None = None
     extra_layers: int | None = None
     kl_weighting: str = DEFAULT_KL_WEIGHTING
-    kl_scale: float = 1.0  # beta: the KL term of the loss is beta x kl(model, kl_weighting) (docs/maths.md 4.5)
+    kl_scale: float = 1.0  # beta: the KL term of the loss is beta x kl(model, kl_weighting) (docs/maths.md section 1)
     sharing: str = DEFAULT_SHARING
     precision: float = 8.0
     # the rule of bmrs_n/bmrs_u: threshold in dF, or prior odds of removal (threshold = -log odds);
