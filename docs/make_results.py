@@ -122,7 +122,9 @@ DENSE_FT = ("paper/dense-finetune",
             "{options}",
             "2026-12-02 on the 2-core CPU shared with other work, most under `nice -n 10` (load average 8-16 for the "
             "LeNet5/MNIST seed-0 runs, 2-6 for the others); the LeNet5/CIFAR-10 runs on 2026-12-02 between 14:38 and 15:20 "
-            "UTC, not niced, beside two other experiments (load average 2.0-2.6)")
+            "UTC, not niced, beside two other experiments (load average 2.0-2.6); the `--kl-scale` runs on 2026-12-03 "
+            "(LeNet5-Caffe, ELBO KL x 40: 12:32-13:08 UTC, x 70: the 3 seeds at once 13:04-13:50 UTC, 3-4 single-thread "
+            "runs on the 2 cores, so ~1.5x the time alone)")
 # plain LeNet5-shaped networks of the goal's size trained from scratch (scripts/lenet5_frontier.py)
 FRONTIER = ("paper/dense-finetune/frontier.jsonl",
             "OMP_NUM_THREADS=1 nice -n 5 python scripts/lenet5_frontier.py --shapes {shapes} --epochs {epochs} "
