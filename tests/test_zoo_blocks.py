@@ -380,6 +380,17 @@ def test_llama_attention_whose_pruning_group_never_settles_keeps_q_k_v_and_shrin
     assert getattr(group_limit, "items", None) is None  # the bound is off outside the graph's calls
 
 
+def _prune_and_shrink_counting_removals(model, monkeypatch):
+    """``(prune report, shrunk model, one entry per removal attempt)`` of prune then shrink."""
+    from bayesprune import removal
+
+    calls = []
+    real = removal._remove_structures
+    monkeypatch.setattr(removal, "_remove_structures", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rep = bp.prune(model, "etheta")
+    return rep, bp.shrink(model), calls
+
+
 def test_fused_qkv_split_into_heads_is_kept_without_a_search(monkeypatch):
     """timm's attention reshapes its fused q/k/v output [B, N, 3 * heads * d] into
     [B, N, 3, heads, d]: single q/k/v features cannot be removed.  Shrink predicts those layers
@@ -387,18 +398,12 @@ def test_fused_qkv_split_into_heads_is_kept_without_a_search(monkeypatch):
     119 s on ViT-S/16), keeps them with the reason, removes the other layers' structures, and the
     shrunk ViT equals the masked one on another input."""
     vt = pytest.importorskip("timm.models.vision_transformer")
-    from bayesprune import removal
-
     torch.manual_seed(0)
     model = vt.VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5).eval()
     x = torch.randn(2, 3, 32, 32)
     bp.add_noise(model, x)
     _mask_and_randomise(model, x)
-    calls = []
-    real = removal._remove_structures
-    monkeypatch.setattr(removal, "_remove_structures", lambda *a, **k: calls.append(1) or real(*a, **k))
-    rep = bp.prune(model, "etheta")
-    small = bp.shrink(model)
+    rep, small, calls = _prune_and_shrink_counting_removals(model, monkeypatch)
     qkv = {f"blocks.{i}.attn.qkv" for i in range(3)}
     assert set(small.bayesprune_kept) == qkv
     assert all("[2, 17, 144] -> [2, 17, 3, 3, 16]" in small.bayesprune_kept[n] for n in qkv)
@@ -467,18 +472,12 @@ def test_layer_outside_the_dependency_graph_is_kept_without_a_search(monkeypatch
     through an in-place ReLU): removing from it fails.  Shrink predicts such layers from the graph
     and keeps them with the reason instead of halving its way to them (tv:swin_v2_t: 73 removal
     attempts, prune 149.6 s; after: 2 attempts, 36.1 s, 2026-12-03); the others shrink exactly."""
-    from bayesprune import removal
-
     torch.manual_seed(0)
     model, x = _ConstantTableBias().eval(), torch.randn(4, 8)
     bp.add_noise(model, x)
     assert {n.layer_name for n in bp.noise_layers(model)} == {"fc1", "cpb.0"}
     _mask_and_randomise(model, x)
-    calls = []
-    real = removal._remove_structures
-    monkeypatch.setattr(removal, "_remove_structures", lambda *a, **k: calls.append(1) or real(*a, **k))
-    rep = bp.prune(model, "etheta")
-    small = bp.shrink(model)
+    rep, small, calls = _prune_and_shrink_counting_removals(model, monkeypatch)
     assert set(small.bayesprune_kept) == {"cpb.0"}
     assert "not in Torch-Pruning's dependency graph" in small.bayesprune_kept["cpb.0"]
     assert len(calls) <= 2  # everything, then everything but the predicted layer
