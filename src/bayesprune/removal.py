@@ -742,12 +742,22 @@ def _grouped_conv_blocks(graph, model, entries, masks, name_of, allowed) -> dict
             return {name: set(reach) - free[name] for name, reach in drags.items()}
 
 
+class _LayerRemovalFailed(RuntimeError):
+    """Torch-Pruning raised while removing one noise layer's structures: ``layer`` names it (the
+    model is then half pruned and is thrown away; shrink keeps that layer and tries again)."""
+
+    def __init__(self, layer: str, error: Exception):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.layer = layer
+
+
 def _remove_structures(model, example_inputs, entries, allowed, unsettled: dict | None = None) -> tuple[list, dict]:
     """Remove masked structures of the layers named in ``allowed`` (in place).
 
     Returns the Torch-Pruning steps and, per noise layer, the original indices that remain.
     A layer whose removal Torch-Pruning cannot map (_torch_pruning.GroupCannotBeMapped) keeps its
-    structures; ``unsettled`` (a dict) then gets its name and the reason.
+    structures; ``unsettled`` (a dict) then gets its name and the reason.  Any other error
+    Torch-Pruning raises for one layer's group comes out as :class:`_LayerRemovalFailed`.
     """
     graph = _build_graph(model, example_inputs)
     name_of = {id(model.get_submodule(e["layer"])): e["layer"] for e in entries}
@@ -760,32 +770,51 @@ def _remove_structures(model, example_inputs, entries, allowed, unsettled: dict 
         removed = torch.nonzero(masks[name] == 0).flatten().tolist()
         if name not in allowed or not removed:
             continue
-        layer, fn = model.get_submodule(name), _out_pruner(model.get_submodule(name))
         try:
-            _, veto = _vetoes(graph, layer, removed, masks, name_of)
-        except _tp.GroupCannotBeMapped as e:
-            if unsettled is not None:
-                unsettled[name] = f"kept: {e}"
-            continue
-        if blocked.get(name):  # original indices that stay for a grouped convolution's sake
-            origin = kept[name].tolist()
-            veto.update(i for i in removed if origin[i] in blocked[name])
-        removing = [i for i in removed if i not in veto]
-        if len(removing) >= _dim_size(layer, True):
-            removing = removing[1:]  # Torch-Pruning cannot empty a layer; one zeroed unit stays
-        if not removing:
-            continue
-        group = graph.get_pruning_group(layer, fn, idxs=removing)
-        for dep, pairs in _items(group):  # keep every stored mask aligned with its layer's remaining outputs
-            other = name_of.get(id(dep.target.module))
-            if other is not None and graph.is_out_channel_pruning_fn(dep.handler):
-                keep = torch.ones(len(masks[other]), dtype=torch.bool)
-                keep[[i for i, _ in pairs]] = False
-                masks[other], kept[other] = masks[other][keep], kept[other][keep]
-        group.prune(record_history=False)
-        steps.append([name, True, [int(i) for i in removing]])
+            steps.extend(_remove_layer(graph, model, name, removed, masks, kept, name_of, blocked, unsettled))
+        except ImportError:
+            raise
+        except Exception as e:  # the model is half pruned now: the caller starts again without this layer
+            raise _LayerRemovalFailed(name, e) from e
     _tp.finish_grouped_convs(model)
     return steps, kept
+
+
+NOT_IN_GRAPH = ("it is not in Torch-Pruning's dependency graph (its output does not depend on the example inputs, "
+                "as a layer run on a constant table: Swin V2's position-bias MLP): its structures cannot be removed")
+
+
+def _remove_layer(graph, model, name, removed, masks, kept, name_of, blocked, unsettled) -> list:
+    """Remove the masked output structures ``removed`` of noise layer ``name`` and the structures
+    coupled to them (in place; ``masks`` and ``kept`` follow).  Returns its Torch-Pruning step, if any."""
+    layer, fn = model.get_submodule(name), _out_pruner(model.get_submodule(name))
+    if layer not in graph.module2node:
+        if unsettled is not None:
+            unsettled[name] = f"kept: {NOT_IN_GRAPH}"
+        return []
+    try:
+        _, veto = _vetoes(graph, layer, removed, masks, name_of)
+    except _tp.GroupCannotBeMapped as e:
+        if unsettled is not None:
+            unsettled[name] = f"kept: {e}"
+        return []
+    if blocked.get(name):  # original indices that stay for a grouped convolution's sake
+        origin = kept[name].tolist()
+        veto.update(i for i in removed if origin[i] in blocked[name])
+    removing = [i for i in removed if i not in veto]
+    if len(removing) >= _dim_size(layer, True):
+        removing = removing[1:]  # Torch-Pruning cannot empty a layer; one zeroed unit stays
+    if not removing:
+        return []
+    group = graph.get_pruning_group(layer, fn, idxs=removing)
+    for dep, pairs in _items(group):  # keep every stored mask aligned with its layer's remaining outputs
+        other = name_of.get(id(dep.target.module))
+        if other is not None and graph.is_out_channel_pruning_fn(dep.handler):
+            keep = torch.ones(len(masks[other]), dtype=torch.bool)
+            keep[[i for i, _ in pairs]] = False
+            masks[other], kept[other] = masks[other][keep], kept[other][keep]
+    group.prune(record_history=False)
+    return [[name, True, [int(i) for i in removing]]]
 
 
 def replay_pruning(model: nn.Module, example_inputs, steps) -> nn.Module:
@@ -942,8 +971,6 @@ def _predicted_inexact(model, entries, example_inputs) -> dict[str, str]:
     * it reaches a reshape that splits its structures' dimension into several (a fused q/k/v
       projection's ``[B, N, 3, heads, head_dim]``, a channel shuffle): removing single features
       breaks that shape (attention heads are structures of their own: :func:`bayesprune.add_head_noise`).
-    * it is not in the graph at all (Torch-Pruning cannot remove from it: Swin V2's continuous
-      position-bias MLP, run on a constant coordinate table).
 
     Shrink keeps them without searching for them one by one (the search costs a removal and a
     verification per attempt: 74 attempts, 119 s on a timm ViT-S/16, against 4)."""
@@ -957,9 +984,7 @@ def _predicted_inexact(model, entries, example_inputs) -> dict[str, str]:
             continue
         chain = {id(model.get_submodule(n)) for n in e["chain"]}
         start = graph.module2node.get(model.get_submodule(e["layer"]))
-        if start is None:
-            found[e["layer"]] = ("it is not in Torch-Pruning's dependency graph (its output does not depend on the "
-                                 "example inputs, as a layer run on a constant table): its structures cannot be removed")
+        if start is None:  # _remove_layer keeps it (NOT_IN_GRAPH)
             continue
         n = e["mask"].numel()
         stack, seen = list(start.outputs), set()
@@ -1056,6 +1081,9 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
                 steps, kept = _remove_structures(trial, example_inputs, entries, allowed, unsettled)
             except ImportError:  # Torch-Pruning missing or too old (first use): not an inexact layer
                 raise
+            except _LayerRemovalFailed as e:  # the layer is known: attributed() keeps it and goes on
+                failed["layer"] = e.layer
+                return None, None, f"removal failed: {e}"
             except Exception as e:  # a removal Torch-Pruning cannot map: keep that layer's structures
                 return None, None, f"removal failed: {type(e).__name__}: {e}"
             if keep_noise:
@@ -1068,16 +1096,30 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
             trials.append((trial, steps))
         return trials[0][0], trials[0][1], None
 
+    def attributed(allowed):
+        """``attempt(allowed)``, less each layer on whose pruning group Torch-Pruning raises (one
+        retry per such layer, instead of a halving search for it)."""
+        allowed = set(allowed)
+        while True:
+            failed.clear()
+            out, steps, why = attempt(allowed)
+            bad = failed.get("layer")
+            if why is None or bad not in allowed:
+                return out, steps, why
+            refused[bad] = why
+            allowed.discard(bad)
+
     refused = {}
+    failed = {}  # the layer whose group Torch-Pruning raised on in the last attempt
     unsettled = {}  # layers kept because their pruning group does not settle (any attempt)
     rtol = VERIFY_RTOL
-    out, steps, why = attempt(set(names))
+    out, steps, why = attributed(set(names))
     if why is not None and fold and verify:  # is the fold alone inexact? then no removal can be exact
         first = _mismatch(reference, m, probes)
         loose = _rounding_tolerance(model, example_inputs, reference, m, probes) if first is not None else None
         if loose is not None:  # exact in float64: the float network's own rounding, checked at that level
             rtol = loose
-            out, steps, why = attempt(set(names))
+            out, steps, why = attributed(set(names) - set(refused))
             first = None
         if first is not None:
             bad = _inexact_folds(model, example_inputs)
@@ -1086,12 +1128,13 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
                 f"shrink refuses the network: folding E[theta] * mask of {', '.join(bad) or 'no layer alone (only several together)'} "
                 f"into the weights is inexact before any removal ({first}):{lines}"
             )
-    predicted = {}
-    if why is not None and values and verify:  # layers known inexact, kept without searching for them
-        predicted = _predicted_inexact(m, entries, example_inputs)
-        if predicted:
-            out, steps, why = attempt(set(names) - set(predicted))
-            refused.update(predicted)
+    predicted = dict(refused)  # layers known inexact, kept without searching for them
+    if why is not None and values and verify:
+        found = _predicted_inexact(m, [e for e in entries if e["layer"] not in predicted], example_inputs)
+        if found:
+            refused.update(found)
+            out, steps, why = attributed(set(names) - set(refused))
+        predicted.update(refused)
     if why is not None:  # find the layers whose removal breaks the network and keep theirs
         masked = [e["layer"] for e in entries if bool((e["mask"] == 0).any()) and e["layer"] not in predicted]
 
