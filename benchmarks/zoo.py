@@ -6,7 +6,8 @@ For each model (random weights; no download), at batch 2 on one thread:
 2. one training step (cross-entropy on random labels + KL) and an optimiser step;
 3. prune: the posteriors of a random 40 % of every layer's structures are collapsed
    (mu = -19, log sigma = 0), BatchNorm running statistics randomised (not the identity), then
-   ``prune(model, "etheta")``; the reported parameter count is kept;
+   ``prune(model, "etheta")``; the reported parameter count and the removal attempts shrink
+   made inside it are kept;
 4. ``shrink(model, x)``: seconds (prune's count already shrank and cached the network, so the
    prune column holds the removal's cost and this one a copy), parameters after, the relative error
    max|shrunk - masked| / max|masked| on the example and on another input; where that is above
@@ -32,6 +33,7 @@ model>`` (256 x 256), ``timm:<timm model>``, ``hf:<bert|distilbert|vit|gpt2|t5|l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -163,6 +165,25 @@ def _main_output(out):
     raise TypeError(f"cannot find a tensor in the output ({type(out).__name__})")
 
 
+@contextlib.contextmanager
+def _counting_removal_attempts():
+    """A list that gets one entry per removal shrink tries (each copies the network, builds
+    Torch-Pruning's graph and removes; the twin with random BatchNorm statistics counts too)."""
+    from bayesprune import removal
+
+    attempts, real = [], removal._remove_structures
+
+    def counted(*args, **kwargs):
+        attempts.append(1)
+        return real(*args, **kwargs)
+
+    removal._remove_structures = counted
+    try:
+        yield attempts
+    finally:
+        removal._remove_structures = real
+
+
 def run_one(name: str) -> dict:
     """All stages for one model; returns the row (raises nothing: errors go into the row)."""
     import torch
@@ -205,8 +226,10 @@ def run_one(name: str) -> dict:
                     m.running_var.uniform_(0.5, 2.0, generator=g)
         model.eval()
         t = time.perf_counter()
-        rep = bp.prune(model, "etheta")  # counts the shrunk network: shrinks (and caches it)
+        with _counting_removal_attempts() as attempts:
+            rep = bp.prune(model, "etheta")  # counts the shrunk network: shrinks (and caches it)
         row["prune_s"] = time.perf_counter() - t
+        row["removal_attempts"] = len(attempts)
         row["params_reported"] = rep.params_kept
         row["stage"] = "shrink"
         t = time.perf_counter()
@@ -299,7 +322,7 @@ def _fmt(row: dict) -> str:
     return (f"| {row['model']} | {g('noise_layers')} | {_stage_marks(row)} | "
             f"{_err(row, 'rel_err')} | {_err(row, 'rel_err_other')} | {g('params_before', '{:,}')} | "
             f"{g('params_reported', '{:,}')} | {g('params_after', '{:,}')} | {'yes' if row['count_ok'] else 'no'} | "
-            f"{g('prune_s', '{:.1f}')} | {g('shrink_s', '{:.1f}')} | {g('kept_layers')} | {err} |")
+            f"{g('prune_s', '{:.1f}')} | {g('removal_attempts')} | {g('shrink_s', '{:.1f}')} | {g('kept_layers')} | {err} |")
 
 
 def main(argv=None) -> int:
@@ -329,8 +352,8 @@ def main(argv=None) -> int:
         models = list(dict.fromkeys(DEFAULT + HF + TIMM + DETECTION + SEGMENTATION + rest))
     print(f"load average {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f} {os.getloadavg()[2]:.1f} at start", flush=True)
     print("| model | noise layers | add_noise | train step | prune | shrink (= masked) | rel err (example) | rel err (other input) | params before | "
-          "params reported | params after shrink | count = shrunk | prune s | shrink s | layers kept (inexact) | error |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "params reported | params after shrink | count = shrunk | prune s | removal attempts | shrink s | layers kept (inexact) | error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done, lock = [], threading.Lock()
 

@@ -15,10 +15,12 @@ def test_zoo_row_and_json(tmp_path, capsys):
     assert sq["ok"] and sq["count_ok"] and sq["stage"] == "done"
     assert sq["params_after"] == sq["params_reported"] < sq["params_before"] == 1_235_496
     assert max(sq["rel_err"], sq["rel_err_other"]) <= 1e-5
+    assert sq["removal_attempts"] == 1  # exact at the first removal (no BatchNorm, so no twin to check)
     bad = rows["hf:nosuchmodel"]
     assert not bad["ok"] and bad["stage"] == "build" and "nosuchmodel" in bad["error"]
     printed = capsys.readouterr().out
     assert "| tv:squeezenet1_1 | 25 | ok | ok | ok | ok |" in printed
+    assert "| removal attempts |" in printed.splitlines()[1]
     assert "1 of 2 models ok" in printed
 
 

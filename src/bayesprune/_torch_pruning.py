@@ -305,14 +305,20 @@ def _indexed_has_pruning_op(self, dep, idxs) -> bool:
     group?), comparing index lists only with the items of the same target and handler: its own
     scan compared every item's list, quadratic in the group (117 s of a Keypoint R-CNN's shrink,
     166,000 calls).  The table follows appends; it is rebuilt when the group got shorter or an
-    item was replaced (``__setitem__`` drops it)."""
+    item was replaced (``__setitem__`` drops it).  Index lists are kept as tuples in a set (one
+    lookup instead of a scan: torchvision's MaxViT repeats one target with thousands of lists)."""
     table = self.__dict__.get("_bayesprune_ops")
     if table is None or table[0] > len(self._group):
         table = self._bayesprune_ops = [0, {}]
     for item_dep, item_idxs in self._group[table[0]:]:
-        table[1].setdefault((item_dep.target, item_dep.handler), []).append(item_idxs)
+        table[1].setdefault((item_dep.target, item_dep.handler), set()).add(_key(item_idxs))
     table[0] = len(self._group)
-    return any(have == idxs for have in table[1].get((dep.target, dep.handler), ()))
+    return _key(idxs) in table[1].get((dep.target, dep.handler), ())
+
+
+def _key(idxs) -> tuple:
+    """An index list as a hashable key (its items are ints or ``_HybridIndex`` tuples of ints)."""
+    return tuple(idxs)
 
 
 _group_setitem = _Group.__setitem__
