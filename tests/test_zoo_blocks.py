@@ -380,18 +380,18 @@ def test_llama_attention_whose_pruning_group_never_settles_keeps_q_k_v_and_shrin
     assert getattr(group_limit, "items", None) is None  # the bound is off outside the graph's calls
 
 
-def _prune_and_shrink_counting_removals(model, monkeypatch):
-    """``(prune report, shrunk model, one entry per removal attempt)`` of prune then shrink."""
-    from bayesprune import removal
+def _prune_and_shrink_counting_removals(model):
+    """``(prune report, shrunk model, one entry per removal attempt)`` of prune then shrink, counted
+    as benchmarks/zoo.py counts them."""
+    from benchmark_module import load_benchmark
 
-    calls = []
-    real = removal._remove_structures
-    monkeypatch.setattr(removal, "_remove_structures", lambda *a, **k: calls.append(1) or real(*a, **k))
-    rep = bp.prune(model, "etheta")
-    return rep, bp.shrink(model), calls
+    with load_benchmark("zoo")._counting_removal_attempts() as calls:
+        rep = bp.prune(model, "etheta")
+        small = bp.shrink(model)
+    return rep, small, calls
 
 
-def test_fused_qkv_split_into_heads_is_kept_without_a_search(monkeypatch):
+def test_fused_qkv_split_into_heads_is_kept_without_a_search():
     """timm's attention reshapes its fused q/k/v output [B, N, 3 * heads * d] into
     [B, N, 3, heads, d]: single q/k/v features cannot be removed.  Shrink predicts those layers
     from the reshape (one graph analysis) instead of halving its way to them (74 removal attempts,
@@ -403,7 +403,7 @@ def test_fused_qkv_split_into_heads_is_kept_without_a_search(monkeypatch):
     x = torch.randn(2, 3, 32, 32)
     bp.add_noise(model, x)
     _mask_and_randomise(model, x)
-    rep, small, calls = _prune_and_shrink_counting_removals(model, monkeypatch)
+    rep, small, calls = _prune_and_shrink_counting_removals(model)
     qkv = {f"blocks.{i}.attn.qkv" for i in range(3)}
     assert set(small.bayesprune_kept) == qkv
     assert all("[2, 17, 144] -> [2, 17, 3, 3, 16]" in small.bayesprune_kept[n] for n in qkv)
@@ -467,7 +467,7 @@ class _ConstantTableBias(nn.Module):
         return self.fc2(torch.relu(self.fc1(x))) + 16 * torch.sigmoid(self.cpb(self.table).view(-1))
 
 
-def test_layer_outside_the_dependency_graph_is_kept_without_a_search(monkeypatch):
+def test_layer_outside_the_dependency_graph_is_kept_without_a_search():
     """Torch-Pruning's graph leaves out Swin V2's position-bias MLP (run on a constant table,
     through an in-place ReLU): removing from it fails.  The removal skips such a layer and keeps
     it with the reason instead of a halving search for it (tv:swin_v2_t: 73 removal attempts,
@@ -477,7 +477,7 @@ def test_layer_outside_the_dependency_graph_is_kept_without_a_search(monkeypatch
     bp.add_noise(model, x)
     assert {n.layer_name for n in bp.noise_layers(model)} == {"fc1", "cpb.0"}
     _mask_and_randomise(model, x)
-    rep, small, calls = _prune_and_shrink_counting_removals(model, monkeypatch)
+    rep, small, calls = _prune_and_shrink_counting_removals(model)
     assert set(small.bayesprune_kept) == {"cpb.0"}
     assert "not in Torch-Pruning's dependency graph" in small.bayesprune_kept["cpb.0"]
     assert len(calls) <= 2  # one attempt (and its twin with random BatchNorm statistics)
@@ -509,7 +509,7 @@ def test_layer_torch_pruning_raises_on_is_kept_without_a_search(monkeypatch):
     bp.add_noise(model, x)
     assert {n.layer_name for n in bp.noise_layers(model)} == {"0", "2", "4"}
     _mask_and_randomise(model, x)
-    rep, small, calls = _prune_and_shrink_counting_removals(model, monkeypatch)
+    rep, small, calls = _prune_and_shrink_counting_removals(model)
     assert small.bayesprune_kept == {"2": "removal failed: TypeError: unsupported operand type(s) for +: 'int' and 'NoneType'"}
     assert len(calls) <= 3  # everything (fails on "2"), then all but "2" (and on the twin): 9 with the halving search
     assert small[0].out_features < 16 and small[2].out_features == 16 and small[4].out_features < 12
