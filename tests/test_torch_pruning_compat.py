@@ -173,8 +173,40 @@ def test_flatten_mapping_past_its_bound_raises_naming_the_sizes(monkeypatch):
     linear = [idxs for dep, idxs in group.items if dep.target.module is model[3]]
     assert sorted(int(i) for i in linear[0]) == list(range(36, 108))  # channels 1-2 x 36 positions
     monkeypatch.setattr(tpc, "MAX_MAPPED_INDICES", 50)
-    with pytest.raises(tpc.GroupDoesNotSettle, match=r"2 indices x stride 36 = 72 .*MAX_MAPPED_INDICES = 50"):
+    with pytest.raises(tpc.GroupDoesNotSettle, match=r"mapped 72 indices .*2 indices x stride 36.*MAX_MAPPED_INDICES = 50"):
         graph.get_pruning_group(model[0], tpc.CONV_PRUNER.prune_out_channels, idxs=[1, 2])
+
+
+class _TwoFlattens(nn.Module):
+    """conv (1 -> 4) read by two flatten -> Linear heads: one removal maps through two flattens."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.a, self.b = nn.Conv2d(1, 4, 3), nn.Linear(4 * 6 * 6, 2), nn.Linear(4 * 6 * 6, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.a(h.flatten(1)) + self.b(torch.flatten(h, 1))
+
+
+def test_flatten_mappings_are_bounded_in_total_per_group(monkeypatch):
+    """The bound is on all the flatten mappings of one group together (a MaxViT group made 78
+    million index objects in 7,400 mappings, each under the bound alone), and it starts again at
+    the next group."""
+    model = _TwoFlattens()
+    graph = tpc.new_graph().build_dependency(model, example_inputs=torch.randn(1, 1, 8, 8))
+    group = graph.get_pruning_group(model.conv, tpc.CONV_PRUNER.prune_out_channels, idxs=[1, 2])
+    for head in (model.a, model.b):  # Torch-Pruning's own group: 72 columns of each head
+        cols = [idxs for dep, idxs in group.items if dep.target.module is head]
+        assert sorted(int(i) for i in cols[0]) == list(range(36, 108))
+    monkeypatch.setattr(tpc, "MAX_MAPPED_INDICES", 100)  # 72 per flatten passes, 144 in all does not
+    with pytest.raises(tpc.GroupDoesNotSettle, match=r"mapped 144 indices .*MAX_MAPPED_INDICES = 100"):
+        graph.get_pruning_group(model.conv, tpc.CONV_PRUNER.prune_out_channels, idxs=[1, 2])
+    monkeypatch.setattr(tpc, "MAX_MAPPED_INDICES", 150)  # one channel: 36 per mapping, forward and back
+    for channel in (3, 0):  # two groups in a row: more than 150 together, each under the bound
+        group = graph.get_pruning_group(model.conv, tpc.CONV_PRUNER.prune_out_channels, idxs=[channel])
+        cols = sorted(int(i) for dep, idxs in group.items if dep.target.module is model.b for i in idxs)
+        assert cols == list(range(36 * channel, 36 * channel + 36))
 
 
 def test_indexed_has_pruning_op_builds_the_groups_torch_pruning_builds(monkeypatch):

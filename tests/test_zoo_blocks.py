@@ -453,6 +453,37 @@ def test_swin_window_reshape_is_bounded_and_the_rest_shrinks_exactly():
     _check_equal(model, small, x)
 
 
+def test_layer_whose_group_does_not_settle_is_mapped_once_per_shrink(monkeypatch):
+    """A layer whose pruning group stopped at its bound keeps its structures in every later removal
+    attempt of the same shrink without being mapped again (the twin with random BatchNorm
+    statistics here; tv:maxvit_t has 77 such layers and 3 attempts); the others still shrink."""
+    from bayesprune import _torch_pruning as tpc
+    from bayesprune import removal
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 3)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    bp.add_noise(model, x)
+    assert [n.layer_name for n in bp.noise_layers(model)] == ["0", "3"]
+    _mask_and_randomise(model, x)
+    monkeypatch.setattr(tpc, "MAX_MAPPED_INDICES", 20)  # layer 3: 2 removed channels x 16 positions
+    real, mapped = removal._vetoes, []
+
+    def counted(graph, layer, *args):
+        mapped.append("0" if layer.in_channels == 1 else "3")  # a copy of the model's layer
+        return real(graph, layer, *args)
+
+    monkeypatch.setattr(removal, "_vetoes", counted)
+    rep, small, calls = _prune_and_shrink_counting_removals(model)
+    assert len(calls) == 2  # the network and its twin, both exact at once
+    assert mapped.count("3") == 1 and mapped.count("0") == 2
+    assert list(small.bayesprune_kept) == ["3"] and "MAX_MAPPED_INDICES = 20" in small.bayesprune_kept["3"]
+    assert small[0].out_channels < 4 and small[3].out_channels == 6
+    assert rep.params_kept == bp.count_parameters(small) < bp.count_parameters(model)
+    _check_equal(model, small, x)
+
+
 class _ConstantTableBias(nn.Module):
     """Swin V2's continuous position bias in small: an MLP (Linear, in-place ReLU, Linear) run on
     a constant coordinate table, its output added to the main path fc1 -> relu -> fc2."""

@@ -756,8 +756,11 @@ def _remove_structures(model, example_inputs, entries, allowed, unsettled: dict 
 
     Returns the Torch-Pruning steps and, per noise layer, the original indices that remain.
     A layer whose removal Torch-Pruning cannot map (_torch_pruning.GroupCannotBeMapped) keeps its
-    structures; ``unsettled`` (a dict) then gets its name and the reason.  Any other error
-    Torch-Pruning raises for one layer's group comes out as :class:`_LayerRemovalFailed`.
+    structures; ``unsettled`` (a dict) then gets its name and the reason, and a later call with the
+    same dict keeps it without mapping it again (the same architecture and mask: the twin with
+    random BatchNorm statistics, a retry without some layer; a MaxViT's 77 such groups cost most of
+    its shrink each time).  Any other error Torch-Pruning raises for one layer's group comes out as
+    :class:`_LayerRemovalFailed`.
     """
     graph = _build_graph(model, example_inputs)
     name_of = {id(model.get_submodule(e["layer"])): e["layer"] for e in entries}
@@ -768,7 +771,7 @@ def _remove_structures(model, example_inputs, entries, allowed, unsettled: dict 
     for e in entries:
         name = e["layer"]
         removed = torch.nonzero(masks[name] == 0).flatten().tolist()
-        if name not in allowed or not removed:
+        if name not in allowed or not removed or (unsettled is not None and name in unsettled):
             continue
         try:
             steps.extend(_remove_layer(graph, model, name, removed, masks, kept, name_of, blocked, unsettled))
