@@ -312,14 +312,9 @@ def _indexed_has_pruning_op(self, dep, idxs) -> bool:
     if table is None or table[0] > len(self._group):
         table = self._bayesprune_ops = [0, {}]
     for item_dep, item_idxs in self._group[table[0]:]:
-        table[1].setdefault((item_dep.target, item_dep.handler), set()).add(_key(item_idxs))
+        table[1].setdefault((item_dep.target, item_dep.handler), set()).add(tuple(item_idxs))
     table[0] = len(self._group)
-    return _key(idxs) in table[1].get((dep.target, dep.handler), ())
-
-
-def _key(idxs) -> tuple:
-    """An index list as a hashable key (its items are ints or ``_HybridIndex`` tuples of ints)."""
-    return tuple(idxs)
+    return tuple(idxs) in table[1].get((dep.target, dep.handler), ())
 
 
 _group_setitem = _Group.__setitem__

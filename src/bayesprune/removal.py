@@ -1149,16 +1149,20 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
 
         def bad_layers(group: list) -> list:
             """The layers of ``group`` whose removal alone is inexact, found by halving (a group
-            that removes exactly clears all its layers in one attempt)."""
+            that removes exactly clears all its layers in one attempt; a layer on whose group
+            Torch-Pruning raises is named by the error, no halving for it)."""
             if not group:
                 return []
-            w = attempt(set(group))[2]
-            if w is None:
-                return []
-            if len(group) == 1:
-                refused[group[0]] = w
-                return group
-            return halves(group)
+            before = set(refused)
+            w = attributed(set(group))[2]
+            raised = [n for n in group if n in refused and n not in before]
+            rest = [n for n in group if n not in raised]
+            if w is None or not rest:
+                return raised
+            if len(rest) == 1:
+                refused[rest[0]] = w
+                return raised + rest
+            return raised + halves(rest)
 
         def halves(group: list) -> list:
             half = len(group) // 2
@@ -1173,16 +1177,16 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
             bad = set(suspects)
             refused.update({n: why for n in suspects})
         safe = {n for n in names if n not in bad and n not in predicted}
-        out, steps, why = attempt(safe)
+        out, steps, why = attributed(safe)
         if why is not None:  # layers inexact only together: one at a time, as before
             refused.clear()
             masked = [e["layer"] for e in entries if bool((e["mask"] == 0).any())]
             safe = {n for n in names if n not in masked or n in assume_safe or single(n)}
-            out, steps, why = attempt(safe)
+            out, steps, why = attributed(safe)
         if why is not None and assume_safe:  # the analysis was wrong: check every layer
             refused.clear()
             safe = {n for n in names if n not in masked or single(n)}
-            out, steps, why = attempt(safe)
+            out, steps, why = attributed(safe)
         if why is not None:
             first = attempt(set())[2]
             what = ("folding E[theta] * mask into the weights is already inexact, before any removal ("
