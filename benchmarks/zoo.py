@@ -251,7 +251,8 @@ def run_one(name: str) -> dict:
         row["stage"] = "done"
     except Exception as e:  # a benchmark row, not a crash: say which stage and why
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-    row["count_ok"] = row.get("params_reported") == row.get("params_after")
+    # both counts made and equal (a row that stopped before them says "no", not None == None)
+    row["count_ok"] = row.get("params_reported") is not None and row.get("params_reported") == row.get("params_after")
     row["ok"] = is_ok(row)
     return row
 
