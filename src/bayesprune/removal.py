@@ -1047,9 +1047,8 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
     remove_noise(m)
     if fold:
         _fold_all(m, entries, example_inputs)
-    noisy_twin = twin
     if twin is not None:  # folding touches no running statistics: the same random ones again
-        twin = _randomised_bn(m)
+        twin = _randomised_bn(m)  # (the noisy twin is dropped: one model copy less held; heads_agree remakes it)
     names = [e["layer"] for e in entries]
     head_refs: dict = {}
 
@@ -1064,8 +1063,8 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
         if not heads:
             return False
         key = id(base)
-        if key not in head_refs:
-            src = copy.deepcopy(model if base is m else noisy_twin)
+        if key not in head_refs:  # the masked model, or its twin with the same random statistics
+            src = copy.deepcopy(model) if base is m else _randomised_bn(model)
             _freeze_noise(src)
             head_refs[key] = _head_outputs(src, inputs, heads)
         try:
@@ -1096,7 +1095,9 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
                 why = None
             if why is not None:
                 return None, None, why if base is m else f"{why}, with random BatchNorm statistics"
-            trials.append((trial, steps))
+            if base is m:
+                trials.append((trial, steps))
+            del trial  # the twin's copy only answers whether the removal is exact: not held on
         return trials[0][0], trials[0][1], None
 
     def attributed(allowed):
