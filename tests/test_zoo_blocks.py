@@ -456,7 +456,8 @@ def test_swin_window_reshape_is_bounded_and_the_rest_shrinks_exactly():
 def test_layer_whose_group_does_not_settle_is_mapped_once_per_shrink(monkeypatch):
     """A layer whose pruning group stopped at its bound keeps its structures in every later removal
     attempt of the same shrink without being mapped again (the twin with random BatchNorm
-    statistics here; tv:maxvit_t has 77 such layers and 3 attempts); the others still shrink."""
+    statistics here; tv:maxvit_t makes 3 attempts, its attention layers' groups stop at the bound); the
+    others still shrink."""
     from bayesprune import _torch_pruning as tpc
     from bayesprune import removal
 

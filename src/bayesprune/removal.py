@@ -758,20 +758,22 @@ def _remove_structures(model, example_inputs, entries, allowed, unsettled: dict 
     A layer whose removal Torch-Pruning cannot map (_torch_pruning.GroupCannotBeMapped) keeps its
     structures; ``unsettled`` (a dict) then gets its name and the reason, and a later call with the
     same dict keeps it without mapping it again (the same architecture and mask: the twin with
-    random BatchNorm statistics, a retry without some layer; a MaxViT's 77 such groups cost most of
-    its shrink each time).  Any other error Torch-Pruning raises for one layer's group comes out as
+    random BatchNorm statistics, a retry without some layer: a MaxViT's groups through its window
+    and grid partitions cost most of its shrink each time).  Any other error Torch-Pruning raises for one layer's group comes out as
     :class:`_LayerRemovalFailed`.
     """
     graph = _build_graph(model, example_inputs)
     name_of = {id(model.get_submodule(e["layer"])): e["layer"] for e in entries}
     masks = {e["layer"]: e["mask"].clone() for e in entries}
     kept = {e["layer"]: torch.arange(len(e["mask"])) for e in entries}
+    if unsettled:  # kept already (see above): not mapped again for the grouped convolutions either
+        allowed = set(allowed) - set(unsettled)
     blocked = _grouped_conv_blocks(graph, model, entries, masks, name_of, allowed)
     steps = []
     for e in entries:
         name = e["layer"]
         removed = torch.nonzero(masks[name] == 0).flatten().tolist()
-        if name not in allowed or not removed or (unsettled is not None and name in unsettled):
+        if name not in allowed or not removed:
             continue
         try:
             steps.extend(_remove_layer(graph, model, name, removed, masks, kept, name_of, blocked, unsettled))
