@@ -759,8 +759,8 @@ def _remove_structures(model, example_inputs, entries, allowed, unsettled: dict 
     structures; ``unsettled`` (a dict) then gets its name and the reason, and a later call with the
     same dict keeps it without mapping it again (the same architecture and mask: the twin with
     random BatchNorm statistics, a retry without some layer: a MaxViT's groups through its window
-    and grid partitions cost most of its shrink each time).  Any other error Torch-Pruning raises for one layer's group comes out as
-    :class:`_LayerRemovalFailed`.
+    and grid partitions cost most of its shrink each time).  Any other error Torch-Pruning raises
+    for one layer's group comes out as :class:`_LayerRemovalFailed`.
     """
     graph = _build_graph(model, example_inputs)
     name_of = {id(model.get_submodule(e["layer"])): e["layer"] for e in entries}
