@@ -126,7 +126,8 @@ DENSE_FT = ("paper/dense-finetune",
             "(LeNet5-Caffe, ELBO KL x 40: 12:32-13:08 UTC, x 70: the 3 seeds at once 13:04-13:50 UTC, 3-4 single-thread "
             "runs on the 2 cores, so ~1.5x the time alone; x 90: the 3 seeds at once 14:51-15:34 UTC, beside a test run and a "
             "zoo replay; x 80: the 3 seeds at once 15:49-16:45 UTC, beside the zoo and a fresh-clone check; x 85: the 3 seeds at "
-            "once from 16:46 UTC, niced, beside a fresh-clone test run and the zoo)")
+            "once from 16:46 UTC, niced, beside a fresh-clone test run and the zoo; its seed 3 18:36-19:10 UTC, `nice -n 5`, "
+            "beside two single-thread Table 1 runs and the zoo)")
 # plain LeNet5-shaped networks of the goal's size trained from scratch (scripts/lenet5_frontier.py)
 FRONTIER = ("paper/dense-finetune/frontier.jsonl",
             "OMP_NUM_THREADS=1 nice -n 5 python scripts/lenet5_frontier.py --shapes {shapes} --epochs {epochs} "
