@@ -538,3 +538,48 @@ def test_shrink_warns_when_the_outputs_it_checks_are_empty(mode):
         assert not found
         with torch.no_grad():
             assert _rel(m(x), small(x)) < 1e-5
+
+
+def _live(cls) -> int:
+    import gc
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) is cls)
+
+
+def test_shrink_holds_at_most_three_copies_of_the_network(monkeypatch):
+    """The model, its folded copy and one trial: the twin with random BatchNorm statistics is
+    remade for its check and dropped before the trial that is kept (a 644 M-parameter RegNet ran
+    out of memory with five copies)."""
+    torch.manual_seed(0)
+    model = torchvision_model("resnet18", 10)
+    _randomise_bn(model)
+    x = torch.randn(2, 3, 8, 8)
+    bp.add_noise(model, x[:1])
+    _random_masks(model)
+    live = []
+    real = bp.removal._remove_structures
+
+    def counted(*args, **kwargs):
+        live.append(_live(type(model)))
+        out = real(*args, **kwargs)
+        live.append(_live(type(model)))
+        return out
+
+    monkeypatch.setattr(bp.removal, "_remove_structures", counted)
+    shrunk = bp.shrink(model, x[:1])
+    _check(model, shrunk, x)
+    assert len(live) == 4  # the twin's removal, then the kept trial's
+    assert max(live) <= 3, live
+
+
+def test_the_traced_graph_keeps_no_activations():
+    """Torch-Pruning's graph holds the traced forward's autograd nodes; the tensors they saved for
+    a backward that never runs are kept as meta-device shapes (numbers stay themselves)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    graph = bp.removal._build_graph(model, torch.randn(2, 3, 8, 8))
+    conv = graph.module2node[model[0]].grad_fn
+    assert type(conv).__name__.startswith("ConvolutionBackward")
+    assert conv._saved_input.device.type == "meta" and conv._saved_input.shape == (2, 3, 8, 8)
+    assert conv._saved_weight.device.type == "meta"
+    assert conv._saved_weight.shape == model[0].weight.shape

@@ -516,12 +516,20 @@ class _ScalarOperands(torch.overrides.TorchFunctionMode):
         return out
 
 
+def _meta_saved(t: torch.Tensor):
+    """What the traced graph keeps of a tensor autograd saves for a backward that never runs:
+    its shape on the meta device (a number stays itself; :func:`_tied_to_untraced` reads it).
+    Without this, the graph built on a copy of the network holds every activation of the
+    example's forward pass until it is dropped."""
+    return t if t.numel() <= 1 else torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
 def _build_graph(model, example_inputs):
     was_training = model.training
     model.eval()
     scalars = _ScalarOperands()
     try:
-        with torch.enable_grad(), scalars:
+        with torch.enable_grad(), scalars, torch.autograd.graph.saved_tensors_hooks(_meta_saved, lambda t: t):
             # forward_fn: Torch-Pruning's own call retries after a bare `except`, hiding the real error;
             # only the output's tensors (a Hugging Face Cache object in it breaks Torch-Pruning's tracing)
             custom = {type(m): _tp.TRANSPOSED_LINEAR_PRUNER for m in model.modules() if is_transposed_linear(m)}
@@ -1030,13 +1038,15 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
         entries.append(_entry(noise))
     values = fold or keep_noise
     probes = _ProbeList(_probes(example_inputs) if values else [_probe(example_inputs)])
-    # the same removal on a twin with random BatchNorm statistics must be exact too
+    # the same removal on a twin with random BatchNorm statistics must be exact too; the twin is
+    # remade from ``m`` (the same statistics each time) for each check and dropped after it
     twin = _randomised_bn(m) if verify and values else None
     # the twin's check is on one input: a zeroed channel feeding a BatchNorm gives its constant on any
     twin_probes = _ProbeList(probes[-1:])
-    for copy_ in (m, twin):
-        if copy_ is not None and verify:
-            _freeze_noise(copy_)
+    if verify:
+        _freeze_noise(m)
+        if twin is not None:
+            _freeze_noise(twin)
     reference = _eval_outputs(m, probes) if verify else None
     if verify and values and not any(t.is_floating_point() and bool(t.ne(0).any()) for ref in reference for t in ref):
         warnings.warn(
@@ -1045,12 +1055,11 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
             "checked; pass example inputs (and weights) for which the model produces outputs", ShrinkVerificationWarning,
             stacklevel=2)
     twin_reference = _eval_outputs(twin, twin_probes) if twin is not None else None
+    del twin  # remade per check (folding touches no running statistics: the same random ones)
     _freeze_noise(m, frozen=False)  # its noise modules are carried on by shrink_for_training
     remove_noise(m)
     if fold:
         _fold_all(m, entries, example_inputs)
-    if twin is not None:  # folding touches no running statistics: the same random ones again
-        twin = _randomised_bn(m)  # (the noisy twin is dropped: one model copy less held; heads_agree remakes it)
     names = [e["layer"] for e in entries]
     head_refs: dict = {}
 
@@ -1064,23 +1073,26 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
         heads = head_refs["heads"]
         if not heads:
             return False
-        key = id(base)
-        if key not in head_refs:  # the masked model, or its twin with the same random statistics
-            src = copy.deepcopy(model) if base is m else _randomised_bn(model)
+        if base not in head_refs:  # the masked model, or its twin with the same random statistics
+            src = copy.deepcopy(model) if base == "masked" else _randomised_bn(model)
             _freeze_noise(src)
-            head_refs[key] = _head_outputs(src, inputs, heads)
+            head_refs[base] = _head_outputs(src, inputs, heads)
+            del src
         try:
             got = _head_outputs(trial, inputs, heads)
         except Exception:
             return False
-        return _mismatch(head_refs[key], None, inputs, values=True, rtol=rtol, outputs=got) is None
+        return _mismatch(head_refs[base], None, inputs, values=True, rtol=rtol, outputs=got) is None
 
     def attempt(allowed):
-        trials = []
-        for base, ref, inputs in ((m, reference, probes), (twin, twin_reference, twin_probes)):
-            if base is None:
+        """Remove the structures of the ``allowed`` layers from a copy of ``m``: (that copy, its
+        steps, None) when it is exact, else (None, None, why).  The twin with random BatchNorm
+        statistics is checked first and dropped before the copy kept is made: at most three copies
+        of the weights live at once (the model, ``m``, one trial)."""
+        for base, ref, inputs in (("twin", twin_reference, twin_probes), ("masked", reference, probes)):
+            if ref is None and base == "twin":
                 continue
-            trial = copy.deepcopy(base)
+            trial = _randomised_bn(m) if base == "twin" else copy.deepcopy(m)
             try:
                 steps, kept = _remove_structures(trial, example_inputs, entries, allowed, unsettled)
             except ImportError:  # Torch-Pruning missing or too old (first use): not an inexact layer
@@ -1096,11 +1108,10 @@ def _shrink(model, example_inputs, fold: bool, keep_noise: bool, verify: bool, a
             if why is not None and values and not why.startswith("forward pass failed") and heads_agree(base, trial, inputs):
                 why = None
             if why is not None:
-                return None, None, why if base is m else f"{why}, with random BatchNorm statistics"
-            if base is m:
-                trials.append((trial, steps))
+                return None, None, why if base == "masked" else f"{why}, with random BatchNorm statistics"
+            if base == "masked":
+                return trial, steps, None
             del trial  # the twin's copy only answers whether the removal is exact: not held on
-        return trials[0][0], trials[0][1], None
 
     def attributed(allowed):
         """``attempt(allowed)``, less each layer on whose pruning group Torch-Pruning raises (one
