@@ -583,3 +583,74 @@ def test_the_traced_graph_keeps_no_activations():
     assert conv._saved_input.device.type == "meta" and conv._saved_input.shape == (2, 3, 8, 8)
     assert conv._saved_weight.device.type == "meta"
     assert conv._saved_weight.shape == model[0].weight.shape
+
+
+class ResidualMLP(nn.Module):
+    """x + fc2(gelu(fc1(ln(x)))), a transformer's MLP sub-layer, with a side reader of fc1."""
+
+    def __init__(self, side: bool = False):
+        super().__init__()
+        self.emb, self.ln = nn.Linear(8, 16), nn.LayerNorm(16)
+        self.fc1, self.act, self.fc2 = nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)
+        self.side = nn.Linear(32, 3) if side else None
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        a = self.act(self.fc1(self.ln(h)))
+        out = self.head(h + self.fc2(a))
+        return out + self.side(a) if self.side is not None else out
+
+
+def _mask_whole(model, name):
+    with torch.no_grad():
+        next(n for n in bp.noise_layers(model) if n.layer_name == name).mask.zero_()
+
+
+def test_a_layer_masked_whole_takes_what_only_it_reads_with_it():
+    """fc2's outputs are tied to the residual stream (none can leave), but masked whole fc2
+    computes zeros: fc1's hidden units, read only by it, go (one stays), exactly; the count, the
+    fast estimate, shrink_for_training and a replay of the recorded steps agree."""
+    torch.manual_seed(0)
+    model, x = ResidualMLP(), torch.randn(5, 8)
+    bp.add_noise(model, x[:1], layers=["fc1", "fc2"])
+    _mask_whole(model, "fc2")
+    shrunk = bp.shrink(model, x[:1])
+    assert (shrunk.fc1.out_features, shrunk.fc2.in_features, shrunk.fc2.out_features) == (1, 1, 16)
+    _check(model, shrunk, x)
+    n = bp.count_parameters(shrunk)
+    assert n == bp.count_parameters(model) - 31 * (16 + 1) - 31 * 16
+    assert n == bp.remaining_parameters(model, x[:1]) == bp.counting._estimated_remaining(model, x[:1])
+    assert ["fc2", False, list(range(1, 32))] in [list(s) for s in shrunk.bayesprune_pruning["steps"]]
+    trainable = bp.removal.shrink_for_training(model, x[:1])
+    _check(model, trainable, x)
+    fc1_noise = next(k for k in bp.noise_layers(trainable) if k.layer_name == "fc1")
+    assert fc1_noise.mask.shape == (1,)  # the upstream noise follows the one unit left
+    replayed = bp.removal.replay_pruning(ResidualMLP(), x[:1], shrunk.bayesprune_pruning["steps"])
+    assert bp.count_parameters(replayed) == n
+
+
+def test_inputs_a_live_layer_also_reads_stay():
+    torch.manual_seed(0)
+    model, x = ResidualMLP(side=True), torch.randn(5, 8)
+    bp.add_noise(model, x[:1], layers=["fc1", "fc2"])
+    _mask_whole(model, "fc2")
+    shrunk = bp.shrink(model, x[:1])
+    assert (shrunk.fc1.out_features, shrunk.fc2.in_features) == (32, 32)
+    _check(model, shrunk, x)
+
+
+def test_a_residual_branch_masked_whole_goes_but_one_channel():
+    """torchvision ResNet-18, noise after every BatchNorm: layer1.0's second BatchNorm masked whole
+    makes its branch a zero; conv1/bn1 of the block keep one channel, conv2 reads one."""
+    torch.manual_seed(0)
+    model = torchvision_model("resnet18", 10)
+    _randomise_bn(model)
+    x = torch.randn(2, 3, 16, 16)
+    bp.add_noise(model, x[:1])
+    _mask_whole(model, "layer1.0.conv2")
+    shrunk = bp.shrink(model, x[:1])
+    assert shrunk.layer1[0].conv1.out_channels == 1 and shrunk.layer1[0].conv2.in_channels == 1
+    assert shrunk.layer1[0].conv2.out_channels == 64  # the residual width stays
+    _check(model, shrunk, x)
+    assert bp.count_parameters(shrunk) == bp.remaining_parameters(model, x[:1])

@@ -37,6 +37,7 @@ __all__ = [
     "infer_out_channels",
     "prune_conv_out_channels",
     "prune_linear_out_channels",
+    "prune_linear_in_channels",
     "TransposedLinearPruner",
     "TRANSPOSED_LINEAR_PRUNER",
     "GroupedConvPruner",
@@ -81,6 +82,7 @@ def _missing(what: str) -> ImportError:
 try:
     DependencyGraph = _tp.DependencyGraph
     prune_linear_out_channels = _tp.prune_linear_out_channels
+    prune_linear_in_channels = _tp.prune_linear_in_channels
     prune_conv_out_channels = _tp.prune_conv_out_channels
     count_ops_and_params = _tp.utils.count_ops_and_params
     OPTYPE = _ops.OPTYPE

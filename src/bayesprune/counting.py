@@ -54,8 +54,9 @@ def _estimated_remaining(model: nn.Module, example_inputs=None) -> int:
     Counted from the dependency groups (computed once per model structure and cached) without
     copying or pruning the model, unless a masked layer's removal is one Torch-Pruning may get
     wrong (its group passes through a reshape, permute or matmul and removing one of its
-    structures broke the forward pass; e.g. attention heads) or touches a module type counted
-    here: then the model is shrunk without folding.  Never above the true count: shrink may keep
+    structures broke the forward pass; e.g. attention heads), touches a module type counted
+    here, or a layer is masked whole (what only it reads goes too): then the model is shrunk
+    without folding.  Never above the true count: shrink may keep
     more (a removal that is not exact), never less.
     """
     example_inputs = _example(model, example_inputs)
@@ -68,7 +69,8 @@ def _estimated_remaining(model: nn.Module, example_inputs=None) -> int:
         return count_parameters(_shrink(model, example_inputs, fold=False, keep_noise=False, verify=True))
     an = _analysis(model, example_inputs)
     masks = {n.layer_name: n.mask.detach().cpu() == 0 for n in layers}
-    if an.countable and not any(bool(masks[name].any()) for name in an.unsafe):
+    dead = any(bool(masks[name].all()) for name in an.layers)  # its inputs go too: counted by shrinking
+    if an.countable and not dead and not any(bool(masks[name].any()) for name in an.unsafe):
         return count_parameters(model) - an.removed_parameters(masks)
     with torch.no_grad():
         small = _shrink(model, example_inputs, fold=False, keep_noise=False, verify=True,

@@ -378,6 +378,21 @@ def _out_pruner(module):
     raise TypeError(f"cannot remove output structures of {type(module).__name__}")
 
 
+def _grouped(module) -> bool:
+    """A convolution with groups > 1 (depthwise included)."""
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups > 1
+
+
+def _in_pruner(module):
+    if is_transposed_linear(module):
+        return _tp.TRANSPOSED_LINEAR_PRUNER.prune_in_channels
+    if isinstance(module, nn.Linear):
+        return _tp.prune_linear_in_channels
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return _tp.CONV_PRUNER.prune_in_channels
+    raise TypeError(f"cannot remove input structures of {type(module).__name__}")
+
+
 def _items(group):
     """(dependency, [(index in this module, index in the root layer), ...]) per group item.
 
@@ -789,8 +804,68 @@ def _remove_structures(model, example_inputs, entries, allowed, unsettled: dict 
             raise
         except Exception as e:  # the model is half pruned now: the caller starts again without this layer
             raise _LayerRemovalFailed(name, e) from e
+    dead = {e["layer"] for e in entries if not bool(masks[e["layer"]].any())}
+    for e in entries:
+        if e["layer"] in dead and e["layer"] in allowed:
+            try:
+                steps.extend(_remove_dead_inputs(graph, model, e, masks, kept, name_of, dead))
+            except ImportError:
+                raise
+            except Exception as err:
+                raise _LayerRemovalFailed(e["layer"], err) from err
     _tp.finish_grouped_convs(model)
     return steps, kept
+
+
+def _remove_dead_inputs(graph, model, entry, masks, kept, name_of, dead) -> list:
+    """A layer all of whose output structures are masked computes zeros (folded: its rows, or its
+    BatchNorm's scale and shift, are zero; else its noise multiplies by a zero mask), whatever it
+    reads: its input structures go too, with the structures that only they use (the hidden units
+    of an MLP whose output layer is masked whole; a residual branch whose last layer is).  An input
+    that a live layer also reads, that reaches a LayerNorm/GroupNorm or a grouped convolution, or
+    that an untraced operand ties, stays; so does one input (Torch-Pruning cannot empty a layer).
+    docs/shrink.md, "Dead layers"."""
+    name = entry["layer"]
+    layer = model.get_submodule(name)
+    if (layer not in graph.module2node or _grouped(layer)
+            or any(len(graph.module2node[model.get_submodule(c)].outputs) != 1  # the chain feeds only the noise
+                   for c in entry["chain"][:-1] if model.get_submodule(c) in graph.module2node)):
+        return []
+    n_in = _dim_size(layer, False)
+    if not n_in or n_in < 2:
+        return []
+    fn = _in_pruner(layer)
+    try:
+        group = graph.get_pruning_group(layer, fn, idxs=list(range(n_in)))
+    except _tp.GroupCannotBeMapped:  # (a ViT's attention output: its inputs run through the heads' reshape)
+        return []
+    veto = set()
+    for dep, pairs in _items(group):
+        mod, out = dep.target.module, graph.is_out_channel_pruning_fn(dep.handler)
+        if any(r is None for _, r in pairs):
+            return []
+        size = _dim_size(mod, out)
+        if size is not None:
+            veto.update(r for i, r in pairs if not 0 <= i < size)
+        if (isinstance(mod, _CROSS_CHANNEL_NORMS) or _tied_to_untraced(dep.target)
+                or _grouped(mod)):
+            veto.update(r for _, r in pairs)
+        elif not out and mod is not layer and is_prunable(mod) and name_of.get(id(mod)) not in dead:
+            veto.update(r for _, r in pairs)  # a live layer reads these inputs
+    removing = [i for i in range(n_in) if i not in veto]
+    if len(removing) >= n_in:
+        removing = removing[1:]  # Torch-Pruning cannot empty a layer: one input stays
+    if not removing:
+        return []
+    group = graph.get_pruning_group(layer, fn, idxs=removing)
+    for dep, pairs in _items(group):  # a noise layer upstream loses the outputs only the dead layer read
+        other = name_of.get(id(dep.target.module))
+        if other is not None and graph.is_out_channel_pruning_fn(dep.handler):
+            keep = torch.ones(len(masks[other]), dtype=torch.bool)
+            keep[[i for i, _ in pairs]] = False
+            masks[other], kept[other] = masks[other][keep], kept[other][keep]
+    group.prune(record_history=False)
+    return [[name, False, [int(i) for i in removing]]]
 
 
 NOT_IN_GRAPH = ("it is not in Torch-Pruning's dependency graph (its output does not depend on the example inputs, "
