@@ -277,15 +277,33 @@ def _head_errors(row: dict, model, small, x, empty: bool = False) -> None:
     heads = _prediction_heads(model, x)
     if not heads:
         return
+    two_stage = hasattr(model, "rpn") and hasattr(model, "roi_heads")
     for key, inp in (("heads_rel_err", x), ("heads_rel_err_other", _other_input(x))):
         inputs = _ProbeList([inp])
-        row[key] = _relative_difference(_head_outputs(model, inputs, heads), _head_outputs(small, inputs, heads))
+        with _same_proposals(model, small) if two_stage else contextlib.nullcontext():
+            row[key] = _relative_difference(_head_outputs(model, inputs, heads), _head_outputs(small, inputs, heads))
     if empty:
         row["error"] = (f"no detections to compare (random weights): the {len(heads)} prediction heads' outputs "
-                        "compared instead")
+                        "compared instead" + (", the box heads on the masked model's proposals" if two_stage else ""))
     else:
         row["error"] = (f"model outputs differ by up to {max(row['rel_err'], row['rel_err_other']):.2g} (post-processing "
                         f"of the {len(heads)} prediction heads' outputs, whose errors are given)")
+
+
+@contextlib.contextmanager
+def _same_proposals(model, small):
+    """A two-stage detector's box heads read the proposals its RPN selects by top-k and NMS, where
+    float rounding of near-tied random scores picks other boxes: while active, the shrunk
+    network's RPN returns the proposals the masked model's RPN returned last (its own RPN head
+    still runs and is compared), so both box heads read the same regions."""
+    seen = {}
+    handles = [model.rpn.register_forward_hook(lambda mod, args, out: seen.__setitem__("out", out)),
+               small.rpn.register_forward_hook(lambda mod, args, out: seen.get("out", out))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _other_input(x):

@@ -654,3 +654,19 @@ def test_a_residual_branch_masked_whole_goes_but_one_channel():
     assert shrunk.layer1[0].conv2.out_channels == 64  # the residual width stays
     _check(model, shrunk, x)
     assert bp.count_parameters(shrunk) == bp.remaining_parameters(model, x[:1])
+
+
+def test_verification_inputs_of_a_list_of_images_are_random_single_images():
+    """A detector's argument is a list of images: the random verification inputs are new images
+    (one each, like the first), not the example again; batches are cut to their first row."""
+    images = [torch.rand(3, 20, 24), torch.rand(3, 20, 24)]
+    probes = bp.removal._probes((images,))
+    assert probes[0] == (images,)
+    for p, (mean, std) in zip(probes[1:], ((0.0, 1.0), (0.5, 2.0))):
+        (got,) = p
+        assert isinstance(got, list) and len(got) == 1 and got[0].shape == (3, 20, 24)
+        assert abs(float(got[0].mean()) - mean) < 0.1 and abs(float(got[0].std()) - std) < 0.1
+    x, y = torch.randn(2, 3), torch.randn(2, 5)
+    assert [t.shape for t in bp.removal._probes((x, y))[1]] == [(1, 3), (1, 5)]
+    assert [t.shape for t in bp.removal._probes((x, torch.randn(3, 5)))[2]] == [(2, 3), (3, 5)]  # no common batch
+    assert bp.removal._probes({"a": x})[1]["a"].shape == (1, 3)

@@ -49,3 +49,28 @@ def test_zero_initialised_layers_are_redrawn_so_outputs_compare_something():
     assert torch.equal(model[0].weight, kept) and bool(model[1].weight.ne(0).all())
     with torch.no_grad():
         assert bool(vit.eval()(x[:1]).ne(0).any())
+
+
+def test_same_proposals_gives_the_shrunk_rpn_the_masked_models_output():
+    """Two-stage detectors: while active, the shrunk model's RPN returns what the masked model's
+    RPN returned last (its own computation still runs), and nothing is left hooked after."""
+    import torch
+    from torch import nn
+
+    class Detector(nn.Module):
+        def __init__(self, shift):
+            super().__init__()
+            self.rpn, self.roi_heads = nn.Linear(2, 2), nn.Identity()
+            with torch.no_grad():
+                self.rpn.weight.copy_(torch.eye(2))
+                self.rpn.bias.fill_(shift)
+
+        def forward(self, x):
+            return self.roi_heads(self.rpn(x))
+
+    masked, small, x = Detector(0.0), Detector(1.0), torch.ones(1, 2)
+    with zoo._same_proposals(masked, small):
+        assert torch.equal(masked(x), x)
+        assert torch.equal(small(x), x)  # the masked model's proposals, not its own (x + 1)
+    assert torch.equal(small(x), x + 1)
+    assert not small.rpn._forward_hooks and not masked.rpn._forward_hooks

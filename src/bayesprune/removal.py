@@ -119,12 +119,32 @@ def _example(model, example_inputs):
 
 
 def _map_inputs(fn, inputs):
-    """``fn`` applied to a single input, or to each entry of a tuple/list/dict of inputs."""
+    """``fn`` applied to a single input, or to each entry of (nested) tuples, lists and dicts of
+    inputs (a detector's one argument is a list of images)."""
     if isinstance(inputs, dict):
-        return {k: fn(v) for k, v in inputs.items()}
+        return {k: _map_inputs(fn, v) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return type(inputs)(fn(v) for v in inputs)
+        return type(inputs)(_map_inputs(fn, v) for v in inputs)
     return fn(inputs)
+
+
+def _first_example(inputs):
+    """One example of the batch ``inputs``: top-level tensors that share a batch size > 1 sliced to
+    their first row, or each list of tensors among the arguments (a detector's images) cut to its
+    first; else ``inputs`` as given."""
+    entries = list(inputs.values()) if isinstance(inputs, dict) else list(inputs) if isinstance(inputs, (tuple, list)) else [inputs]
+    if entries and all(torch.is_tensor(t) and t.ndim >= 1 for t in entries):
+        if len({t.shape[0] for t in entries}) == 1 and entries[0].shape[0] > 1:
+            cut = [t[:1] for t in entries]
+            return cut[0] if torch.is_tensor(inputs) else dict(zip(inputs, cut)) if isinstance(inputs, dict) else type(inputs)(cut)
+        return inputs
+
+    def first(v):
+        return v[:1] if isinstance(v, list) and len(v) > 1 and all(torch.is_tensor(t) for t in v) else v
+
+    if isinstance(inputs, dict):
+        return {k: first(v) for k, v in inputs.items()}
+    return type(inputs)(first(v) for v in inputs) if isinstance(inputs, (tuple, list)) else inputs
 
 
 def _run(model, inputs):
@@ -183,14 +203,12 @@ def _probe(example_inputs, seed: int = 0, scale: float = 1.0, shift: float = 0.0
 def _probes(example_inputs) -> list:
     """The inputs a removal is verified on: the example, a standard normal one and a wider,
     shifted one (only the example when every input is an integer tensor).  The random ones hold
-    one example (the first) when every input tensor has the same batch size: half the cost of a
-    batch of two, and exactness does not depend on the batch."""
+    one example (:func:`_first_example`: the first row of a batch, a detector's first image):
+    half the cost of a batch of two, and exactness does not depend on the batch."""
     tensors = _tensors(example_inputs)
     if not any(t.is_floating_point() for t in tensors):
         return [example_inputs]
-    base = example_inputs
-    if tensors and all(t.ndim >= 1 for t in tensors) and len({t.shape[0] for t in tensors}) == 1 and tensors[0].shape[0] > 1:
-        base = _map_inputs(lambda t: t[:1] if torch.is_tensor(t) else t, example_inputs)
+    base = _first_example(example_inputs)
     return [example_inputs, _probe(base, 0), _probe(base, 1, 2.0, 0.5)]
 
 
