@@ -93,7 +93,7 @@ def main(argv=None) -> int:
             print(f"| {name} | failed: {(r.stderr.strip().splitlines() or ['?'])[-1][:160]} |||||")
             continue
         row = json.loads(r.stdout.strip().splitlines()[-1])
-        print(f"| {name} | {row['weight_gb']:.2f} | {row['rss_start_gb']:.2f} | {row['rss_peak_gb']:.2f} | "
+        print(f"| {name} | {row['weight_gb']:.3f} | {row['rss_start_gb']:.2f} | {row['rss_peak_gb']:.2f} | "
               f"{row['excess_x_weights']:.1f}x | {row['prune_s']:.1f} | {row['params_kept']:,} |")
     return 0
 
