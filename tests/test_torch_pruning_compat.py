@@ -177,6 +177,26 @@ def test_flatten_mapping_past_its_bound_raises_naming_the_sizes(monkeypatch):
         graph.get_pruning_group(model[0], tpc.CONV_PRUNER.prune_out_channels, idxs=[1, 2])
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("stride", [1, 3, 49])
+def test_fast_flatten_mapping_makes_torch_pruning_s_list(reverse, stride):
+    """The flatten mapping bayesprune installs returns the list Torch-Pruning's own makes (same
+    indices, root indices, order and type), forward and reversed (deduplicated)."""
+    g = torch.Generator().manual_seed(stride)
+    hybrid = tpc._HybridIndex
+    idxs = [hybrid(idx=int(i), root_idx=int(r))
+            for i, r in zip(torch.randint(0, 300, (200,), generator=g), torch.randint(0, 40, (200,), generator=g))]
+    mapping = tpc.FlattenIndexMapping(stride=stride, reverse=reverse)
+    fast, own = tpc._fast_flatten_call(mapping, idxs), tpc._flatten_call(mapping, idxs)
+    assert fast == own
+    assert all(type(i) is hybrid for i in fast)
+    if not reverse:
+        assert len(fast) == 200 * stride and fast[:stride] == [(idxs[0].idx * stride + k, idxs[0].root_idx)
+                                                                 for k in range(stride)]
+    else:
+        assert {(i.idx, i.root_idx) for i in fast} == {(i.idx // stride, i.root_idx) for i in idxs}
+
+
 class _TwoFlattens(nn.Module):
     """conv (1 -> 4) read by two flatten -> Linear heads: one removal maps through two flattens."""
 

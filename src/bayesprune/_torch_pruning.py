@@ -20,6 +20,7 @@ graph's own ``REGISTERED_PRUNERS`` table and its ``_in_channel_pruning_fn`` /
 
 from __future__ import annotations
 
+import gc
 import re
 import sys
 import threading
@@ -364,7 +365,24 @@ def _bounded_flatten_call(self, idxs):
                                      f"x stride {self._stride}{', reversed' if self.reverse else ''}), past "
                                      f"MAX_MAPPED_INDICES = {MAX_MAPPED_INDICES} (reshapes it reads as flattens of "
                                      "channels)")
-    return _flatten_call(self, idxs)
+    return _fast_flatten_call(self, idxs)
+
+
+_HybridIndex = getattr(getattr(_tp, "_helpers", None), "_HybridIndex", None)
+
+
+def _fast_flatten_call(self, idxs):
+    """Torch-Pruning's flatten mapping (index i -> i*stride ... (i+1)*stride - 1, or back by
+    integer division, deduplicated), with its index tuples made by ``tuple.__new__`` instead of
+    the namedtuple's keyword constructor: the same list, ~2x faster.  A Swin V2-B spent 44 of its
+    70 s of ``prune`` making the 2^19 indices of each group that does not settle (2026-12-04)."""
+    stride = getattr(self, "_stride", None)
+    if _HybridIndex is None or not isinstance(stride, int) or not idxs or type(idxs[0]) is not _HybridIndex:
+        return _flatten_call(self, idxs)
+    new, hybrid = tuple.__new__, _HybridIndex
+    if self.reverse:
+        return list(set([new(hybrid, (i[0] // stride, i[1])) for i in idxs]))
+    return [new(hybrid, (k, i[1])) for i in idxs for k in range(i[0] * stride, (i[0] + 1) * stride)]
 
 
 FlattenIndexMapping.__call__ = _bounded_flatten_call
@@ -488,10 +506,14 @@ def _bounded_groups(graph) -> None:
         _GROUP_LIMIT.items, _GROUP_LIMIT.root = (GROUP_ITEMS_PER_NODE * max(1, len(graph.module2node)),
                                                      getattr(graph, '_module2name', {}).get(module, type(module).__name__))
         _GROUP_LIMIT.mapped = 0
+        collecting = gc.isenabled()
+        gc.disable()  # a group makes up to MAX_MAPPED_INDICES index tuples, and no reference cycles
         try:
             return get(module, pruning_fn, idxs)
         finally:
             _GROUP_LIMIT.items = _GROUP_LIMIT.root = None
+            if collecting:
+                gc.enable()
 
     graph.get_pruning_group = get_pruning_group
 
