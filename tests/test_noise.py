@@ -826,9 +826,10 @@ def test_meta_device_sizes_then_refuses_clearly():
                lambda: bayesprune.shrink(model), lambda: bayesprune.remaining_parameters(model)):
         with pytest.raises(ValueError, match="meta device.*to_empty"):
             fn()
-    model.to_empty(device="cpu")
-    for n in noise_layers(model):
-        n.reset_parameters()
+    model.to_empty(device="cpu")  # uninitialised memory: every module initialises its own again
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
     x = torch.randn(2, 1, 32, 32)
     for n in noise_layers(model):
         n.example_inputs = x
