@@ -110,7 +110,11 @@ BF_PAPER = [
      "bayesprune reproduce bf-table1 --seeds {seeds} --models fcn --datasets mnist fashion-mnist --jobs 1 "
      "--data-dir ../shared/datasets --out-dir runs/paper; the output-spared column: bayesprune bf-run --model fcn "
      "--dataset mnist --mode magnitude random --sparsity 0.99 --no-gated --spare-output --seeds 0 --epochs 25 "
-     "--data-dir ../shared/datasets --out-dir runs/paper/bf-table1"),
+     "--data-dir ../shared/datasets --out-dir runs/paper/bf-table1; the gated columns' seeds 1-4 (and None's): for S in 1 2 3 4, "
+     "OMP_NUM_THREADS=1 nice -n 5 bayesprune bf-run --model fcn --dataset D --mode none random magnitude --sparsity 0.25 0.5 "
+     "0.75 0.9 0.99 --gated --seeds S --data-dir ../shared/datasets --out-dir runs/paper/bf-table1 (2026-12-04 from 12:38 "
+     "to 14:26 UTC, one process per data set beside the ViT rerun and zoo measurements, load average 3-4; both paused "
+     "13:28-13:33 for a zoo timing)"),
 ]
 BF_REDUCED = [("repro/bf-table1", "at a reduced budget",
                "bayesprune reproduce bf-table1 --seeds {seeds} --epochs 3 --data-dir ../shared/datasets --models fcn "
@@ -379,7 +383,13 @@ TABLE2_CPU = ("paper/bmrs-table2-cpu",
               "--finetune-epochs 1 --noise-lr 0.05 --seeds {seeds} --jobs 1 --ensemble 1 --no-latency --out-dir runs/table2-cpu",
               "2026-12-03 on the 2-core CPU (AMD EPYC), one run at a time on 1 thread: seed 0 between 08:20 and {end} "
               "UTC with the zoo benchmark on the other core, seed 1 (resnet18-cifar only) between 10:05 and 10:25 UTC "
-              "beside this session's tests")
+              "beside this session's tests; the vit-small rows whose runs mask structures (E[θ], SNR, BMRS_U-8, "
+              "BMRS_U-4, BMRS_N (dF ≥ -0.919), then L2 at that BMRS_N's compression) rerun 2026-12-04 from 12:38 UTC "
+              "after the dead-layer change (docs/shrink.md, \"Dead layers\"), `nice -n 5`, beside two Bayes-factor "
+              "runs, the zoo and tests (so their wall times are ~2x a run alone), with the same command and `--models "
+              "vit-small --seeds 0`; the None and exact-rule BMRS_N runs, which mask nothing, kept from 2026-12-03 "
+              "(the rerun's test accuracies equal the first runs' to the last digit: the change is in the removal "
+              "only)")
 
 
 TABLE2_END = "09:38"  # when the last run of results/paper/bmrs-table2-cpu finished
@@ -435,12 +445,15 @@ def _table2_section() -> list[str]:
             "accuracy (the paper's 10.00 %), the Bayesian rules and SNR remove most of the parameters at the unpruned "
             "accuracy (the table), and BMRS_N with exact odds removes nothing (the tie of issue 17; with the reference "
             "odds it removes as much as the others). On "
-            "the ViT **no rule removes anything**: the paper's placement puts every noise variable on the residual "
-            "stream (each block's attention-output and MLP-output layers), where a feature can leave only if every "
-            "block drops it and the embedding, the norms and the head let it go too; the paper's 58-73 % count masked "
-            "weights. Head noise (`bayesprune.add_head_noise`) and noise on the MLPs' hidden layer are the structures "
-            "that can leave a ViT; this table keeps the paper's placement. TinyImageNet and the paper's networks did not "
-            "run here (no GPU, no pretrained weights on this machine).\n"]
+            "the ViT the paper's placement puts every noise variable on the residual stream (each block's "
+            "attention-output and MLP-output layers), where a feature can leave only if every block drops it and "
+            "the embedding, the norms and the head let it go too: no residual feature leaves. What leaves is each "
+            "block's MLP whose output layer is masked whole: that layer then computes zeros, so its hidden units go "
+            "with it (\"Dead layers\" in docs/shrink.md; before that change, 2026-12-03, these rows removed 0 %). "
+            "A masked attention output frees nothing (its projection's inputs run through the heads' reshape). The "
+            "paper's 58-73 % count masked weights. Head noise (`bayesprune.add_head_noise`) and noise on the MLPs' "
+            "hidden layer are the other structures that can leave a ViT; this table keeps the paper's placement. "
+            "TinyImageNet and the paper's networks did not run here (no GPU, no pretrained weights on this machine).\n"]
 
 
 def _steps_ratio(epochs: int, finetune: int, train: int, batch: int) -> str:
