@@ -670,3 +670,98 @@ def test_verification_inputs_of_a_list_of_images_are_random_single_images():
     assert [t.shape for t in bp.removal._probes((x, y))[1]] == [(1, 3), (1, 5)]
     assert [t.shape for t in bp.removal._probes((x, torch.randn(3, 5)))[2]] == [(2, 3), (3, 5)]  # no common batch
     assert bp.removal._probes({"a": x})[1]["a"].shape == (1, 3)
+
+
+class TokenNet(nn.Module):
+    """Convolution features as tokens behind a learned class token (an unwrapped parameter that
+    Torch-Pruning prunes as a node of its own); the forward pass replaces a list attribute, as
+    torchvision's anchor generator moves its cell anchors to the input's device."""
+
+    def __init__(self, values: bool = False):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+        self.fc = nn.Linear(8, 4)
+        self.anchors = [torch.zeros(2)]
+        self.values = values
+
+    def forward(self, x):
+        self.anchors = [a.to(x.device) for a in self.anchors]
+        t = self.bn(self.conv(x)).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(len(t), -1, -1), t], 1)
+        if self.values and float(t.detach().sum()) > 1e9:  # a value decides: no meta trace
+            t = t * 0
+        return self.fc(t.mean(1))
+
+
+def _graph_signature(graph) -> set:
+    def name(n):
+        return "param" + str(tuple(n.module.shape)) if isinstance(n.module, nn.Parameter) else str(n.name or type(n.module).__name__)
+
+    return {(name(n), str(n.type), len(n.inputs), len(n.outputs),
+             tuple(sorted((name(d.target), getattr(d.handler, "__name__", type(d.handler).__name__)) for d in n.dependencies)))
+            for n in graph.module2node.values()}
+
+
+@pytest.mark.parametrize("values", [False, True])
+def test_the_graph_is_traced_on_the_meta_device_unless_a_value_is_needed(values):
+    """The dependency graph is traced with every tensor on the meta device (no arithmetic) and
+    equals the graph of a real forward pass; the model keeps its own parameters and state; where
+    a value is needed (``float(t.sum())``) the graph is traced on the real tensors."""
+    torch.manual_seed(0)
+    model = TokenNet(values).eval()
+    params = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    anchors = model.anchors
+    x = torch.randn(2, 3, 6, 6)
+    graph = bp.removal._build_graph(model, x)
+    traced_on = graph.module2node[model.conv].grad_fn._input_metadata[0].device.type
+    assert traced_on == ("cpu" if values else "meta")
+    for n, (p, v) in params.items():
+        got = model.get_parameter(n)
+        assert got is p and got.device.type == "cpu" and torch.equal(got, v)
+    assert all(torch.equal(model.get_buffer(n), b) for n, b in buffers.items())
+    assert model.anchors[0].device.type == "cpu"
+    assert (model.anchors is anchors) != values  # (the real forward pass of the fallback replaces it)
+    assert graph.module2node[model.cls].module is model.cls  # the real class token, not its stand-in
+    real, _ = bp.removal._trace(model, x)
+    bp.removal._fix_flatten_mappings(real)
+    assert _graph_signature(graph) == _graph_signature(real)
+
+
+def test_a_class_token_traced_on_meta_is_pruned_on_the_real_model():
+    """Removing convolution channels takes the class token's matching entries with them (the
+    graph traced on stand-ins points at the real parameter) and the output stays (those entries
+    are zero: else the token keeps the channels alive, and shrink rightly keeps them)."""
+    torch.manual_seed(0)
+    model = TokenNet().eval()
+    _randomise_bn(model)
+    x = torch.randn(2, 3, 6, 6)
+    bp.add_noise(model, x[:1])
+    with torch.no_grad():
+        next(n for n in bp.noise_layers(model) if n.layer_name == "conv").mask[[1, 4, 6]] = 0
+        model.cls[..., [1, 4, 6]] = 0
+    shrunk = bp.shrink(model, x[:1])
+    assert shrunk.conv.out_channels == 5 and shrunk.cls.shape == (1, 1, 5) and shrunk.fc.in_features == 5
+    _check(model, shrunk, x)
+
+
+def test_attention_kernels_are_traced_on_the_models_device():
+    """scaled_dot_product_attention runs one fused kernel on CPU/CUDA (one autograd node) but
+    decomposes on the meta device: a model that calls it is traced on its own tensors."""
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8, 3)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(*x.shape[:2], 3, 2, 4).permute(2, 0, 3, 1, 4)
+            return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+    model = Attention().eval()
+    x = torch.randn(2, 5, 8)
+    graph = bp.removal._build_graph(model, x)
+    assert graph.module2node[model.qkv].grad_fn._input_metadata[0].device.type == "cpu"
+    real, _ = bp.removal._trace(model, x)
+    assert _graph_signature(graph) == _graph_signature(real)

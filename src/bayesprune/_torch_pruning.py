@@ -44,6 +44,7 @@ __all__ = [
     "GroupedConvPruner",
     "CONV_PRUNER",
     "new_graph",
+    "rebind_parameters",
     "finish_grouped_convs",
     "is_grouped_conv",
     "GroupCannotBeMapped",
@@ -534,6 +535,22 @@ def new_graph():
         if isinstance(fns, set):  # (else built from REGISTERED_PRUNERS later, in build_dependency)
             fns.add(getattr(CONV_PRUNER, side))
     return graph
+
+
+def rebind_parameters(graph, real_of: dict) -> None:
+    """Point ``graph`` at the real parameters after a trace on stand-ins (``real_of``: id of the
+    stand-in -> the real parameter): the unwrapped parameters Torch-Pruning prunes as nodes of
+    their own (a ViT's class token) are keyed by object in ``module2node``, ``_param_to_name``,
+    ``_module2name`` and ``unwrapped_parameters`` (1.5.0 to 1.6.1)."""
+    for table in (graph.module2node, getattr(graph, "_param_to_name", {}), getattr(graph, "_module2name", {})):
+        for key in [k for k in table if id(k) in real_of]:
+            table[real_of[id(key)]] = table.pop(key)
+    for node in graph.module2node.values():
+        if id(node.module) in real_of:
+            node.module = real_of[id(node.module)]
+    unwrapped = getattr(graph, "unwrapped_parameters", None)
+    if unwrapped:
+        graph.unwrapped_parameters = [type(u)(real_of.get(id(u[0]), u[0]), *u[1:]) for u in unwrapped]
 
 
 def finish_grouped_convs(model) -> None:
