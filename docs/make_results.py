@@ -81,7 +81,9 @@ BMRS_PAPER = ("paper/bmrs-table1", "BMRS Table 1 (continuous pruning) at the pap
               "15:04-16:52 UTC, the others 18:45-21:15 UTC) one at a time (`--models lenet5 --datasets cifar10 --seeds 0 "
               "--jobs 1 --ensemble 1`) beside other single-thread experiments; MLP/Fashion-MNIST seed 3 (2026-12-03 "
               "11:53-12:22 UTC) one at a time (`--models mlp --datasets fashion-mnist --seeds 3 --jobs 1 --ensemble 1`, "
-              "`nice -n 19`) beside this session's other work")
+              "`nice -n 19`) beside this session's other work; MLP/MNIST seed 3 (2026-12-04 21:01-21:50 UTC) the same way "
+              "(`--models mlp --datasets mnist --seeds 3 --jobs 1 --ensemble 1`, `OMP_NUM_THREADS=1 nice -n 19`) beside "
+              "the zoo benchmark and tests")
 BMRS_REDUCED = ("repro/bmrs-table1", "BMRS Table 1 (continuous pruning) at a reduced budget (MLP 5 + 2, LeNet5 4 + 1 epochs, "
                 "noise lr 1e-2)",
                 "bayesprune reproduce bmrs-table1 --seeds {seeds} --epochs 5 --finetune-epochs 2 --noise-lr 1e-2 "

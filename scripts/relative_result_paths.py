@@ -1,12 +1,12 @@
-"""Rewrite the machine's absolute paths in the committed result files (results/**/*.json, *.jsonl).
+"""Rewrite the machine's paths in the committed result files (results/**/*.json, *.jsonl).
 
     python scripts/relative_result_paths.py           # rewrite in place, print what changed
-    python scripts/relative_result_paths.py --check   # exit 1 if any absolute path is left
+    python scripts/relative_result_paths.py --check   # exit 1 if any such path is left
 
 Only the values of ``out_dir`` and ``data_dir`` hold paths; every other byte of a file is kept.
 
 * ``out_dir``: the run's output folder on the machine that ran it (``/work/runs/paper/...``,
-  ``/tmp/gpu/bf-table1``) becomes the folder under ``results/`` that now holds the copy, relative
+  ``/tmp/gpu/bf-table1``, or ``runs/...`` relative to the working copy, not committed) becomes the folder under ``results/`` that now holds the copy, relative
   to the repository root: its last component is matched to the nearest folder of that name above
   the file (BMRS runs record their run folder, Bayes-factor runs the ``--out-dir``/bf-table1 root).
 * ``data_dir``: ``/work/shared/datasets`` becomes ``../shared/datasets`` (the same folder, seen
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 KEYS = ("out_dir", "data_dir")
-ABSOLUTE = re.compile(r'"(out_dir|data_dir)": "(/[^"]*)"')
+ABSOLUTE = re.compile(r'"(out_dir|data_dir)": "(/[^"]*|runs/[^"]*)"')
 SHARED_DATA = "/work/shared/datasets"
 
 
