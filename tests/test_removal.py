@@ -746,22 +746,33 @@ def test_a_class_token_traced_on_meta_is_pruned_on_the_real_model():
     _check(model, shrunk, x)
 
 
-def test_attention_kernels_are_traced_on_the_models_device():
-    """scaled_dot_product_attention runs one fused kernel on CPU/CUDA (one autograd node) but
-    decomposes on the meta device: a model that calls it is traced on its own tensors."""
+@pytest.mark.parametrize("kind", ["sdpa", "sdpa-mask-with-gradient", "multihead"])
+def test_attention_traced_on_meta_runs_the_kernel_the_cpu_picks(kind):
+    """scaled_dot_product_attention runs one fused kernel on CPU (one autograd node) but would
+    decompose on the meta device: the meta trace calls the kernel the CPU picks (the fused one; the
+    math path where a mask needs a gradient; inside nn.MultiheadAttention too), and the graph
+    equals the real forward pass's."""
 
     class Attention(nn.Module):
         def __init__(self):
             super().__init__()
             self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8, 3)
+            self.bias = nn.Parameter(torch.randn(1, 2, 5, 5)) if kind == "sdpa-mask-with-gradient" else None
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True) if kind == "multihead" else None
 
         def forward(self, x):
+            if self.mha is not None:
+                return self.out(self.mha(x, x, x, need_weights=False)[0])
             q, k, v = self.qkv(x).view(*x.shape[:2], 3, 2, 4).permute(2, 0, 3, 1, 4)
-            return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+            return self.out(a.transpose(1, 2).flatten(2))
 
     model = Attention().eval()
     x = torch.randn(2, 5, 8)
     graph = bp.removal._build_graph(model, x)
-    assert graph.module2node[model.qkv].grad_fn._input_metadata[0].device.type == "cpu"
+    assert graph.module2node[model.out].grad_fn._input_metadata[0].device.type == "meta"
+    names = {type(n.grad_fn).__name__ for n in graph.module2node.values()}
+    assert ("ScaledDotProductFlashAttentionForCpuBackward0" in names) == (kind != "sdpa-mask-with-gradient")
+    assert (model.mha if kind == "multihead" else model.qkv) in graph.module2node
     real, _ = bp.removal._trace(model, x)
     assert _graph_signature(graph) == _graph_signature(real)

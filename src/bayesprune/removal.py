@@ -594,18 +594,49 @@ class _OnMeta:
         _tp.rebind_parameters(graph, self.real_of)
 
 
-class _DeviceChosenKernels(torch.overrides.TorchFunctionMode):
-    """Refuses the functions whose autograd graph depends on the device they run on (attention
-    picks a fused CPU/CUDA kernel, one graph node, but decomposes on the meta device): a meta
-    trace through them would not be the graph of the real forward pass."""
+class _AttentionAsOnDevice(torch.overrides.TorchFunctionMode):
+    """On the meta device, attention runs the kernel the model's device would pick: on CPU and
+    CUDA ``scaled_dot_product_attention`` is one fused kernel (one autograd node) where available,
+    and on the meta device it would decompose into matmuls and a softmax, a different graph.  On
+    CPU the choice is asked of PyTorch (``torch._fused_sdp_choice`` on empty CPU tensors of the
+    same shapes): the fused CPU kernel is called on the meta tensors, the math path decomposes as
+    it would on the device.  Elsewhere (CUDA kernels) attention raises, and the model is traced on
+    its own tensors."""
 
-    REFUSED = frozenset({torch.nn.functional.scaled_dot_product_attention,
-                         torch.nn.functional.multi_head_attention_forward})  # (calls the first inside)
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
+
+    SDPA = torch.nn.functional.scaled_dot_product_attention
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.REFUSED:
-            raise NotImplementedError(f"{getattr(func, '__name__', func)} is traced on the model's device")
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.multi_head_attention_forward:
+            # a mode is off while it handles a call, so the attention inside is not seen: the
+            # module's own name for it points here for the call
+            functional = torch.nn.functional
+            functional.scaled_dot_product_attention = lambda *a, **k: self._attention(self.SDPA, *a, **k)
+            try:
+                return func(*args, **kwargs)
+            finally:
+                functional.scaled_dot_product_attention = self.SDPA
+        if func is self.SDPA:
+            return self._attention(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _attention(self, func, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **rest):
+        if self.device.type != "cpu" or rest.get("enable_gqa"):
+            raise NotImplementedError("attention is traced on the model's device")
+        on_cpu = [torch.empty(t.shape, dtype=t.dtype).requires_grad_(t.requires_grad) if torch.is_tensor(t) else t
+                  for t in (query, key, value, attn_mask)]  # (a mask that needs a gradient rules the fused kernel out)
+        choice = torch._fused_sdp_choice(*on_cpu, dropout_p, is_causal, scale=scale)
+        backends = torch.nn.attention.SDPBackend
+        if choice == backends.MATH.value:
+            return func(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **rest)
+        if choice == backends.FLASH_ATTENTION.value:
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+        raise NotImplementedError(f"attention backend {choice} is traced on the model's device")
 
 
 def _attributes(model) -> dict:
@@ -654,9 +685,10 @@ def _build_graph(model, example_inputs):
     model.eval()
     try:
         try:
+            device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
             before = _attributes(model)
             try:
-                with _OnMeta(model) as meta, _DeviceChosenKernels():
+                with _OnMeta(model) as meta, _AttentionAsOnDevice(device):
                     graph, scalars = _trace(model, _map_inputs(
                         lambda x: torch.empty_like(x, device="meta") if torch.is_tensor(x) else x, example_inputs))
             finally:
