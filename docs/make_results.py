@@ -81,7 +81,7 @@ BMRS_PAPER = ("paper/bmrs-table1", "BMRS Table 1 (continuous pruning) at the pap
               "15:04-16:52 UTC, the others 18:45-21:15 UTC) one at a time (`--models lenet5 --datasets cifar10 --seeds 0 "
               "--jobs 1 --ensemble 1`) beside other single-thread experiments; MLP/Fashion-MNIST seed 3 (2026-12-03 "
               "11:53-12:22 UTC) one at a time (`--models mlp --datasets fashion-mnist --seeds 3 --jobs 1 --ensemble 1`, "
-              "`nice -n 19`) beside this session's other work; MLP/MNIST seed 3 (2026-12-04 21:01-21:50 UTC) the same way "
+              "`nice -n 19`) beside this session's other work; MLP/MNIST seed 3 (2026-12-04 21:01-21:50 UTC) and MLP/Fashion-MNIST and MLP/MNIST seed 4 (2026-12-04 22:27-23:35 UTC, after the Bayes-factor runs below) the same way "
               "(`--models mlp --datasets mnist --seeds 3 --jobs 1 --ensemble 1`, `OMP_NUM_THREADS=1 nice -n 19`) beside "
               "the zoo benchmark and tests")
 BMRS_REDUCED = ("repro/bmrs-table1", "BMRS Table 1 (continuous pruning) at a reduced budget (MLP 5 + 2, LeNet5 4 + 1 epochs, "
@@ -111,7 +111,8 @@ BF_PAPER = [
     ("paper/bf-table1", "on the CPU (FCN on MNIST and Fashion-MNIST)",
      "bayesprune reproduce bf-table1 --seeds {seeds} --models fcn --datasets mnist fashion-mnist --jobs 1 "
      "--data-dir ../shared/datasets --out-dir runs/paper; the output-spared column: bayesprune bf-run --model fcn "
-     "--dataset mnist --mode magnitude random --sparsity 0.99 --no-gated --spare-output --seeds 0 --epochs 25 "
+     "--dataset mnist --mode magnitude random --sparsity 0.99 --no-gated --spare-output --seeds 0 --epochs 25 (seeds 1 2 3 4: "
+     "2026-12-04 from 22:27 UTC, OMP_NUM_THREADS=1 nice -n 19, beside the zoo benchmark) "
      "--data-dir ../shared/datasets --out-dir runs/paper/bf-table1; the gated columns' seeds 1-4 (and None's): for S in 1 2 3 4, "
      "OMP_NUM_THREADS=1 nice -n 5 bayesprune bf-run --model fcn --dataset D --mode none random magnitude --sparsity 0.25 0.5 "
      "0.75 0.9 0.99 --gated --seeds S --data-dir ../shared/datasets --out-dir runs/paper/bf-table1 (2026-12-04 from 12:38 "
@@ -385,7 +386,8 @@ TABLE2_CPU = ("paper/bmrs-table2-cpu",
               "--finetune-epochs 1 --noise-lr 0.05 --seeds {seeds} --jobs 1 --ensemble 1 --no-latency --out-dir runs/table2-cpu",
               "2026-12-03 on the 2-core CPU (AMD EPYC), one run at a time on 1 thread: seed 0 between 08:20 and {end} "
               "UTC with the zoo benchmark on the other core, seed 1 (resnet18-cifar only) between 10:05 and 10:25 UTC "
-              "beside this session's tests; the vit-small rows whose runs mask structures (E[θ], SNR, BMRS_U-8, "
+              "beside this session's tests, seed 2 (resnet18-cifar only) 2026-12-04 21:50-22:27 UTC (`nice -n 19`, beside "
+              "the zoo benchmark); the vit-small rows whose runs mask structures (E[θ], SNR, BMRS_U-8, "
               "BMRS_U-4, BMRS_N (dF ≥ -0.919), then L2 at that BMRS_N's compression) rerun 2026-12-04 from 12:38 UTC "
               "after the dead-layer change (docs/shrink.md, \"Dead layers\"), `nice -n 5`, beside two Bayes-factor "
               "runs, the zoo and tests (so their wall times are ~2x a run alone), with the same command and `--models "
