@@ -6,9 +6,10 @@
 Only the values of ``out_dir`` and ``data_dir`` hold paths; every other byte of a file is kept.
 
 * ``out_dir``: the run's output folder on the machine that ran it (``/work/runs/paper/...``,
-  ``/tmp/gpu/bf-table1``, or ``runs/...`` relative to the working copy, not committed) becomes the folder under ``results/`` that now holds the copy, relative
-  to the repository root: its last component is matched to the nearest folder of that name above
-  the file (BMRS runs record their run folder, Bayes-factor runs the ``--out-dir``/bf-table1 root).
+  ``/tmp/gpu/bf-table1``, or ``runs/...`` in the working copy, never committed) becomes the folder
+  under ``results/`` that now holds the copy, relative to the repository root: its last component
+  is matched to the nearest folder of that name above the file (BMRS runs record their run
+  folder, Bayes-factor runs the ``--out-dir``/bf-table1 root).
 * ``data_dir``: ``/work/shared/datasets`` becomes ``../shared/datasets`` (the same folder, seen
   from the repository root); a device's scratch copy of the data sets (``/tmp/...``) becomes null.
 
@@ -27,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 KEYS = ("out_dir", "data_dir")
-ABSOLUTE = re.compile(r'"(out_dir|data_dir)": "(/[^"]*|runs/[^"]*)"')
+MACHINE_PATH = re.compile(r'"(out_dir|data_dir)": "(/[^"]*|runs/[^"]*)"')
 SHARED_DATA = "/work/shared/datasets"
 
 
@@ -54,7 +55,7 @@ def rewrite(text: str, file: Path) -> str:
         key, value = m.group(1), m.group(2)
         new = _out_dir(value, file) if key == "out_dir" else _data_dir(value, file)
         return f'"{key}": {json.dumps(new)}'
-    return ABSOLUTE.sub(sub, text)
+    return MACHINE_PATH.sub(sub, text)
 
 
 def _parse(text: str, file: Path):
@@ -73,7 +74,7 @@ def _strip(obj):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="only report files that still hold absolute paths")
+    ap.add_argument("--check", action="store_true", help="only report files that still hold such paths")
     args = ap.parse_args()
     changed = 0
     for file in sorted(p for p in RESULTS.rglob("*") if p.suffix in (".json", ".jsonl") and p.is_file()):
@@ -83,12 +84,12 @@ def main() -> int:
             continue
         changed += 1
         if args.check:
-            print(f"absolute path in {file.relative_to(ROOT)}")
+            print(f"machine path in {file.relative_to(ROOT)}")
             continue
         if _strip(_parse(new, file)) != _strip(_parse(text, file)):
             raise AssertionError(f"{file}: rewriting changed more than {KEYS}")
         file.write_text(new)
-    print(f"{changed} file(s) {'with absolute paths' if args.check else 'rewritten'}")
+    print(f"{changed} file(s) {'with machine paths' if args.check else 'rewritten'}")
     return 1 if args.check and changed else 0
 
 

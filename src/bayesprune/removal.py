@@ -561,7 +561,8 @@ class _OnMeta:
     """Within it, every parameter and buffer of ``model`` is a meta tensor of its shape (stand-ins
     in the modules' ``_parameters`` / ``_buffers``, the real ones put back on exit): a forward pass
     then builds the autograd graph Torch-Pruning traces without computing a value.
-    :meth:`rebind` points a graph traced so at the real parameters."""
+    ``real_of`` maps each parameter stand-in to its real parameter (for
+    ``_torch_pruning.rebind_parameters``)."""
 
     def __init__(self, model):
         self.model = model
@@ -590,9 +591,6 @@ class _OnMeta:
             table[key] = t
         self.slots = []
 
-    def rebind(self, graph) -> None:
-        _tp.rebind_parameters(graph, self.real_of)
-
 
 class _AttentionAsOnDevice(torch.overrides.TorchFunctionMode):
     """On the meta device, attention runs the kernel the model's device would pick: on CPU and
@@ -603,11 +601,11 @@ class _AttentionAsOnDevice(torch.overrides.TorchFunctionMode):
     it would on the device.  Elsewhere (CUDA kernels) attention raises, and the model is traced on
     its own tensors."""
 
+    SDPA = torch.nn.functional.scaled_dot_product_attention
+
     def __init__(self, device: torch.device):
         super().__init__()
         self.device = device
-
-    SDPA = torch.nn.functional.scaled_dot_product_attention
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -693,7 +691,7 @@ def _build_graph(model, example_inputs):
                         lambda x: torch.empty_like(x, device="meta") if torch.is_tensor(x) else x, example_inputs))
             finally:
                 _undo_forward_state(model, before)
-            meta.rebind(graph)
+            _tp.rebind_parameters(graph, meta.real_of)
         except ImportError:
             raise
         except Exception:  # a value was needed: trace for real
